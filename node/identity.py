@@ -1,0 +1,200 @@
+"""The node's identity: one Ed25519 key that signs contribution records and is its libp2p id.
+
+The key file is an unencrypted PKCS#8 PEM ("-----BEGIN PRIVATE KEY-----"), mode 0600, by
+default at `~/.swarmtune/identity.key` ($SWARMTUNE_HOME/identity.key when that is set).
+`write_libp2p_identity` writes the same key in libp2p's marshalled form for the p2p daemon
+(hivemind `DHT(identity_path=...)`), so the peer id other nodes see in the DHT *is* the key
+that verifies this node's records.
+
+Backup and restore:
+    The key file is the node's whole identity: every record it signed names its peer id,
+    and credit follows the peer id. Back it up once, right after `swarmtune keygen`, to
+    somewhere offline (a password manager, an encrypted USB stick):
+        cp ~/.swarmtune/identity.key /safe/place/swarmtune-identity.key
+    Restore it on a new machine before the first `swarmtune run`:
+        mkdir -p ~/.swarmtune && cp /safe/place/swarmtune-identity.key ~/.swarmtune/identity.key
+        chmod 600 ~/.swarmtune/identity.key && swarmtune keygen --show
+    and check the printed peer id is the old one. Never run two nodes with one key at once
+    (the swarm sees one peer flapping and the two ledgers equivocate). If the key may have
+    leaked, rotate it (`rotate_identity`): the statement signed by both keys makes every
+    record the old key signs after the cut invalid. A lost key cannot be recovered; start a
+    new identity (credit earned under the old peer id stays attributed to it).
+
+Usage:
+    identity = generate_identity(path)      # refuses to overwrite
+    identity = load_identity(path)          # IdentityError naming the path and the fix
+    identity.peer_id, identity.sign(message)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from protocol.peerid import marshal_private_key, peer_id_from_public_key
+from protocol.record import RECORD_VERSION, ZERO_HASH, KeyRotation, sign_rotation
+
+IDENTITY_FILENAME = "identity.key"
+
+
+class IdentityError(Exception):
+    """The identity key cannot be created or used; the message names the file and the fix."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SWARMTUNE_HOME") or Path.home() / ".swarmtune")
+
+
+def default_identity_path() -> Path:
+    return default_home() / IDENTITY_FILENAME
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    private_key: Ed25519PrivateKey
+    path: Path | None = None
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @property
+    def peer_id(self) -> str:
+        return peer_id_from_public_key(self.public_bytes)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.private_key.sign(message)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` with mode 0600, atomically, refusing to replace an existing file.
+
+    A temporary file is written and fsynced, then hard-linked into place: link() fails if the
+    target exists, so a crash leaves either no key or the whole key, never half of one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)  # in case the umask was odd
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise IdentityError(
+                f"{path} already exists; refusing to overwrite a key (that would change this node's identity). "
+                f"Use a different --key path, or move the old key away first if you really mean it."
+            ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def generate_identity(path: str | os.PathLike) -> Identity:
+    """Create a new Ed25519 key at `path` (mode 0600). Never overwrites an existing file."""
+    path = Path(path).expanduser()
+    if path.exists():
+        raise IdentityError(f"{path} already exists; refusing to overwrite it. Load it instead, or pick another path.")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    _write_private(path, pem)
+    return Identity(key, path)
+
+
+def load_identity(path: str | os.PathLike) -> Identity:
+    """Load the key at `path`; any problem is an IdentityError, never a silently new key."""
+    path = Path(path).expanduser()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise IdentityError(
+            f"no identity key at {path}. Create one with `swarmtune keygen --key {path}`, "
+            f"or restore your backup to that path (chmod 600)."
+        ) from None
+    except OSError as e:
+        raise IdentityError(f"cannot read identity key {path}: {e.strerror}. Check the path and its permissions.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError(f"identity key {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise IdentityError(
+            f"identity key {path} has permissions {stat.S_IMODE(st.st_mode):04o}: other users could read it. "
+            f"Fix with `chmod 600 {path}`."
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IdentityError(f"cannot read identity key {path}: {e.strerror}. Check its owner and permissions.") from None
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise IdentityError(
+            f"identity key {path} is corrupt or not an unencrypted PKCS#8 PEM key ({e}). "
+            f"Restore it from your backup; do not generate a new one unless you accept a new peer id."
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"identity key {path} is a {type(key).__name__}, not an Ed25519 key")
+    return Identity(key, path)
+
+
+def libp2p_private_key_bytes(identity: Identity) -> bytes:
+    seed = identity.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return marshal_private_key(seed, identity.public_bytes)
+
+
+def write_libp2p_identity(identity: Identity, path: str | os.PathLike) -> Path:
+    """Write the key as the libp2p daemon's identity file (protobuf PrivateKey, mode 0600).
+
+    Pass the path to `hivemind.DHT(identity_path=..., check_if_identity_free=False)`:
+    hivemind's "is this identity taken" probe only parses RSA identities. An existing file
+    with the same content is kept; one with other content is an error (it would be another id).
+    """
+    path = Path(path)
+    data = libp2p_private_key_bytes(identity)
+    if path.exists():
+        if path.read_bytes() == data:
+            return path
+        raise IdentityError(f"{path} holds a different libp2p identity; remove it to rewrite it from {identity.path}")
+    _write_private(path, data)
+    return path
+
+
+def rotate_identity(
+    old: Identity, new_path: str | os.PathLike, *, swarm_id: str, old_next_seq: int, old_head_hash: str, time_ms: int
+) -> tuple[Identity, bytes]:
+    """Create a new key at `new_path` and a rotation statement signed by both keys.
+
+    `old_next_seq`/`old_head_hash` are the old key's ledger head in that swarm (next seq to be
+    written, hash of the last record): verifiers reject any record of the old key at or beyond
+    that seq. The new key starts its own chain at seq 0.
+    """
+    if old_next_seq == 0:
+        old_head_hash = ZERO_HASH
+    new = generate_identity(new_path)
+    rotation = KeyRotation(
+        version=RECORD_VERSION,
+        swarm_id=swarm_id,
+        old_peer_id=old.peer_id,
+        new_peer_id=new.peer_id,
+        old_next_seq=old_next_seq,
+        old_head_hash=old_head_hash,
+        time_ms=time_ms,
+    )
+    return new, sign_rotation(rotation, old.private_key, new.private_key)
