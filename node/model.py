@@ -1,0 +1,327 @@
+"""The frozen base model, its fingerprint, and the PEFT LoRA adapter cut into layer shards.
+
+- `base_fingerprint(dir)`: sha256 over the model config and every weight tensor, read
+  straight from the safetensors files (no model load), cached beside the model.
+- `load_base(...)`: a Hugging Face causal LM from a local folder or hub id, fp32/bf16,
+  or 4-bit NF4 / 8-bit through bitsandbytes; every base weight frozen.
+- `attach_lora(...)`: PEFT LoRA with the manifest's config and a seeded init, so every
+  node starts from the same adapter bits.
+- `Adapter`: the LoRA parameters grouped by shard (contiguous layer ranges), with
+  hashes, flatten/unflatten for averaging and state sync, and the trainable switch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FINGERPRINT_VERSION = "swarmtune/base-fingerprint/v1"
+_CACHE_NAME = ".swarmtune-fingerprint.json"
+# config keys that describe how a file was written, not what the model computes
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "architectures_source"}
+
+
+class ModelError(RuntimeError):
+    """The base model or the adapter cannot be used; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local folder as is, or a hub id resolved through the local Hugging Face cache / the Hub."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"base model folder {p} has no config.json; point --base-model at a Hugging Face model folder")
+        return p.resolve()
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model and model.count("/") != 1
+    if looks_local:
+        raise ModelError(f"base model folder {p} not found; check the path, or set [base] model to a Hugging Face hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        )
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        raise ModelError(
+            f"base model '{model}' is neither a local folder nor downloadable from the Hugging Face Hub ({type(e).__name__}: {e}); "
+            "download it once with `huggingface-cli download` or pass a local folder"
+        ) from None
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _safetensors_index(path: Path) -> list[tuple[str, str, list[int], int, int]]:
+    """(name, dtype, shape, start, end) of every tensor, from the file header alone."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ModelError(f"{path} is truncated (no safetensors header); re-download the model")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ModelError(f"{path} has a corrupt safetensors header; re-download the model")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        out.append((name, info["dtype"], info["shape"], base + start, base + end))
+    return out
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        if list(model_dir.glob("*.bin")):
+            raise ModelError(
+                f"{model_dir} holds only PyTorch .bin weights; swarmtune fingerprints safetensors. "
+                "Convert once: `python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{model_dir}').save_pretrained('{model_dir}-st')\"`"
+            )
+        raise ModelError(f"{model_dir} has no *.safetensors weight files")
+    return files
+
+
+def _compute_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256(FINGERPRINT_VERSION.encode() + b"\0")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for k in _VOLATILE_CONFIG_KEYS:
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode() + b"\0")
+    entries = []
+    for f in _weight_files(model_dir):
+        entries += [(name, dtype, shape, start, end, f) for name, dtype, shape, start, end in _safetensors_index(f)]
+    seen = set()
+    for name, dtype, shape, start, end, f in sorted(entries, key=lambda e: e[0]):
+        if name in seen:
+            raise ModelError(f"{model_dir}: tensor {name} appears in two weight files")
+        seen.add(name)
+        th = hashlib.sha256()
+        with open(f, "rb") as fh:
+            fh.seek(start)
+            left = end - start
+            while left:
+                chunk = fh.read(min(left, 1 << 22))
+                if not chunk:
+                    raise ModelError(f"{f} is truncated inside tensor {name}; re-download the model")
+                th.update(chunk)
+                left -= len(chunk)
+        h.update(f"{name}\0{dtype}\0{shape}\0".encode() + th.digest())
+    return h.hexdigest()
+
+
+def _file_stamp(model_dir: Path) -> dict[str, list[int]]:
+    files = [model_dir / "config.json", *_weight_files(model_dir)]
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def base_fingerprint(model_dir: Path) -> str:
+    """sha256 over config and all weight tensors; cached beside the model (or in ~/.cache when read-only)."""
+    model_dir = Path(model_dir)
+    stamp = _file_stamp(model_dir)
+    cache_paths = [model_dir / _CACHE_NAME, _user_cache_dir() / "fingerprints" / (hashlib.sha256(str(model_dir).encode()).hexdigest() + ".json")]
+    for cp in cache_paths:
+        try:
+            cached = json.loads(cp.read_text())
+            if cached.get("version") == FINGERPRINT_VERSION and cached.get("files") == stamp:
+                return cached["fingerprint"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    fp = _compute_fingerprint(model_dir)
+    payload = json.dumps({"version": FINGERPRINT_VERSION, "files": stamp, "fingerprint": fp})
+    for cp in cache_paths:
+        try:
+            cp.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cp.with_name(cp.name + f".{os.getpid()}.tmp")
+            tmp.write_text(payload)
+            os.replace(tmp, cp)
+            break
+        except OSError:
+            continue
+    return fp
+
+
+def _user_cache_dir() -> Path:
+    return Path(os.environ.get("SWARMTUNE_CACHE", Path.home() / ".cache" / "swarmtune"))
+
+
+def check_fingerprint(model_dir: Path, expected: str) -> None:
+    actual = base_fingerprint(model_dir)
+    if actual != expected:
+        raise ModelError(
+            f"base model at {model_dir} has fingerprint {actual[:16]}…, but the swarm manifest expects {expected[:16]}…. "
+            "This is a different model (or different weights/revision) from the swarm's; get the exact base the manifest names, "
+            "or join a swarm whose manifest matches your model"
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_base(model_dir: Path, *, dtype: str = "float32", quantization: str = "none", device: str = "cpu"):
+    """Load a frozen causal LM. Quantized bases use bitsandbytes (nf4 also on CPU; int8 needs CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": _DTYPES[dtype]}
+    if quantization != "none":
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError as e:  # pragma: no cover - transformers always ships it
+            raise ModelError(f"bitsandbytes quantization unavailable: {e}") from None
+        if quantization == "int8" and device == "cpu":
+            raise ModelError("int8 (LLM.int8) needs a CUDA GPU; use quantization = 'nf4' or 'none' on CPU")
+        if quantization == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_DTYPES[dtype]
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load base model from {model_dir}: {e}") from None
+    if quantization == "none":
+        model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def num_layers(model) -> int:
+    n = getattr(model.config, "num_hidden_layers", None)
+    if not n:
+        raise ModelError("base model config has no num_hidden_layers; only decoder-only transformer stacks are supported")
+    return int(n)
+
+
+def attach_lora(model, *, rank: int, alpha: int, dropout: float, target_modules, init_seed: int, gradient_checkpointing: bool = False):
+    """Wrap the frozen base with a PEFT LoRA adapter whose initial bits depend only on the manifest."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules
+    if isinstance(targets, (list, tuple)) and list(targets) == ["all-linear"]:
+        targets = "all-linear"
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none", task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(init_seed)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(f"[lora] target_modules {list(target_modules)} do not fit this model ({e}). Linear modules it has: {linear}, or use 'all-linear'") from None
+    if gradient_checkpointing:
+        # non-reentrant checkpointing needs no input grads, so backward still stops at the lowest trained layer
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return peft_model
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def default_shard_plan(n_layers: int) -> tuple[tuple[int, int], ...]:
+    """Two halves for small models (<= 8 layers), else shards of about 4 layers."""
+    if n_layers <= 1:
+        return ((0, n_layers),)
+    k = 2 if n_layers <= 8 else -(-n_layers // 4)
+    bounds = [round(i * n_layers / k) for i in range(k + 1)]
+    return tuple((bounds[i], bounds[i + 1]) for i in range(k))
+
+
+def check_shard_plan(plan, n_layers: int) -> tuple[tuple[int, int], ...]:
+    plan = tuple(tuple(r) for r in plan) or default_shard_plan(n_layers)
+    if plan[-1][1] != n_layers:
+        raise ModelError(
+            f"[shards] plan covers layers 0..{plan[-1][1]} but the base model has {n_layers} layers; "
+            f"fix the plan (e.g. {list(map(list, default_shard_plan(n_layers)))}) or remove it for the default"
+        )
+    return plan
+
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class Adapter:
+    """LoRA parameters of a PEFT model, grouped by shard, in a fixed order every node agrees on."""
+
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    shard_of: list[int]
+    plan: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_model(cls, peft_model, plan) -> "Adapter":
+        names, params, shard_of = [], [], []
+        for name, p in peft_model.named_parameters():
+            if "lora_" not in name:
+                continue
+            m = _LAYER_RE.search(name)
+            layer = int(m.group(1)) if m else plan[-1][1] - 1  # modules above the stack belong to the top shard
+            shard = next(i for i, (a, b) in enumerate(plan) if a <= layer < b)
+            names.append(name)
+            params.append(p)
+            shard_of.append(shard)
+        if not params:
+            raise ModelError("the adapter has no LoRA parameters; check [lora] target_modules")
+        return cls(names, params, shard_of, tuple(plan))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.plan)
+
+    def shard_params(self, k: int) -> list[torch.nn.Parameter]:
+        return [p for p, s in zip(self.params, self.shard_of) if s == k]
+
+    def shard_names(self, k: int) -> list[str]:
+        return [n for n, s in zip(self.names, self.shard_of) if s == k]
+
+    def shard_numel(self, k: int) -> int:
+        return sum(p.numel() for p in self.shard_params(k))
+
+    def set_trainable(self, shards) -> None:
+        shards = set(shards)
+        for p, s in zip(self.params, self.shard_of):
+            p.requires_grad_(s in shards)
+
+    def shard_hash(self, k: int) -> str:
+        h = hashlib.sha256()
+        for n, p in zip(self.shard_names(k), self.shard_params(k)):
+            h.update(n.encode() + b"\0" + p.detach().to("cpu").contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def state_hash(self) -> str:
+        """Hash of the whole adapter: peers holding the same bits report the same value."""
+        h = hashlib.sha256()
+        for k in range(self.num_shards):
+            h.update(bytes.fromhex(self.shard_hash(k)))
+        return h.hexdigest()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu").clone() for n, p in zip(self.names, self.params)}
+
+    @torch.no_grad()
+    def load_shard(self, k: int, tensors) -> None:
+        params = self.shard_params(k)
+        if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
+            raise ModelError(f"shard {k} state does not match this adapter's shapes (another LoRA config?)")
+        for p, t in zip(params, tensors):
+            p.copy_(t.to(p.device, p.dtype))

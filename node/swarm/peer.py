@@ -1,0 +1,322 @@
+"""The node's view of the swarm: the only place that talks to hivemind's DHT and averagers.
+
+One `Swarm` per node process owns:
+- a `hivemind.DHT` (its own p2pd on the given multiaddrs, optionally with the node's
+  Ed25519 key as libp2p identity);
+- one `ShardAverager` per adapter shard, under the hivemind prefix `<swarm_id>/shard-<k>`,
+  so only the trainers of shard k ever average shard k;
+- the peer registry `<swarm_id>/peers` in the DHT (heartbeats: round, shards, addresses).
+
+Exact averaging. hivemind's reducer sums parts in a float32 accumulator and hands every
+peer `local + (average - local)`, which is not bit-identical across peers for arbitrary
+floats. Peers therefore contribute fixed-point integers (gradients scaled by 2**bits),
+split into three 14-bit limbs held in float32. Limb sums of up to 64 peers stay below
+2**20, where float32 is exact in any order, and the rounding of `average` is far below
+1/group_size, so `round(average * group_size)` recovers the exact integer sum on every
+peer. Same inputs, same bits out, whatever the reduction order: see `encode_limbs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+import hivemind
+from hivemind.averaging import DecentralizedAverager
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+LIMB_BITS = 14
+NUM_LIMBS = 3
+# a peer's integers must satisfy |x| < MAX_PEER_INT (offset-binary in three 14-bit limbs)
+MAX_PEER_INT = 2 ** (LIMB_BITS * NUM_LIMBS - 1)
+MAX_GROUP = 64  # limb sums stay < 2**20 and recovery error < 0.5 up to this group size
+
+
+def encode_limbs(x: torch.Tensor) -> torch.Tensor:
+    """int64 vector (|x| < MAX_PEER_INT) -> float32 vector of 3 * len(x) exact small integers."""
+    if x.numel() and int(x.abs().max()) >= MAX_PEER_INT:
+        raise ValueError("fixed-point value out of range; lower [averaging] fixed_point_bits")
+    u = x.to(torch.int64) + MAX_PEER_INT
+    mask = (1 << LIMB_BITS) - 1
+    return torch.cat([((u >> (LIMB_BITS * j)) & mask).to(torch.float32) for j in range(NUM_LIMBS)])
+
+
+def decode_limb_average(avg: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The group's average of encoded vectors -> the exact int64 sum of the original integers."""
+    limb_sums = torch.round(avg.to(torch.float64) * group_size).to(torch.int64)
+    parts = limb_sums.view(NUM_LIMBS, -1)
+    total = sum(parts[j] << (LIMB_BITS * j) for j in range(NUM_LIMBS))
+    return total - group_size * MAX_PEER_INT
+
+
+class SwarmError(RuntimeError):
+    """The p2p layer cannot start or reach the swarm; the message names the cause and the fix."""
+
+
+class ShardAverager(DecentralizedAverager):
+    """A hivemind averager over one float32 buffer: a shard's fixed-point gradient in limbs.
+
+    Its state-sharing RPC serves whatever the node last published for this shard
+    (adapter tensors + optimizer state + round), captured at a round boundary.
+    """
+
+    def __init__(self, numel: int, **kwargs):
+        self.buffer = torch.zeros(NUM_LIMBS * numel, dtype=torch.float32)
+        self._published: tuple[Any, list[torch.Tensor]] | None = None
+        self._published_lock = threading.Lock()
+        super().__init__([self.buffer], **kwargs)
+
+    def publish_state(self, metadata: dict, tensors: Sequence[torch.Tensor]) -> None:
+        with self._published_lock:
+            self._published = (metadata, [t.detach().cpu().clone() for t in tensors])
+
+    def get_current_state(self):
+        with self._published_lock:
+            if self._published is None:
+                return None, [], None
+            meta, tensors = self._published
+            return meta, tensors, None
+
+    async def _set_target_group_size(self, size: int, future) -> None:
+        """Runs in the averager process: a group assembles as soon as `size` peers joined."""
+        mm = self._matchmaking
+        mm.target_group_size = size
+        mm.potential_leaders.target_group_size = size
+        mm.group_key_manager.target_group_size = size
+        future.set_result(None)
+
+    def set_target_group_size(self, size: int) -> None:
+        from hivemind.utils import MPFuture
+
+        future = MPFuture()
+        self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
+        future.result()
+
+
+@dataclass
+class PeerInfo:
+    peer_id: str
+    round: int
+    shards: tuple[int, ...]
+    maddrs: tuple[str, ...]
+    samples_per_s: float
+    expires_at: float
+
+
+def start_dht(
+    *,
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    identity_path: str | None = None,
+    record_validators: Sequence = (),
+    startup_timeout: float = 30,
+) -> hivemind.DHT:
+    """Start the DHT + p2pd, turning hivemind's opaque failures into a cause and a fix."""
+    kwargs: dict[str, Any] = dict(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        start=True,
+        record_validators=list(record_validators),
+        startup_timeout=startup_timeout,
+    )
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    if identity_path:
+        kwargs["identity_path"] = identity_path
+        kwargs["check_if_identity_free"] = False
+    try:
+        return hivemind.DHT(**kwargs)
+    except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError, ValueError, ... for the same situations
+        raise SwarmError(_explain_dht_failure(e, initial_peers, host_maddrs)) from e
+
+
+def _explain_dht_failure(e: BaseException, initial_peers, host_maddrs) -> str:
+    text = f"{type(e).__name__}: {e}"
+    low = text.lower()
+    if "address already in use" in low or "bind" in low:
+        fix = f"another process holds the port in {list(host_maddrs)}; pick another with --host-maddrs or use port 0"
+    elif "failed to connect to bootstrap" in low or "initial_peers" in low or "unable to connect" in low:
+        fix = f"none of the initial peers {list(initial_peers)} answered; check the addresses (copy them from the first node's log) and that their ports are reachable"
+    elif "multiaddr" in low or "invalid" in low or "protocol" in low:
+        fix = "an address is malformed; multiaddrs look like /ip4/127.0.0.1/tcp/31337/p2p/12D3KooW..."
+    elif "identity" in low or "private key" in low:
+        fix = "the identity key could not be used by p2pd; check --key (swarmtune keygen --show)"
+    else:
+        fix = "run `swarmtune doctor` for a step-by-step check of the p2p daemon"
+    return f"the p2p daemon (hivemind DHT) failed to start: {text}. Fix: {fix}"
+
+
+class Swarm:
+    """DHT membership, per-shard exact gradient all-reduce, and shard state download."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        *,
+        swarm_id: str,
+        shard_sizes: Sequence[int],
+        trained_shards: Sequence[int],
+        matchmaking_time: float,
+        allreduce_timeout: float,
+        peer_ttl: float,
+    ):
+        self.dht = dht
+        self.swarm_id = swarm_id
+        self.peer_id = str(dht.peer_id)
+        self.trained = tuple(sorted(trained_shards))
+        self.matchmaking_time = matchmaking_time
+        self.allreduce_timeout = allreduce_timeout
+        self.peer_ttl = peer_ttl
+        self.averagers: dict[int, ShardAverager] = {}
+        for k, numel in enumerate(shard_sizes):
+            self.averagers[k] = ShardAverager(
+                numel,
+                dht=dht,
+                prefix=f"{swarm_id}/shard-{k}",
+                start=True,
+                target_group_size=None,
+                min_group_size=2,
+                min_matchmaking_time=matchmaking_time,
+                request_timeout=max(0.5, matchmaking_time / 2),
+                allreduce_timeout=allreduce_timeout,
+                next_chunk_timeout=allreduce_timeout / 2,
+                allow_state_sharing=k in self.trained,
+                declare_state_period=max(2.0, peer_ttl / 3),
+            )
+        self._heartbeat: dict[str, Any] = {"round": 0, "shards": list(self.trained), "sps": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="swarm-heartbeat", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def peers_key(self) -> str:
+        return f"{self.swarm_id}/peers"
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def announce(self, **fields) -> None:
+        """Update what this node tells the swarm (round, samples/s, ...) and publish it now."""
+        self._heartbeat.update(fields)
+        self._publish_heartbeat()
+
+    def _publish_heartbeat(self) -> None:
+        value = dict(self._heartbeat, maddrs=self.visible_maddrs(), v=1)
+        try:
+            self.dht.store(self.peers_key, subkey=self.peer_id, value=value, expiration_time=get_dht_time() + self.peer_ttl)
+        except Exception as e:
+            logger.warning("could not publish heartbeat to the DHT: %s", e)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(max(1.0, self.peer_ttl / 3)):
+            self._publish_heartbeat()
+
+    def peers(self) -> dict[str, PeerInfo]:
+        """Live peers of this swarm (this node included), from the DHT; malformed entries are skipped."""
+        found = self.dht.get(self.peers_key, latest=True)
+        out: dict[str, PeerInfo] = {}
+        if found is None or not isinstance(found.value, dict):
+            return out
+        for subkey, item in found.value.items():
+            value = getattr(item, "value", None)
+            if value is None:  # a peer that left cleanly
+                continue
+            try:
+                shards = tuple(int(s) for s in value["shards"])
+                info = PeerInfo(
+                    peer_id=str(subkey), round=int(value["round"]), shards=shards,
+                    maddrs=tuple(str(a) for a in value.get("maddrs", ())), samples_per_s=float(value.get("sps", 0.0)),
+                    expires_at=float(item.expiration_time),
+                )
+            except (TypeError, KeyError, ValueError) as e:
+                logger.warning("ignoring malformed peer entry %r in the DHT: %s", subkey, e)
+                continue
+            out[info.peer_id] = info
+        return out
+
+    def wait_for_peers(self, n: int, timeout: float) -> dict[str, PeerInfo]:
+        deadline = time.monotonic() + timeout
+        while True:
+            peers = self.peers()
+            if len(peers) >= n or time.monotonic() > deadline:
+                return peers
+            time.sleep(0.25)
+
+    # ------------------------------------------------------------------ averaging
+
+    def allreduce_sums(
+        self, contributions: dict[int, torch.Tensor], gather: dict, expected: dict[int, int]
+    ) -> dict[int, tuple[torch.Tensor, dict[str, dict]] | None]:
+        """Sum each shard's int64 vector over the shard's group, exactly and identically on every member.
+
+        `expected[k]` is how many trainers of shard k this node sees: the group assembles as
+        soon as that many joined (else after the matchmaking time, with whoever came).
+        Returns, per shard, (exact int64 sum, {peer_id: gathered metadata}) or None when no
+        group formed in time.
+        """
+        controls = {}
+        for k, vec in contributions.items():
+            avg = self.averagers[k]
+            encoded = encode_limbs(vec)
+            with avg.get_tensors() as (buf,):
+                buf.copy_(encoded)
+            avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
+            controls[k] = avg.step(gather=gather, weight=1.0, timeout=self.allreduce_timeout, wait=False, allow_retries=True)
+        results: dict[int, tuple[torch.Tensor, dict[str, dict]] | None] = {}
+        for k, control in controls.items():
+            try:
+                gathered = control.result(timeout=self.allreduce_timeout + self.matchmaking_time + 5)
+            except Exception as e:
+                logger.warning("shard %d: averaging failed (%s: %s)", k, type(e).__name__, e)
+                results[k] = None
+                continue
+            if not gathered or len(gathered) > MAX_GROUP:
+                results[k] = None
+                continue
+            with self.averagers[k].get_tensors() as (buf,):
+                total = decode_limb_average(buf, len(gathered))
+            results[k] = (total, {str(pid): meta for pid, meta in gathered.items()})
+        return results
+
+    # ------------------------------------------------------------------ state sharing
+
+    def publish_state(self, shard: int, metadata: dict, tensors: Sequence[torch.Tensor]) -> None:
+        self.averagers[shard].publish_state(metadata, tensors)
+
+    def download_state(self, shard: int, timeout: float = 30) -> tuple[dict, list[torch.Tensor]] | None:
+        try:
+            result = self.averagers[shard].load_state_from_peers(timeout=timeout)
+        except Exception as e:
+            logger.warning("shard %d: state download failed: %s", shard, e)
+            return None
+        if not result:
+            return None
+        meta, tensors = result
+        if not isinstance(meta, dict):
+            return None
+        return meta, list(tensors)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for avg in self.averagers.values():
+            try:
+                avg.shutdown()
+            except Exception as e:  # shutting down a half-dead averager must not stop the rest
+                logger.debug("averager shutdown: %s", e)
+        try:
+            self.dht.store(self.peers_key, subkey=self.peer_id, value=None, expiration_time=get_dht_time() + 1)
+        except Exception:
+            pass
+        self.dht.shutdown()
