@@ -112,7 +112,10 @@ def generate_identity(path: str | os.PathLike) -> Identity:
     """Create a new Ed25519 key at `path` (mode 0600). Never overwrites an existing file."""
     path = Path(path).expanduser()
     if path.exists():
-        raise IdentityError(f"{path} already exists; refusing to overwrite it. Load it instead, or pick another path.")
+        raise IdentityError(
+            f"{path} already exists; refusing to overwrite it (that would change this node's identity). "
+            f"`swarmtune keygen --show --key {path}` prints its peer id; pass --key for a new key elsewhere."
+        )
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     _write_private(path, pem)
