@@ -26,7 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -453,18 +453,16 @@ class ControlClient:
     def drain(self) -> str:
         return _state_name(self._call("Drain", control_pb2.DrainRequest()).state)
 
-    def records(self, from_seq: int = 0, follow: bool = False, timeout: float | None = None) -> Iterator[dict]:
-        """Ledger records from `from_seq` on; with `follow`, blocks for new ones until closed."""
-        stream = self._stub_for_call().Records(
+    def records(self, from_seq: int = 0, follow: bool = False, timeout: float | None = None) -> "RecordStream":
+        """Ledger records (dicts as `NodeView.records`) from `from_seq` on.
+
+        With `follow`, the iterator blocks for new records until the daemon stops
+        or `cancel()` is called (from any thread).
+        """
+        call = self._stub_for_call().Records(
             control_pb2.RecordsRequest(from_seq=from_seq, follow=follow), timeout=timeout
         )
-        try:
-            for msg in stream:
-                yield _to_dict(msg)
-        except grpc.RpcError as e:
-            raise self._translate(e) from None
-        finally:
-            stream.cancel()
+        return RecordStream(call, self._translate)
 
     def wait_until_gone(self, timeout: float, poll_s: float = 0.2) -> bool:
         """Poll until the daemon no longer answers; False if it still does after `timeout` s."""
@@ -539,3 +537,33 @@ class ControlClient:
                 "it may be hung (see its log)"
             )
         return ControlError(f"the daemon on {self.socket_path} answered {code.name}: {details}")
+
+
+class RecordStream:
+    """An open `Records` call: iterate for record dicts; `cancel()` ends it quietly."""
+
+    def __init__(self, call, translate):
+        self._call = call
+        self._translate = translate
+        self._cancelled = False
+
+    def __iter__(self) -> "RecordStream":
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            return _to_dict(next(self._call))
+        except grpc.RpcError as e:
+            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise self._translate(e) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> "RecordStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
