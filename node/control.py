@@ -126,11 +126,12 @@ class NodeView(Protocol):
         """This node's ledger records with seq >= from_seq, in seq order.
 
         May return only a page (the server asks again from the next seq), but
-        must return at least one record when one exists. One dict each:
-        seq: int, blob: bytes (the exact signed bytes), peer_id: str, round: int,
-        shards: list[int], samples: int, tokens: int, loss_before: float,
-        loss_after: float (display units), start_time: float, end_time: float
-        (unix seconds), record_hash: str (hex hash of blob)
+        must return at least one record when one exists. One dict each, made by
+        `record_summary(blob, record)` from the ledger's entries:
+        seq: int, blob: bytes (the exact signed envelope), record_hash: str,
+        peer_id: str, swarm_id: str, round: int, shards: list[int], samples: int,
+        tokens: int, loss_before: int, loss_after: int (fixed point, as signed),
+        prev_hash: str, adapter_hash: str, start_ms: int, end_ms: int
         """
         ...
 
@@ -161,6 +162,19 @@ class NodeView(Protocol):
     def drain(self) -> None:
         """Begin the SIGTERM path: leave/finish the round, checkpoint, flush, exit 0. Return promptly."""
         ...
+
+
+def record_summary(blob: bytes, record) -> dict:
+    """The `NodeView.records` dict for one ledger entry (`record` is its parsed ContributionRecord)."""
+    from protocol.record import record_hash
+
+    return {
+        "seq": record.seq, "blob": bytes(blob), "record_hash": record_hash(blob), "peer_id": record.peer_id,
+        "swarm_id": record.swarm_id, "round": record.round, "shards": list(record.shards),
+        "samples": record.samples, "tokens": record.tokens, "loss_before": record.loss_before,
+        "loss_after": record.loss_after, "prev_hash": record.prev_hash, "adapter_hash": record.adapter_hash,
+        "start_ms": record.start_ms, "end_ms": record.end_ms,
+    }
 
 
 # ---------------------------------------------------------------- dict <-> message

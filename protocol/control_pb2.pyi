@@ -127,32 +127,38 @@ class RecordsRequest(_message.Message):
     def __init__(self, from_seq: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
 
 class Record(_message.Message):
-    __slots__ = ("seq", "blob", "peer_id", "round", "shards", "samples", "tokens", "loss_before", "loss_after", "start_time", "end_time", "record_hash")
+    __slots__ = ("seq", "blob", "record_hash", "peer_id", "swarm_id", "round", "shards", "samples", "tokens", "loss_before", "loss_after", "prev_hash", "adapter_hash", "start_ms", "end_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BLOB_FIELD_NUMBER: _ClassVar[int]
+    RECORD_HASH_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
-    START_TIME_FIELD_NUMBER: _ClassVar[int]
-    END_TIME_FIELD_NUMBER: _ClassVar[int]
-    RECORD_HASH_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_HASH_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     blob: bytes
+    record_hash: str
     peer_id: str
+    swarm_id: str
     round: int
     shards: _containers.RepeatedScalarFieldContainer[int]
     samples: int
     tokens: int
-    loss_before: float
-    loss_after: float
-    start_time: float
-    end_time: float
-    record_hash: str
-    def __init__(self, seq: _Optional[int] = ..., blob: _Optional[bytes] = ..., peer_id: _Optional[str] = ..., round: _Optional[int] = ..., shards: _Optional[_Iterable[int]] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., record_hash: _Optional[str] = ...) -> None: ...
+    loss_before: int
+    loss_after: int
+    prev_hash: str
+    adapter_hash: str
+    start_ms: int
+    end_ms: int
+    def __init__(self, seq: _Optional[int] = ..., blob: _Optional[bytes] = ..., record_hash: _Optional[str] = ..., peer_id: _Optional[str] = ..., swarm_id: _Optional[str] = ..., round: _Optional[int] = ..., shards: _Optional[_Iterable[int]] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[int] = ..., loss_after: _Optional[int] = ..., prev_hash: _Optional[str] = ..., adapter_hash: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ...) -> None: ...
 
 class CreditRequest(_message.Message):
     __slots__ = ()

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.cli import main
 from node.control import (
@@ -31,6 +32,17 @@ from node.control import (
     ControlServer,
     DaemonNotRunning,
     SocketInUse,
+    record_summary,
+)
+from protocol.peerid import peer_id_from_public_key
+from protocol.record import (
+    RECORD_VERSION,
+    ZERO_HASH,
+    ContributionRecord,
+    public_bytes,
+    sign_record,
+    to_fixed,
+    verify_signed,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +59,8 @@ class TinyNode:
         self._records: list[dict] = []
         self._appended = threading.Condition()
         self.on_drain = None  # called by drain(), e.g. to stop the server like the daemon would
+        self.key = Ed25519PrivateKey.generate()
+        self.peer_id = peer_id_from_public_key(public_bytes(self.key))
 
     def status(self) -> dict:
         self.calls["status"] += 1
@@ -76,13 +90,17 @@ class TinyNode:
         return [{"peer_id": "12D3KooWTiny", "verified_rounds": 5, "samples": 640, "tokens": 81920, "share": 0.5}]
 
     def append_record(self) -> dict:
+        """Sign a real contribution record, as the daemon's ledger would, and announce it."""
         with self._appended:
             seq = len(self._records)
-            rec = {
-                "seq": seq, "blob": b"swarmtune/contrib/v1\x00" + bytes([seq, 0xFF, 0x00]), "peer_id": "12D3KooWTiny",
-                "round": 100 + seq, "shards": [0], "samples": 64, "tokens": 8192, "loss_before": 2.5,
-                "loss_after": 2.25, "start_time": 1.0e9, "end_time": 1.0e9 + 2, "record_hash": f"{seq:064x}",
-            }
+            prev = self._records[-1]["record_hash"] if self._records else ZERO_HASH
+            record = ContributionRecord(
+                version=RECORD_VERSION, swarm_id="ab" * 32, peer_id=self.peer_id, seq=seq, prev_hash=prev,
+                round=100 + seq, shards=(0,), samples=64, tokens=8192, loss_before=to_fixed(2.5),
+                loss_after=to_fixed(2.25), adapter_hash="cd" * 32, data_commitment="ef" * 32,
+                grad_commitment="01" * 32, start_ms=1_700_000_000_000 + seq, end_ms=1_700_000_002_000 + seq,
+            )
+            rec = record_summary(sign_record(record, self.key), record)
             self._records.append(rec)
             self._appended.notify_all()
             return rec
@@ -162,7 +180,9 @@ def test_records_from_seq_pages_and_exact_blobs(client: ControlClient, node: Tin
     sent = [node.append_record() for _ in range(5)]
     got = list(client.records(from_seq=1))
     assert [r["seq"] for r in got] == [1, 2, 3, 4]  # across pages of 2
-    assert got[0] == sent[1]  # blob bytes (NUL, 0xFF) and summary fields unchanged
+    assert got[0] == sent[1]  # blob bytes and summary fields unchanged
+    assert verify_signed(got[0]["blob"]).seq == 1  # the exact signed bytes arrive, still verifiable
+    assert got[1]["prev_hash"] == got[0]["record_hash"]
     assert list(client.records(from_seq=5)) == []
 
 
