@@ -250,9 +250,7 @@ def _parse_body(body: bytes, fields: dict[str, dataclasses.Field], cls: type) ->
             if type(value) is not list:
                 raise RecordError("schema", "field 'shards' must be a list of integers")
             value = tuple(value)
-        elif type(value) not in (int, str):
-            raise RecordError("schema", f"field {name!r} has type {type(value).__name__}")
-        values[name] = value
+        values[name] = value  # types are checked, with precise reasons, by _check_record below
     parsed = cls(**values)
     (_check_record if cls is ContributionRecord else _check_rotation)(parsed)
     if _encode(parsed) != body:
