@@ -289,6 +289,7 @@ class _Servicer(control_pb2_grpc.ControlServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many `follow` record streams open on this daemon")
         try:
             next_seq = request.from_seq
+            woke = False
             while True:
                 batch = self._view.records(next_seq)
                 for i, values in enumerate(batch):
@@ -301,9 +302,13 @@ class _Servicer(control_pb2_grpc.ControlServicer):
                     continue
                 if not request.follow:
                     return
-                while not self._view.wait_for_record(next_seq - 1, timeout=self._poll_s):
+                if woke:  # the view said a record exists but handed none: don't spin on it
+                    time.sleep(self._poll_s)
+                woke = False
+                while not woke:
                     if self._stopping.is_set() or not context.is_active():
                         return
+                    woke = self._view.wait_for_record(next_seq - 1, timeout=self._poll_s)
         finally:
             if request.follow:
                 self._followers.release()
@@ -341,6 +346,12 @@ class ControlServer:
         if not path.parent.exists():
             path.parent.mkdir(parents=True, mode=0o700)
             os.chmod(path.parent, 0o700)  # mkdir's mode is filtered by the umask
+        parent_mode = os.stat(path.parent).st_mode
+        if parent_mode & stat.S_IWOTH and not parent_mode & stat.S_ISVTX:
+            log.warning(
+                "%s is writable by every user: anyone could replace the control socket; "
+                "use a private directory (SWARMTUNE_HOME or --socket)", path.parent,
+            )
         self._lock_fd = self._take_lock(path)
         try:
             self._remove_stale_socket(path)
@@ -486,6 +497,8 @@ class ControlClient:
                 self.status()
             except DaemonNotRunning:
                 return True
+            except ControlError:
+                pass  # a daemon mid-shutdown may answer oddly; it is gone only when nothing listens
             if time.monotonic() >= deadline:
                 return False
             time.sleep(poll_s)

@@ -31,17 +31,22 @@ def register(sub) -> None:
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+    def add(name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=description)
         p.set_defaults(func=func)
         return p
 
-    add("status", _status, "Show what the running node is doing (exits non-zero when no daemon answers).")
-    add("peers", _peers, "List the peers the running node sees in its swarm.")
-    add("shards", _shards, "List the adapter shards and how many peers train each.")
-    add("pause", _pause, "Finish the current round, then start no new one until `swarmtune resume`.")
-    add("resume", _resume, "Start training rounds again after `swarmtune pause`.")
-    stop = add("stop", _stop, "Drain the daemon (leave the round, checkpoint, flush the ledger) and wait for it to exit.")
+    add("status", _status, "show what the running node is doing",
+        "Show what the running node is doing. Exits non-zero when no daemon answers (the Docker healthcheck).")
+    add("peers", _peers, "list the peers the running node sees", "List the peers the running node sees in its swarm.")
+    add("shards", _shards, "list adapter shards and their trainers",
+        "List the swarm's adapter shards and how many peers train each; a shard nobody trains is flagged.")
+    add("pause", _pause, "stop starting new rounds",
+        "Let the current round finish, then start no new one until `swarmtune resume`.")
+    add("resume", _resume, "start rounds again after pause", "Start training rounds again after `swarmtune pause`.")
+    stop = add("stop", _stop, "drain the daemon and wait for it to exit",
+               "Drain the daemon as SIGTERM does (leave or finish the round, checkpoint, flush the ledger) "
+               "and wait until it exits.")
     stop.add_argument(
         "--timeout",
         type=float,
