@@ -230,3 +230,60 @@ def folder_digest(path: Path | str) -> str:
             h.update(str(f.relative_to(path)).encode() + b"\0")
             h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
+
+
+def evaluate(model, tokenizer, examples, max_new_tokens: int = 8, *,
+             batch_size: int = 64, max_length: int = 256) -> dict[str, Any]:
+    """Held-out loss and exact-match accuracy of greedy generations.
+
+    `examples`: validated records (`node.data.load_records`), chat or
+    prompt/completion. loss: mean cross-entropy per trained token, teacher
+    forced, tokenized exactly as for training. accuracy: share of records whose
+    greedy generation (up to eos or max_new_tokens) equals the expected answer,
+    both stripped of surrounding whitespace. samples: (prompt, expected,
+    generated) for every record, in order.
+    """
+    import torch
+
+    from node.data import collate, prompt_text, tokenize_record
+
+    records = list(examples)
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    samples: list[tuple[str, str, str]] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        with torch.no_grad():
+            for start in range(0, len(records), batch_size):
+                chunk = records[start:start + batch_size]
+                # teacher-forced loss, summed per token
+                exs = [tokenize_record(f"eval[{start + i}]", r, tokenizer, max_length=max_length)
+                       for i, r in enumerate(chunk)]
+                batch = collate(exs, pad)
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+                total_loss += loss.item()
+                total_tokens += sum(ex.num_tokens for ex in exs)
+                # greedy generation from left-padded prompts
+                pairs = [prompt_text(tokenizer, r) for r in chunk]
+                prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+                width = max(len(p) for p in prompts)
+                ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                     eos_token_id=tokenizer.eos_token_id)
+                for (prompt, expected), row in zip(pairs, out[:, width:].tolist()):
+                    if tokenizer.eos_token_id in row:
+                        row = row[:row.index(tokenizer.eos_token_id)]
+                    got = tokenizer.decode(row, skip_special_tokens=True)
+                    correct += got.strip() == expected.strip()
+                    samples.append((prompt, expected, got))
+    finally:
+        model.train(was_training)
+    n = max(len(records), 1)
+    return {"loss": total_loss / max(total_tokens, 1), "accuracy": correct / n, "samples": samples}
