@@ -71,21 +71,34 @@ class NodeMetrics:
     def on_round(
         self,
         round: int,
-        loss: float,
+        loss: float | None,
         samples: int,
         tokens: int,
-        duration_s: float,
+        duration_s: float | None = None,
         peers: int | None = None,
+        samples_per_s: float | None = None,
+        tokens_per_s: float | None = None,
     ) -> None:
-        """One finished local round: its samples/tokens are added, throughput is derived from `duration_s`."""
+        """One finished local round: its samples/tokens are added to the totals.
+
+        Throughput is taken from `samples_per_s`/`tokens_per_s` when given, else
+        derived from `duration_s`. A `loss` of None (no local batch this round)
+        leaves the loss gauge as it was.
+        """
         self.round.set(round)
-        self.loss.set(loss)
+        if loss is not None:
+            self.loss.set(loss)
         self.samples.inc(samples)
         self.tokens.inc(tokens)
-        self.round_seconds.set(duration_s)
-        if duration_s > 0:
-            self.samples_per_s.set(samples / duration_s)
-            self.tokens_per_s.set(tokens / duration_s)
+        if duration_s is not None:
+            self.round_seconds.set(duration_s)
+            if duration_s > 0:
+                samples_per_s = samples / duration_s if samples_per_s is None else samples_per_s
+                tokens_per_s = tokens / duration_s if tokens_per_s is None else tokens_per_s
+        if samples_per_s is not None:
+            self.samples_per_s.set(samples_per_s)
+        if tokens_per_s is not None:
+            self.tokens_per_s.set(tokens_per_s)
         if peers is not None:
             self.peers.set(peers)
 

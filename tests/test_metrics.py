@@ -39,6 +39,8 @@ def test_scrape_shows_what_the_node_reported() -> None:
         metrics.set_state("syncing")
         metrics.on_round(round=3, loss=1.25, samples=64, tokens=8192, duration_s=2.0, peers=2)
         metrics.on_round(round=4, loss=1.0, samples=32, tokens=4096, duration_s=1.0)
+        assert metrics.registry.get_sample_value("swarmtune_samples_per_second") == 32
+        metrics.on_round(round=5, loss=None, samples=0, tokens=0, samples_per_s=40.0, tokens_per_s=5000.0)
         metrics.on_averaging(0.3)
         metrics.on_averaging(9.0, ok=False)
         metrics.on_state_sync()
@@ -48,9 +50,10 @@ def test_scrape_shows_what_the_node_reported() -> None:
         got = _scrape(server.url)
     finally:
         server.stop()
-    assert got["swarmtune_round"] == 4 and got["swarmtune_loss"] == 1.0
+    assert got["swarmtune_round"] == 5 and got["swarmtune_loss"] == 1.0  # a round without loss keeps the last
     assert got["swarmtune_samples_total"] == 96 and got["swarmtune_tokens_total"] == 12288
-    assert got["swarmtune_samples_per_second"] == 32 and got["swarmtune_tokens_per_second"] == 4096
+    assert got["swarmtune_samples_per_second"] == 40 and got["swarmtune_tokens_per_second"] == 5000
+    assert got["swarmtune_round_seconds"] == 1.0
     assert got["swarmtune_peers"] == 2  # kept from the round that reported it
     assert got["swarmtune_averaging_seconds_count"] == 2 and got["swarmtune_averaging_seconds_sum"] == pytest.approx(9.3)
     assert got["swarmtune_averaging_seconds_bucket[('le', '0.5')]"] == 1
