@@ -333,7 +333,8 @@ def verify_logs(
                     continue
             previous = last_in_source.get(record.peer_id)
             if previous is not None and record.seq <= previous.seq:
-                if previous.record_hash == v.record_hash or first_seen.get(v.record_hash, v).source == source:
+                earlier = first_seen.get(v.record_hash)
+                if previous.record_hash == v.record_hash or (earlier is not None and earlier.source == source):
                     v.reason = f"replay: the same record (seq {record.seq}) appears twice in {source}"
                 else:
                     v.reason = f"log out of order: seq {record.seq} after seq {previous.seq} in {source} (reordered)"
