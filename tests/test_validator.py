@@ -1,0 +1,211 @@
+"""The DHT record validator: malformed values refused with reasons, and real DHTs on 127.0.0.1.
+
+Run: python -m pytest tests/test_validator.py -q
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import socket
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from node.swarm.validator import (
+    RecordsValidator,
+    check_value,
+    collect_records,
+    owner_subkey,
+    publish_record,
+    records_key,
+)
+from protocol.peerid import peer_id_from_public_key
+from protocol.record import DOMAIN_TAG, ZERO_HASH, ContributionRecord, public_bytes, record_hash, sign_record
+
+SWARM = "ab" * 32
+A = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+B = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def pid(key) -> str:
+    return peer_id_from_public_key(public_bytes(key))
+
+
+def record(key, seq, prev=ZERO_HASH, swarm=SWARM) -> bytes:
+    return sign_record(
+        ContributionRecord(
+            version=1, swarm_id=swarm, peer_id=pid(key), seq=seq, prev_hash=prev, round=seq, shards=(0,), samples=8,
+            tokens=800, loss_before=1_000_000, loss_after=900_000, adapter_hash="11" * 32, data_commitment="22" * 32,
+            grad_commitment="33" * 32, start_ms=0, end_ms=1,
+        ),
+        key,
+    )
+
+
+def chain(key, n) -> list[bytes]:
+    blobs, prev = [], ZERO_HASH
+    for seq in range(n):
+        blobs.append(record(key, seq, prev))
+        prev = record_hash(blobs[-1])
+    return blobs
+
+
+def signed_body(body: bytes, key=A) -> bytes:
+    return b" ".join([pid(key).encode(), key.sign(DOMAIN_TAG + body).hex().encode(), body])
+
+
+VALIDATOR = RecordsValidator(SWARM)
+KEY_ID = DHTID.generate(source=records_key(SWARM)).to_bytes()
+
+
+def explain(value, subkey=None, key_id=KEY_ID, raw_value=False) -> str:
+    subkey = owner_subkey(pid(A), 0) if subkey is None else subkey
+    value_bytes = value if raw_value else MSGPackSerializer.dumps(value)
+    return VALIDATOR.explain(DHTRecord(key_id, MSGPackSerializer.dumps(subkey), value_bytes, get_dht_time() + 60))
+
+
+A0 = record(A, 0)
+BODY = A0.split(b" ", 2)[2]
+
+
+def test_valid_record_is_accepted():
+    assert explain(A0) == ""
+    assert VALIDATOR.validate(
+        DHTRecord(KEY_ID, MSGPackSerializer.dumps(owner_subkey(pid(A), 0)), MSGPackSerializer.dumps(A0), 0.0)
+    )
+
+
+def test_other_keys_are_not_our_business():
+    other_key = DHTID.generate(source="some/other/key").to_bytes()
+    assert explain(b"anything", key_id=other_key) == ""
+
+
+def _mutated(old: bytes, new: bytes) -> bytes:
+    assert old in BODY
+    return signed_body(BODY.replace(old, new, 1))
+
+
+MALFORMED = [
+        (b"x" * 5000, None, "over the 4096-byte bound"),
+        (record(B, 0), None, f"record signed by {pid(B)} written to the subkey of {pid(A)}"),
+        (record(A, 0), owner_subkey(pid(A), 1), "record seq 0 written to the subkey for seq 1"),
+        (record(A, 0, swarm="cd" * 32), None, f"record is for swarm {'cd' * 32}"),
+        (A0, "[owner:" + pid(A) + "]:0", "is not of the form"),
+        (A0, owner_subkey(pid(A), 0) + "x", "is not of the form"),
+        (A0, 7, "subkey must be a string"),
+        ("a string", None, "value must be bytes, got str"),
+        ({"a": 1}, None, "value must be bytes, got dict"),
+        (b"junk", None, "envelope: expected 3 space-separated parts"),
+        (A0[:-1], None, "signature: signature does not verify"),
+        (_mutated(b'"samples":8', b'"samples":8,"samples":8'), None, "duplicate key 'samples'"),
+        (_mutated(b'"samples":8', b'"samples":8,"bonus":1'), None, "unknown field(s) bonus"),
+        (_mutated(b'"samples":8', b'"samples":NaN'), None, "NaN is not allowed"),
+        (_mutated(b'"samples":8', b'"samples":[[[8]]]'), None, "nesting deeper than 2"),
+        (_mutated(b'"samples":8', b'"samples":8.0'), None, "non-integer number"),
+        (_mutated(b'"samples":8', b'"samples":true'), None, "got bool"),
+        (_mutated(b'"samples":8', b'"samples":-8'), None, "'samples' = -8"),
+        (_mutated(b'"samples":8', b'"samples":9007199254740992'), None, "outside [0, 2^53)"),
+        (_mutated(b'"adapter_hash":"1', b'"adapter_hash":"\xff'), None, "not ASCII"),
+]
+
+
+@pytest.mark.parametrize("value, subkey, fragment", MALFORMED, ids=[f[:40] for _, _, f in MALFORMED])
+def test_malformed_values_are_refused_with_reasons(value, subkey, fragment):
+    reason = explain(value, subkey=subkey)
+    assert fragment in reason, reason
+    assert not VALIDATOR.validate(
+        DHTRecord(
+            KEY_ID,
+            MSGPackSerializer.dumps(owner_subkey(pid(A), 0) if subkey is None else subkey),
+            MSGPackSerializer.dumps(value),
+            0.0,
+        )
+    )
+
+
+def test_badly_encoded_dht_values():
+    assert "badly encoded DHT value" in explain(b"\xc1\xc1", raw_value=True)  # 0xc1 is never valid msgpack
+    assert "badly encoded DHT value" in explain(b"\xda\xff", raw_value=True)  # truncated str header
+
+
+def test_older_record_restored_under_a_newer_seq_is_refused():
+    a = chain(A, 3)
+    assert check_value(SWARM, owner_subkey(pid(A), 2), a[2]) == ""
+    assert check_value(SWARM, owner_subkey(pid(A), 2), a[0]) == "record seq 0 written to the subkey for seq 2"
+
+
+def test_publish_refuses_invalid_input():
+    with pytest.raises(ValueError, match="invalid record"):
+        publish_record(None, SWARM, b"junk", get_dht_time() + 60)
+    with pytest.raises(ValueError, match="another swarm"):
+        publish_record(None, "cd" * 32, A0, get_dht_time() + 60)
+    with pytest.raises(ValueError, match="absolute DHT time"):
+        publish_record(None, SWARM, A0, 3600)
+
+
+# ---------------------------------------------------------------- real DHTs on loopback
+
+
+@pytest.fixture
+def no_leaked_sockets():
+    """Remove the hivemind unix sockets our DHTs leave behind (only new ones nobody listens on)."""
+    before = set(glob.glob("/tmp/hivemind-*.sock"))
+    yield
+    for path in set(glob.glob("/tmp/hivemind-*.sock")) - before:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+            except ConnectionRefusedError:
+                try:
+                    import os
+
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            except OSError:
+                pass
+
+
+@pytest.mark.timeout(90)
+def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
+    import hivemind
+
+    dhts = []
+    try:
+        storer = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RecordsValidator(SWARM)])
+        dhts.append(storer)
+        peers = [str(m) for m in storer.get_visible_maddrs()]
+        reader = hivemind.DHT(
+            initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RecordsValidator(SWARM)]
+        )
+        dhts.append(reader)
+        # an attacker that does not run our validator, so its own storage takes anything
+        attacker = hivemind.DHT(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        dhts.append(attacker)
+
+        a, b = chain(A, 3), chain(B, 2)
+        expiration = get_dht_time() + 120
+        assert all(publish_record(storer, SWARM, blob, expiration) for blob in a)
+        assert all(publish_record(reader, SWARM, blob, expiration) for blob in b)
+        assert collect_records(reader, SWARM) == sorted(a + b, key=lambda x: (x.split(b" ")[0], json.loads(x.split(b" ", 2)[2])["seq"]))
+        assert collect_records(storer, SWARM) == collect_records(reader, SWARM)
+
+        key = records_key(SWARM)
+        # B's validly signed record written into A's subkey: refused by the validating peers
+        assert not reader.store(key, b[0], expiration, subkey=owner_subkey(pid(A), 0))
+        attacker.store(key, b[1], expiration, subkey=owner_subkey(pid(A), 1))
+        attacker.store(key, b"x" * 10, expiration, subkey=owner_subkey(pid(A), 5))
+        # the attacker holds the forgeries in its own storage (it validates nothing) ...
+        own = attacker.get(key, latest=True).value
+        assert {owner_subkey(pid(A), 1), owner_subkey(pid(A), 5)} <= set(own)
+        assert collect_records(attacker, SWARM).count(b[1]) == 1  # and collect drops what does not check out
+        got = collect_records(reader, SWARM)  # ... the validating peers store and return none of it
+        assert got == collect_records(storer, SWARM) and len(got) == 5
+        assert b[1] in got and got.count(b[1]) == 1
+    finally:
+        for dht in dhts:
+            dht.shutdown()
