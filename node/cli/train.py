@@ -1,5 +1,175 @@
-"""Subcommands: placeholder until implemented."""
+"""Subcommands that train: `run` (the daemon), `swarm init`, `export`, `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from node.cli import UserError
+
+
+def _add_node_flags(p: argparse.ArgumentParser) -> None:
+    from node.config import FIELDS
+
+    p.add_argument("--config", help="node TOML file (lowest precedence after defaults; env SWARMTUNE_* and flags override it)")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        doc = _field_doc(name)
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=doc)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, dest=name, nargs="*", default=None, metavar="ADDR", help=doc)
+        else:
+            p.add_argument(flag, dest=name, default=None, help=doc)
+
+
+def _field_doc(name: str) -> str:
+    import inspect
+
+    from node.config import NodeConfig
+
+    src = inspect.getsource(NodeConfig)
+    for line in src.splitlines():
+        if line.strip().startswith(f"{name}:") and "#" in line:
+            return line.split("#", 1)[1].strip().replace("%", "%%")
+    return ""
+
+
+def cmd_run(args) -> int:
+    from node.config import FIELDS, ConfigError, load_node_config
+    from node.daemon import NodeError, run_node
+    from node.logs import setup_logging
+    from node.manifest import ManifestError
+    from node.swarm.peer import SwarmError
+
+    overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    try:
+        cfg = load_node_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    setup_logging(cfg.log_level, json=cfg.log_format == "json")
+    try:
+        return run_node(cfg, export_dir=args.export)
+    except (NodeError, ManifestError, SwarmError) as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_swarm_init(args) -> int:
+    from node.daemon import resolve_base, resolve_data
+    from node.data import DataError, dataset_digest
+    from node.manifest import (
+        AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, Manifest, ManifestError,
+        OptimSection, RoundSection, ShardSection, validate, write_manifest,
+    )
+    from node.model import ModelError, base_fingerprint, check_shard_plan
+
+    if os.path.exists(args.out) and not args.force:
+        raise UserError(f"{args.out} exists; pass --force to overwrite it")
+    try:
+        model_dir = resolve_base(args.base)
+        fingerprint = base_fingerprint(model_dir)
+        digest = dataset_digest(resolve_data(args.data))
+    except (ModelError, DataError) as e:
+        raise UserError(str(e)) from None
+    plan = ()
+    if args.shard_plan:
+        try:
+            plan = tuple(tuple(int(x) for x in part.split("-")) for part in args.shard_plan.split(","))
+        except ValueError:
+            raise UserError(f"--shard-plan {args.shard_plan!r}: expected ranges like 0-2,2-4") from None
+    import json
+
+    n_layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+    try:
+        plan = check_shard_plan(plan, n_layers)
+    except ModelError as e:
+        raise UserError(str(e)) from None
+    m = Manifest(
+        name=args.name,
+        base=BaseSection(model=args.base, fingerprint=fingerprint, dtype=args.dtype, quantization=args.quantization),
+        data=DataSection(source=args.data, digest=digest, max_length=args.max_length, packing=args.packing),
+        lora=LoraSection(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.target_modules)),
+        shards=ShardSection(plan=plan),
+        optim=OptimSection(lr=args.lr, schedule=args.schedule, warmup_rounds=args.warmup_rounds),
+        rounds=RoundSection(target_batch_size=args.target_batch_size, microbatch_size=args.microbatch_size, max_rounds=args.max_rounds),
+        averaging=AveragingSection(matchmaking_time=args.matchmaking_time, timeout=args.averaging_timeout),
+        credit=CreditSection(max_samples_per_round=args.max_samples_per_round or args.target_batch_size),
+    )
+    try:
+        validate(m, args.out)
+    except ManifestError as e:
+        raise UserError(str(e)) from None
+    write_manifest(m, args.out)
+    print(f"wrote {args.out}\nswarm_id {m.swarm_id}\nbase {model_dir} (fingerprint {fingerprint[:16]}…), {len(plan)} shards {list(map(list, plan))}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from node.export import ExportError, export_from_checkpoint
+
+    try:
+        out = export_from_checkpoint(args.manifest, args.out, home=args.home, base_model=args.base_model, data=None)
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote PEFT adapter to {out} (load with PeftModel.from_pretrained(base, '{out}'))")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from node.demo import run_demo
+
+    return run_demo(
+        nodes=args.nodes, rounds=args.rounds, workdir=args.workdir, port_base=args.port, quiet=args.quiet, threads=args.threads,
+    )
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("run", help="run a node: join (or start) a swarm and train", description="Run the swarmtune node daemon.")
+    _add_node_flags(p)
+    p.add_argument("--export", metavar="DIR", help="after the last round, write the adapter here in PEFT format")
+    p.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("swarm", help="create swarm manifests").add_subparsers(dest="swarm_command", metavar="COMMAND")
+    i = sw.add_parser("init", help="write a swarm manifest (computes the base fingerprint and data digest)")
+    i.add_argument("--out", default="swarm.toml")
+    i.add_argument("--force", action="store_true", help="overwrite --out")
+    i.add_argument("--name", default="my-swarm")
+    i.add_argument("--base", default="builtin:tiny", help="base model: local folder, hub id, or builtin:tiny")
+    i.add_argument("--data", default="builtin:task", help="JSONL file, hf:<dataset>[:split], or builtin:task")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    i.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
+    i.add_argument("--rank", type=int, default=8)
+    i.add_argument("--alpha", type=int, default=16)
+    i.add_argument("--dropout", type=float, default=0.0)
+    i.add_argument("--target-modules", nargs="+", default=["all-linear"])
+    i.add_argument("--shard-plan", default="", help="layer ranges like 0-2,2-4 (default: halves for <= 8 layers, else ~4 layers each)")
+    i.add_argument("--max-length", type=int, default=64)
+    i.add_argument("--packing", action="store_true")
+    i.add_argument("--lr", type=float, default=2e-3)
+    i.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    i.add_argument("--warmup-rounds", type=int, default=0)
+    i.add_argument("--target-batch-size", type=int, default=48, help="samples per round for the whole swarm")
+    i.add_argument("--microbatch-size", type=int, default=8)
+    i.add_argument("--max-rounds", type=int, default=0)
+    i.add_argument("--matchmaking-time", type=float, default=2.0)
+    i.add_argument("--averaging-timeout", type=float, default=30.0)
+    i.add_argument("--max-samples-per-round", type=int, default=0, help="credit cap per peer and round (default: the target batch)")
+    i.set_defaults(func=cmd_swarm_init)
+
+    e = sub.add_parser("export", help="write the node's latest adapter in standard PEFT format")
+    e.add_argument("--manifest", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--home", default=None, help="the node's state folder (default $SWARMTUNE_HOME or ~/.swarmtune)")
+    e.add_argument("--base-model", default=None, help="local base folder overriding the manifest's")
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="train a 3-node swarm on 127.0.0.1 with the built-in tiny model and task")
+    d.add_argument("--nodes", type=int, default=3)
+    d.add_argument("--rounds", type=int, default=60)
+    d.add_argument("--workdir", default=None, help="where the demo keeps its files (default: a fresh temp folder)")
+    d.add_argument("--port", type=int, default=0, help="first TCP port on 127.0.0.1 (default: any free)")
+    d.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    d.add_argument("--quiet", action="store_true", help="no live display, just the final report")
+    d.set_defaults(func=cmd_demo)

@@ -1,0 +1,126 @@
+"""Atomic checkpoints of the adapter, optimizer state and round, with fallback to the last good one.
+
+Layout: `<dir>/round-<R>.safetensors` holds every tensor (adapter params, AdamW moments)
+and a metadata header (round, optimizer step, ledger head, swarm id, sha256 of the
+tensor payload). Written to a temp file, fsynced, renamed, and the folder fsynced, so a
+crash leaves either the old or the new checkpoint, never half of one. `load_latest`
+verifies the payload hash and falls back to the previous checkpoint when the newest is
+corrupt, naming the bad file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+KEEP = 3
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    opt_step: int
+    ledger_seq: int  # seq of the last ledger record written before this checkpoint (-1 = none)
+    swarm_id: str
+    tensors: dict[str, torch.Tensor]
+    path: Path
+
+
+def _payload_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + str(tuple(t.shape)).encode() + b"\0")
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {
+        "round": str(round), "opt_step": str(opt_step), "ledger_seq": str(ledger_seq),
+        "swarm_id": swarm_id, "sha256": _payload_hash(tensors), "format": "swarmtune/checkpoint/v1",
+    }
+    final = directory / f"round-{round:08d}.safetensors"
+    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; free disk space in {directory}") from None
+    for old in sorted(directory.glob("round-*.safetensors"))[:-KEEP]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def _read(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "swarmtune/checkpoint/v1":
+        raise CheckpointError("not a swarmtune checkpoint")
+    tensors = load_file(str(path))
+    if _payload_hash(tensors) != meta.get("sha256"):
+        raise CheckpointError("payload hash mismatch (file damaged)")
+    return Checkpoint(int(meta["round"]), int(meta["opt_step"]), int(meta["ledger_seq"]), meta["swarm_id"], tensors, path)
+
+
+def load_latest(directory: Path, swarm_id: str) -> Checkpoint | None:
+    """Newest checkpoint that verifies; corrupt ones are reported and skipped (kept on disk for inspection)."""
+    if not directory.is_dir():
+        return None
+    for path in sorted(directory.glob("round-*.safetensors"), reverse=True):
+        try:
+            ckpt = _read(path)
+        except (CheckpointError, SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+            logger.error("checkpoint %s is corrupt (%s); falling back to the previous one", path, e)
+            bad = path.with_suffix(".corrupt")
+            os.replace(path, bad)
+            continue
+        if ckpt.swarm_id != swarm_id:
+            logger.warning("checkpoint %s belongs to swarm %s…, not this one; ignored", path, ckpt.swarm_id[:12])
+            continue
+        return ckpt
+    return None
+
+
+def describe(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(directory.glob("round-*.safetensors")):
+        try:
+            ck = _read(path)
+            out.append({"path": str(path), "round": ck.round, "ok": True})
+        except Exception as e:  # a listing must show every file, good or bad
+            out.append({"path": str(path), "ok": False, "error": str(e)})
+    return out
+
+
+def dumps_meta(ckpt: Checkpoint) -> str:
+    return json.dumps({"round": ckpt.round, "opt_step": ckpt.opt_step, "ledger_seq": ckpt.ledger_seq, "path": str(ckpt.path)})

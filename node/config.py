@@ -1,0 +1,124 @@
+"""Node configuration: what *this* node does (the manifest says what the swarm does).
+
+Precedence, lowest to highest, documented once here and in README:
+    defaults  <  node TOML (--config FILE)  <  SWARMTUNE_<FIELD> environment  <  CLI flags
+
+Every field below is settable in all three places under the same name
+(`initial_peers` -> `initial_peers = [...]`, `SWARMTUNE_INITIAL_PEERS=a,b`, `--initial-peers a b`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A node config value that cannot be used; names the source (file, variable or flag)."""
+
+
+def _home() -> str:
+    return os.environ.get("SWARMTUNE_HOME") or str(Path("~/.swarmtune").expanduser())
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    manifest: str = ""  # path of the swarm manifest (TOML) to join
+    home: str = ""  # state folder: key, ledgers, checkpoints, control socket; default $SWARMTUNE_HOME or ~/.swarmtune
+    key: str = ""  # identity key file; default <home>/identity.key (created on first run only with create_key)
+    create_key: bool = False  # create the identity key when it is missing (never overwrites)
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of any running peers; empty = this node starts the swarm
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)  # where p2pd listens
+    announce_maddrs: tuple[str, ...] = ()  # addresses peers should dial, when behind port forwarding
+    shards: str = "all"  # which adapter shards to train: all | auto | comma list like 2,3
+    max_memory: str = ""  # memory budget for --shards auto, e.g. 6GiB; default: free GPU memory or RAM
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    base_model: str = ""  # local folder overriding the manifest's base.model (fingerprint still checked)
+    data: str = ""  # local dataset overriding the manifest's data.source (digest still checked)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    min_peers: int = 1  # wait until this many peers (self included) are visible before the first round
+    peer_wait: float = 60.0  # seconds to wait for min_peers
+    max_rounds: int = 0  # stop after this many local rounds (0 = manifest's max_rounds / forever)
+    checkpoint_every: int = 1  # rounds between checkpoints
+    metrics_port: int = 0  # Prometheus endpoint on 127.0.0.1:<port>; 0 disables
+    socket: str = ""  # control socket; default <home>/node.sock
+    log_format: str = "human"  # human | json
+    log_level: str = "info"  # debug | info | warning
+    threads: int = 0  # torch CPU threads; 0 = torch default
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home or _home()).expanduser()
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.key).expanduser() if self.key else self.home_dir / "identity.key"
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.socket).expanduser() if self.socket else self.home_dir / "node.sock"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    f = FIELDS[name]
+    default = f.default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError("expected true/false")
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v for v in (x.strip() for x in value.split(",")) if v)
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError("expected a list of strings")
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    except ValueError as e:
+        raise ConfigError(f"{source}: bad value {value!r} for '{name}': {e}") from None
+
+
+def load_node_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"node config {p} not found")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        raw = raw.get("node", raw)
+        unknown = sorted(set(raw) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"{p}: unknown key(s) {unknown}; allowed: {sorted(FIELDS)}")
+        values.update({k: _coerce(k, v, str(p)) for k, v in raw.items()})
+    env = os.environ if env is None else env
+    for name in FIELDS:
+        var = f"SWARMTUNE_{name.upper()}"
+        if var in env and env[var] != "":
+            values[name] = _coerce(name, env[var], f"environment {var}")
+    for name, v in (overrides or {}).items():
+        if v is not None:
+            values[name] = _coerce(name, v, f"--{name.replace('_', '-')}")
+    cfg = NodeConfig(**values)
+    if cfg.log_format not in ("human", "json"):
+        raise ConfigError(f"log_format must be human or json, got {cfg.log_format!r}")
+    return cfg

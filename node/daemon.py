@@ -1,0 +1,711 @@
+"""The node daemon: the composition root that wires every module together.
+
+    swarmtune run --manifest swarm.toml [--initial-peers /ip4/.../p2p/12D3KooW...]
+
+`Node.prepare()` checks everything that can be wrong with the input *before* anything is
+written or the network is joined (manifest, key, base fingerprint, data digest, shards).
+`Node.run()` then joins the swarm and trains round after round:
+
+    peers (DHT) -> my slice of the round's global batch -> local fwd/bwd (trainer)
+      -> exact per-shard gradient sum with the shard's trainers (swarm)
+      -> the same AdamW step on every trainer -> ledger record (signed, appended, published)
+      -> state published for late joiners -> checkpoint -> untrained shards refreshed
+
+SIGTERM/SIGINT (or `swarmtune stop`) drains: the current round finishes, a checkpoint is
+written, the ledger is flushed, and the process exits 0. A restart resumes from the newest
+good checkpoint and the ledger head, and catches up from peers if the swarm moved on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from node import __version__
+from node.config import NodeConfig
+from node.manifest import Manifest, load_manifest
+
+logger = logging.getLogger("swarmtune.node")
+
+BUILTIN_BASE = "builtin:tiny"
+BUILTIN_DATA = "builtin:task"
+
+
+class NodeError(RuntimeError):
+    """Input or environment that stops the node before it joins; the message says what to fix."""
+
+
+def builtin_data_path(split: str = "train") -> Path:
+    return Path(__file__).parent / "builtin" / f"task_{split}.jsonl"
+
+
+def resolve_base(spec: str) -> Path:
+    from node.model import resolve_model_dir
+
+    if spec == BUILTIN_BASE:
+        from node.tiny import build_tiny_base, default_tiny_dir
+
+        return build_tiny_base(default_tiny_dir())
+    return resolve_model_dir(spec)
+
+
+def resolve_data(spec: str) -> str:
+    if spec == BUILTIN_DATA:
+        return str(builtin_data_path("train"))
+    return spec
+
+
+def parse_shards(spec: str, num_shards: int) -> tuple[int, ...]:
+    if spec in ("", "all"):
+        return tuple(range(num_shards))
+    try:
+        shards = tuple(sorted({int(s) for s in spec.split(",") if s.strip()}))
+    except ValueError:
+        raise NodeError(f"--shards {spec!r}: expected 'all', 'auto' or a comma list of shard indices like 2,3") from None
+    bad = [s for s in shards if not 0 <= s < num_shards]
+    if bad or not shards:
+        raise NodeError(f"--shards {spec!r}: the manifest's shard plan has shards 0..{num_shards - 1}; {bad or 'none given'} not among them")
+    return shards
+
+
+def my_slice(total: int, n: int, rank: int) -> tuple[int, int]:
+    """[start, end) of peer `rank`'s share when `total` samples are split among `n` peers."""
+    base, extra = divmod(total, n)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    loss: float | None  # swarm loss of the round (mean token CE over every group member's samples)
+    local_loss: float | None
+    samples: int
+    tokens: int
+    groups: dict[int, int]  # shard -> group size (1 = trained alone)
+    applied: list[int]  # shards updated this round
+    resync: list[int]  # shards that must be downloaded from peers
+    seconds: float
+    compute_seconds: float
+    averaging_seconds: float
+
+
+@dataclass
+class _Live:
+    """What the control service and metrics read, updated by the training thread."""
+
+    state: str = "syncing"
+    loss: float | None = None
+    samples_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    last_round_s: float | None = None
+    last_round_at: float | None = None
+    samples_total: int = 0
+    tokens_total: int = 0
+    peers: dict = field(default_factory=dict)
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.live = _Live()
+        self._lock = threading.Lock()
+        self._record_cv = threading.Condition()
+        self._drain = threading.Event()
+        self._paused = threading.Event()
+        self.swarm = None
+        self.ledger = None
+        self.control = None
+        self.metrics = None
+        self._metrics_server = None
+        self.round = 0
+
+    # ------------------------------------------------------------------ prepare (no side effects on failure)
+
+    def prepare(self) -> None:
+        """Validate every input and build model, data and trainer; raises NodeError before any write."""
+        from node.identity import IdentityError, generate_identity, load_identity
+
+        cfg = self.cfg
+        key_path = cfg.key_path
+        try:
+            if not key_path.exists() and cfg.create_key:
+                self.identity = None  # created in start(): nothing is written while inputs may still be bad
+            else:
+                self.identity = load_identity(key_path)
+        except IdentityError as e:
+            raise NodeError(str(e)) from None
+        self.prepare_model_only(load_data=True)
+        if self.identity is None:
+            self.identity = generate_identity(key_path)
+            logger.info("created identity key %s (back it up: it holds your credit)", key_path)
+
+    def prepare_model_only(self, load_data: bool = False) -> None:
+        from node.data import DataError, dataset_digest, load_examples
+        from node.model import Adapter, ModelError, attach_lora, base_fingerprint, check_shard_plan, load_base, num_layers
+        from node.trainer import Trainer
+
+        cfg = self.cfg
+        if not cfg.manifest:
+            raise NodeError("no manifest given; pass --manifest swarm.toml (create one with `swarmtune swarm init`)")
+        self.manifest: Manifest = load_manifest(cfg.manifest)
+        m = self.manifest
+        self.swarm_id = m.swarm_id
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+
+        base_spec = cfg.base_model or m.resolve_path(m.base.model)
+        try:
+            self.model_dir = resolve_base(base_spec)
+            fingerprint = base_fingerprint(self.model_dir)
+        except ModelError as e:
+            raise NodeError(str(e)) from None
+        if fingerprint != m.base.fingerprint:
+            raise NodeError(
+                f"base model {self.model_dir} has fingerprint {fingerprint[:16]}…, but manifest {cfg.manifest} expects "
+                f"{m.base.fingerprint[:16]}…: it is a different model or revision. Use the exact base the manifest names "
+                "(--base-model PATH), or join a swarm whose manifest matches your model"
+            )
+
+        data_spec = resolve_data(cfg.data or m.resolve_path(m.data.source))
+        try:
+            digest = dataset_digest(data_spec) if load_data else m.data.digest
+        except DataError as e:
+            raise NodeError(str(e)) from None
+        if digest != m.data.digest:
+            raise NodeError(
+                f"dataset {data_spec} has digest {digest[:16]}…, but the manifest expects {m.data.digest[:16]}…: "
+                "every peer must train on the same data; get the manifest's dataset (--data PATH)"
+            )
+        self.data_digest = digest
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        try:
+            self.examples = load_examples(data_spec, self.tokenizer, max_length=m.data.max_length, packing=m.data.packing) if load_data else []
+        except DataError as e:
+            raise NodeError(str(e)) from None
+
+        self.device = self._pick_device()
+        try:
+            base = load_base(self.model_dir, dtype=m.base.dtype, quantization=m.base.quantization, device=self.device)
+            plan = check_shard_plan(m.shards.plan, num_layers(base))
+            self.model = attach_lora(
+                base, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules,
+                init_seed=m.lora.init_seed, gradient_checkpointing=cfg.gradient_checkpointing,
+            )
+            self.adapter = Adapter.from_model(self.model, plan)
+        except ModelError as e:
+            raise NodeError(str(e)) from None
+        if cfg.shards == "auto":
+            from node.shards import choose_shards_auto
+
+            self.trained = choose_shards_auto(self.model, self.adapter, m, cfg, self.device)
+        else:
+            self.trained = parse_shards(cfg.shards, self.adapter.num_shards)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.trainer = Trainer(
+            self.model, self.adapter, self.trained, m.optim,
+            microbatch_size=m.rounds.microbatch_size, device=self.device, pad_id=pad,
+        )
+        self.workdir = cfg.home_dir / "swarms" / self.swarm_id[:16]
+
+    def _pick_device(self) -> str:
+        dev = self.cfg.device
+        if dev == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise NodeError(f"--device {dev}: no CUDA GPU is visible to torch; use --device cpu")
+        return dev
+
+    # ------------------------------------------------------------------ start (side effects begin)
+
+    def start(self) -> None:
+        from hivemind.utils import get_dht_time  # noqa: F401  (imported here: hivemind is heavy)
+
+        from node import checkpoint
+        from node.identity import write_libp2p_identity
+        from node.ledger import Ledger, LedgerError
+        from node.swarm.peer import Swarm, start_dht
+        from node.swarm.validator import RecordsValidator
+
+        m = self.manifest
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.ledger = Ledger.open(self.workdir / "ledger.jsonl")
+        except LedgerError as e:
+            raise NodeError(str(e)) from None
+        if self.ledger.torn is not None:
+            logger.warning("ledger: recovered from a torn last entry (%s); that entry is not credited", self.ledger.torn.reason)
+
+        ckpt = checkpoint.load_latest(self.workdir / "checkpoints", self.swarm_id)
+        if ckpt is not None:
+            self._restore_checkpoint(ckpt)
+            logger.info("resumed from checkpoint %s (round %d)", ckpt.path.name, ckpt.round)
+
+        p2p_key = write_libp2p_identity(self.identity, self.workdir / "p2p.key")
+        dht = start_dht(
+            initial_peers=self.cfg.initial_peers, host_maddrs=self.cfg.host_maddrs,
+            announce_maddrs=self.cfg.announce_maddrs, identity_path=str(p2p_key),
+            record_validators=[RecordsValidator(self.swarm_id)],
+        )
+        sizes = [self.adapter.shard_numel(k) for k in range(self.adapter.num_shards)]
+        self.swarm = Swarm(
+            dht, swarm_id=self.swarm_id, shard_sizes=sizes, trained_shards=self.trained,
+            matchmaking_time=m.averaging.matchmaking_time, allreduce_timeout=m.averaging.timeout,
+            peer_ttl=m.averaging.peer_ttl,
+        )
+        if self.swarm.peer_id != self.identity.peer_id:
+            logger.warning("p2p peer id %s differs from the identity key's %s", self.swarm.peer_id, self.identity.peer_id)
+        self.peer_id = self.identity.peer_id
+        maddrs = self.swarm.visible_maddrs()
+        logger.info("swarm %s… peer %s", self.swarm_id[:16], self.peer_id)
+        print("To join this swarm, start other nodes with:\n  --initial-peers " + " ".join(maddrs), flush=True)
+        self._write_status_file(maddrs)
+
+        if self.cfg.metrics_port:
+            from node.metrics import NodeMetrics, start_metrics_server
+
+            self.metrics = NodeMetrics()
+            self.metrics.set_identity(self.swarm_id, self.peer_id)
+            self._metrics_server = start_metrics_server(self.metrics.registry, port=self.cfg.metrics_port)
+        from node.control import ControlServer
+
+        self.control = ControlServer(self.cfg.socket_path, NodeControlView(self))
+        self.control.start()
+
+    def _write_status_file(self, maddrs) -> None:
+        info = {"peer_id": self.identity.peer_id, "swarm_id": self.swarm_id, "maddrs": maddrs, "pid": os.getpid()}
+        tmp = self.workdir / "node.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.workdir / "node.json")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in range(self.adapter.num_shards):
+            names = self.adapter.shard_names(k)
+            state = self.trainer.shard_state(k)
+            n = len(names)
+            for i, name in enumerate(names):
+                out[f"param/{name}"] = state[i]
+                if k in self.trained:
+                    out[f"exp_avg/{name}"] = state[n + i]
+                    out[f"exp_avg_sq/{name}"] = state[2 * n + i]
+        return out
+
+    def _restore_checkpoint(self, ckpt) -> None:
+        for k in range(self.adapter.num_shards):
+            names = self.adapter.shard_names(k)
+            params = [ckpt.tensors[f"param/{n}"] for n in names]
+            if k in self.trained and all(f"exp_avg/{n}" in ckpt.tensors for n in names):
+                moments = [ckpt.tensors[f"exp_avg/{n}"] for n in names] + [ckpt.tensors[f"exp_avg_sq/{n}"] for n in names]
+                self.trainer.load_shard_state(k, params + moments, ckpt.opt_step)
+            else:
+                self.adapter.load_shard(k, params)
+        self.trainer.opt_step = ckpt.opt_step
+        self.round = ckpt.round
+
+    def save_checkpoint(self) -> None:
+        from node import checkpoint
+
+        checkpoint.save(
+            self.workdir / "checkpoints", round=self.round, opt_step=self.trainer.opt_step,
+            ledger_seq=self.ledger.next_seq - 1, swarm_id=self.swarm_id, tensors=self._checkpoint_tensors(),
+        )
+
+    # ------------------------------------------------------------------ state sync
+
+    def publish_states(self) -> None:
+        for k in self.trained:
+            meta = {"round": self.round, "hash": self.adapter.shard_hash(k), "step": self.trainer.opt_step, "swarm": self.swarm_id}
+            self.swarm.publish_state(k, meta, self.trainer.shard_state(k))
+
+    def sync_shards(self, shards, *, require_newer: bool) -> dict[int, int]:
+        """Download shards from peers; returns {shard: round} of what was loaded."""
+        loaded = {}
+        for k in shards:
+            got = self.swarm.download_state(k, timeout=self.manifest.averaging.timeout)
+            if got is None:
+                continue
+            meta, tensors = got
+            try:
+                r, h, step, sid = int(meta["round"]), str(meta["hash"]), int(meta["step"]), meta["swarm"]
+            except (KeyError, TypeError, ValueError):
+                logger.warning("shard %d: peer sent malformed state metadata %r; ignored", k, meta)
+                continue
+            if sid != self.swarm_id or (require_newer and r < self.round):
+                continue
+            backup = self.trainer.shard_state(k)
+            old_step = self.trainer.opt_step
+            try:
+                self.trainer.load_shard_state(k, tensors, step)
+            except (ValueError, RuntimeError) as e:
+                logger.warning("shard %d: peer state does not fit (%s); ignored", k, e)
+                continue
+            if self.adapter.shard_hash(k) != h:
+                logger.warning("shard %d: downloaded state does not match its advertised hash; discarded", k)
+                self.trainer.load_shard_state(k, backup, old_step)
+                continue
+            if k in self.trained:
+                self.trainer.opt_step = step
+            loaded[k] = r
+        return loaded
+
+    def catch_up(self) -> None:
+        """Before the first round: take the swarm's current state if peers are ahead of us."""
+        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id}
+        if not others:
+            return
+        ahead = max(i.round for i in others.values())
+        if ahead <= self.round and self.round > 0:
+            return
+        self.live.state = "syncing"
+        loaded = self.sync_shards(range(self.adapter.num_shards), require_newer=False)
+        trained_rounds = {loaded[k] for k in self.trained if k in loaded}
+        if len(trained_rounds) == 1 and len([k for k in self.trained if k in loaded]) == len(self.trained):
+            self.round = trained_rounds.pop()
+            logger.info("synced adapter and optimizer state from peers at round %d (hash %s…)", self.round, self.adapter.state_hash()[:12])
+        elif loaded:
+            logger.warning("state download was partial %s; the next round boundary will retry", loaded)
+
+    # ------------------------------------------------------------------ one round
+
+    def run_round(self) -> RoundResult:
+        from node.data import round_batch_indices
+        from node.swarm.peer import MAX_PEER_INT
+        from node.trainer import Trainer, lr_at
+
+        m = self.manifest
+        r = self.round
+        t0 = time.time()
+        start_hash = self.adapter.state_hash()
+        shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
+        peers = self.swarm.peers()
+        peers.setdefault(self.peer_id, None)
+        with self._lock:
+            self.live.peers = {p: i for p, i in peers.items() if i is not None}
+        participants = sorted(peers)
+        rank = participants.index(self.peer_id)
+        total = m.rounds.target_batch_size
+        a, b = my_slice(total, len(participants), rank)
+        indices = round_batch_indices(len(self.examples), self.swarm_id, r, total)[a:b]
+        examples = [self.examples[i] for i in indices]
+
+        local = self.trainer.local_gradients(examples) if examples else self._empty_local()
+        t_compute = time.time() - t0
+        bits = m.averaging.fixed_point_bits
+        ints, clipped = {}, 0
+        for k in self.trained:
+            ints[k], c = Trainer.to_fixed_point(local.grad_sums[k], bits=bits, norm=total, limit=MAX_PEER_INT)
+            clipped += c
+        if clipped:
+            logger.warning("round %d: %d gradient values exceeded the fixed-point range and were clipped; lower [averaging] fixed_point_bits", r, clipped)
+        gather = {"r": r, "h": {str(k): h for k, h in shard_hashes.items()}, "s": local.samples, "t": local.tokens, "l": local.loss_sum}
+        expected = {k: sum(1 for p, i in peers.items() if p == self.peer_id or (i is not None and k in i.shards)) for k in self.trained}
+
+        t1 = time.time()
+        solo = {k: (ints[k], {self.peer_id: gather}) for k in self.trained if expected[k] <= 1}
+        to_average = {k: v for k, v in ints.items() if k not in solo}
+        results = dict(solo)
+        if to_average:
+            results.update(self.swarm.allreduce_sums(to_average, gather, expected))
+        t_avg = time.time() - t1
+
+        grads, groups, resync, loss_num, loss_den = {}, {}, [], 0.0, 0
+        for k in self.trained:
+            res = results.get(k)
+            if res is None:
+                resync.append(k)
+                continue
+            total_ints, gathered = res
+            groups[k] = len(gathered)
+            votes = Counter((int(g["r"]), str(g["h"].get(str(k)))) for g in gathered.values())
+            canonical = max(votes, key=lambda c: (votes[c], c[0], c[1]))
+            if canonical != (r, shard_hashes[k]):
+                logger.warning("shard %d: my state (round %d) differs from the group's (round %d); resyncing", k, r, canonical[0])
+                resync.append(k)
+                continue
+            group_tokens = sum(int(g["t"]) for g in gathered.values())
+            grads[k] = Trainer.from_fixed_point(total_ints, bits=bits, norm=total, tokens=group_tokens)
+            if not loss_den:
+                loss_num = sum(float(g["l"]) for g in gathered.values())
+                loss_den = group_tokens
+        if grads:
+            self.trainer.apply(grads, lr_at(r, m.optim, m.rounds.max_rounds))
+        applied = sorted(grads)
+        if applied and not resync:
+            self.round = r + 1
+        t_end = time.time()
+
+        result = RoundResult(
+            round=r, loss=(loss_num / loss_den) if loss_den else None,
+            local_loss=(local.loss_sum / local.tokens) if local.tokens else None,
+            samples=local.samples, tokens=local.tokens, groups=groups, applied=applied, resync=resync,
+            seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg,
+        )
+        if applied:
+            self._write_record(result, start_hash, indices, ints, t0, t_end)
+        return result
+
+    def _empty_local(self):
+        from node.trainer import LocalResult
+
+        return LocalResult({k: torch.zeros(self.adapter.shard_numel(k)) for k in self.trained}, 0, 0, 0.0)
+
+    def _write_record(self, res: RoundResult, start_hash: str, indices, ints, t0: float, t1: float) -> None:
+        from hivemind.utils import get_dht_time
+
+        from node.data import data_commitment
+        from node.swarm.validator import publish_record
+        from node.trainer import grad_commitment
+        from protocol.record import to_fixed
+
+        loss_before = res.local_loss if res.local_loss is not None else 0.0
+        blob = self.ledger.append_new(
+            self.identity.private_key, swarm_id=self.swarm_id, round=res.round, shards=tuple(res.applied),
+            samples=res.samples, tokens=res.tokens, loss_before=to_fixed(loss_before),
+            loss_after=to_fixed(res.loss if res.loss is not None else loss_before),
+            adapter_hash=start_hash, data_commitment=data_commitment(indices, self.data_digest),
+            grad_commitment=grad_commitment(ints), start_ms=int(t0 * 1000), end_ms=int(t1 * 1000),
+        )
+        with self._record_cv:
+            self._record_cv.notify_all()
+        if self.metrics:
+            self.metrics.on_record()
+        try:
+            publish_record(self.swarm.dht, self.swarm_id, blob, get_dht_time() + 24 * 3600)
+        except Exception as e:  # publication is best effort; the local ledger is the source of truth
+            logger.warning("could not publish record %d to the DHT: %s", self.ledger.next_seq - 1, e)
+
+    # ------------------------------------------------------------------ main loop
+
+    def _install_signals(self) -> None:
+        def handler(signum, _frame):
+            logger.info("received %s: draining (finishing the current round, then checkpoint and exit)", signal.Signals(signum).name)
+            self._drain.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)  # hivemind's averagers set SIGINT to ignored; Ctrl-C must drain
+
+    def stop_round(self) -> int:
+        return self.cfg.max_rounds or self.manifest.rounds.max_rounds
+
+    def run(self) -> int:
+        m = self.manifest
+        self._install_signals()
+        if self.cfg.min_peers > 1:
+            self.swarm.announce(round=self.round, shards=list(self.trained))
+            peers = self.swarm.wait_for_peers(self.cfg.min_peers, self.cfg.peer_wait)
+            if len(peers) < self.cfg.min_peers:
+                logger.warning("only %d of %d peers visible after %.0f s; starting anyway", len(peers), self.cfg.min_peers, self.cfg.peer_wait)
+        self.catch_up()
+        self.publish_states()
+        self.swarm.announce(round=self.round, shards=list(self.trained))
+        progress = open(self.workdir / "rounds.jsonl", "a", buffering=1)
+        try:
+            while not self._drain.is_set():
+                stop_at = self.stop_round()
+                if stop_at and self.round >= stop_at:
+                    logger.info("reached round %d: stopping", self.round)
+                    break
+                if self._paused.is_set():
+                    self.live.state = "paused"
+                    time.sleep(0.2)
+                    continue
+                self.live.state = "training"
+                res = self.run_round()
+                if res.resync:
+                    self.live.state = "syncing"
+                    loaded = self.sync_shards(res.resync, require_newer=True)
+                    rounds = set(loaded.values())
+                    if set(loaded) == set(res.resync) and len(rounds) == 1 and not res.applied:
+                        self.round = max(self.round, rounds.pop())
+                untrained = [k for k in range(self.adapter.num_shards) if k not in self.trained]
+                if untrained:
+                    self.sync_shards(untrained, require_newer=False)
+                self.publish_states()
+                if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
+                    self.save_checkpoint()
+                self.swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9))
+                self._after_round(res, progress)
+        finally:
+            progress.close()
+        self.live.state = "stopped"
+        return 0
+
+    def _after_round(self, res: RoundResult, progress) -> None:
+        entry = {
+            "round": res.round, "next_round": self.round, "loss": res.loss, "local_loss": res.local_loss,
+            "samples": res.samples, "tokens": res.tokens, "groups": {str(k): v for k, v in res.groups.items()},
+            "applied": res.applied, "resync": res.resync, "hash": self.adapter.state_hash(),
+            "shard_hashes": {str(k): self.adapter.shard_hash(k) for k in range(self.adapter.num_shards)},
+            "seconds": round(res.seconds, 4), "compute_s": round(res.compute_seconds, 4),
+            "averaging_s": round(res.averaging_seconds, 4), "peers": len(self.live.peers), "time": time.time(),
+        }
+        progress.write(json.dumps(entry) + "\n")
+        with self._lock:
+            self.live.loss = res.loss
+            self.live.last_round_s = res.seconds
+            self.live.last_round_at = time.time()
+            self.live.samples_total += res.samples
+            self.live.tokens_total += res.tokens
+            self.live.samples_per_s = res.samples / max(res.seconds, 1e-9)
+            self.live.tokens_per_s = res.tokens / max(res.seconds, 1e-9)
+        if self.metrics:
+            self.metrics.on_round(
+                round=self.round, loss=res.loss, samples=res.samples, tokens=res.tokens,
+                samples_per_s=self.live.samples_per_s,
+            )
+            self.metrics.on_averaging(res.averaging_seconds, ok=not res.resync)
+            self.metrics.set_peers(max(0, len(self.live.peers) - 1))
+        loss = f"{res.loss:.4f}" if res.loss is not None else "-"
+        logger.info(
+            "round %d: loss %s, %d samples, groups %s, %.2fs (compute %.2fs, averaging %.2fs)%s",
+            res.round, loss, res.samples, res.groups or "-", res.seconds, res.compute_seconds, res.averaging_seconds,
+            f", resync {res.resync}" if res.resync else "",
+        )
+
+    def shutdown(self) -> None:
+        """Checkpoint, flush the ledger, leave the swarm. Safe to call after a partial start."""
+        self.live.state = "stopped"
+        if self.ledger is not None and self.swarm is not None:
+            try:
+                self.save_checkpoint()
+            except Exception as e:
+                logger.error("final checkpoint failed: %s", e)
+        if self.control is not None:
+            self.control.stop(0.5)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        if self.swarm is not None:
+            self.swarm.shutdown()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    # control hooks
+    def request_drain(self) -> None:
+        self._drain.set()
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+
+class NodeControlView:
+    """The daemon as the control service sees it (node.control.NodeView): snapshots only."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    def status(self) -> dict:
+        import psutil
+
+        n = self.node
+        proc = psutil.Process()
+        rss = proc.memory_info().rss
+        try:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        except Exception:
+            peak = rss
+        with n._lock:
+            live = n.live
+            return {
+                "round": n.round, "loss": live.loss, "samples_per_s": float(live.samples_per_s),
+                "tokens_per_s": float(live.tokens_per_s), "peers": max(0, len(live.peers) - 1), "state": live.state,
+                "swarm_id": n.swarm_id, "peer_id": n.peer_id, "shards": list(n.trained),
+                "adapter_hash": n.adapter.state_hash(), "rss_bytes": int(rss), "peak_rss_bytes": int(peak),
+                "gpu_memory_bytes": int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0,
+                "uptime_s": time.time() - n.started_at, "last_round_s": live.last_round_s,
+                "last_round_at": live.last_round_at, "listen_maddrs": n.swarm.visible_maddrs() if n.swarm else [],
+                "samples_total": live.samples_total, "tokens_total": live.tokens_total, "version": __version__,
+            }
+
+    def peers(self) -> list[dict]:
+        from hivemind.utils import get_dht_time
+
+        now = get_dht_time()
+        out = []
+        for pid, info in sorted(self.node.swarm.peers().items()):
+            if pid == self.node.peer_id:
+                continue
+            age = max(0.0, self.node.manifest.averaging.peer_ttl - (info.expires_at - now))
+            out.append({"peer_id": pid, "multiaddrs": list(info.maddrs), "round": info.round, "shards": list(info.shards), "last_seen_s": age})
+        return out
+
+    def shards(self) -> list[dict]:
+        n = self.node
+        peers = n.swarm.peers()
+        out = []
+        for k, (a, b) in enumerate(n.adapter.plan):
+            trainers = sum(1 for pid, i in peers.items() if k in i.shards and pid != n.peer_id) + (1 if k in n.trained else 0)
+            out.append({"index": k, "layer_start": a, "layer_end": b, "trainers": trainers, "local": k in n.trained})
+        return out
+
+    def records(self, from_seq: int) -> list[dict]:
+        from node.control import record_summary
+
+        entries = list(zip(self.node.ledger.blobs(), self.node.ledger.records()))
+        return [record_summary(b, r) for b, r in entries[max(0, from_seq):][:256]]
+
+    def wait_for_record(self, after_seq: int, timeout: float) -> bool:
+        with self.node._record_cv:
+            return self.node._record_cv.wait_for(lambda: self.node.ledger.next_seq - 1 > after_seq, timeout=timeout)
+
+    def credit(self) -> list[dict]:
+        from node.ledger import compute_credit, verify_logs
+        from node.swarm.validator import collect_records
+
+        n = self.node
+        blobs = {"local": n.ledger.blobs()}
+        try:
+            blobs["dht"] = collect_records(n.swarm.dht, n.swarm_id)
+        except Exception as e:
+            logger.warning("could not read records from the DHT: %s", e)
+        report = verify_logs(blobs, n.swarm_id, n.manifest.credit.max_samples_per_round)
+        return [
+            {"peer_id": c.peer_id, "verified_rounds": c.rounds, "samples": c.samples, "tokens": c.tokens, "share": c.share}
+            for c in compute_credit(report).values()
+        ]
+
+    def pause(self) -> None:
+        self.node.pause()
+
+    def resume(self) -> None:
+        self.node.resume()
+
+    def drain(self) -> None:
+        self.node.request_drain()
+
+
+def run_node(cfg: NodeConfig, export_dir: str | None = None) -> int:
+    """Entry point of `swarmtune run`: prepare (validate), start, train, drain, optionally export."""
+    node = Node(cfg)
+    node.prepare()
+    try:
+        node.start()
+        code = node.run()
+        if export_dir:
+            from node.export import export_peft
+
+            export_peft(node.model, export_dir, base_name=node.manifest.base.model)
+            logger.info("exported the adapter to %s", export_dir)
+        return code
+    finally:
+        node.shutdown()
