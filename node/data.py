@@ -171,7 +171,19 @@ def load_records(source: str | Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- tokenizing
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer, text: str, offsets: bool = False):
+    """Token ids (and character offsets) of `text`, no special tokens added.
+
+    Goes to the Rust tokenizer directly when there is one: the transformers
+    wrapper costs more than the tokenizing on short texts.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        enc = backend.encode(text, add_special_tokens=False)
+        return (list(enc.ids), list(enc.offsets)) if offsets else list(enc.ids)
+    if offsets:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), list(enc["offset_mapping"])
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -203,15 +215,14 @@ def _tokenize_chat(where: str, tokenizer, messages) -> tuple[list[int], list[int
         if m["role"] != "assistant":
             continue
         head = _render(tokenizer, messages[:i], True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], False)
+        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False)
         if not full.startswith(upto) or not upto.startswith(head) or len(head) == len(upto):
             raise DataError(f"{where}: the chat template does not render conversations "
                             "prefix by prefix, cannot locate assistant turns")
         spans.append((len(head), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    ids, offsets = _encode(tokenizer, full, offsets=True)
     labels = [IGNORE] * len(ids)
-    for t, (a, b) in enumerate(enc["offset_mapping"]):
+    for t, (a, b) in enumerate(offsets):
         if b > a and any(lo <= a and b <= hi for lo, hi in spans):
             labels[t] = ids[t]
         elif b > a and any(lo < b and a < hi for lo, hi in spans):
@@ -272,8 +283,6 @@ def pack(examples: Iterable[Example], max_length: int) -> list[Example]:
 def load_examples(source: str | Path, tokenizer, *, max_length: int,
                   packing: bool = False) -> list[Example]:
     """Read, validate and tokenize a whole source. Raises DataError before training."""
-    if max_length < 2:
-        raise DataError(f"max_length={max_length}: must be at least 2")
     examples = [tokenize_record(where, check_record(where, rec), tokenizer, max_length=max_length)
                 for where, rec in iter_records(source)]
     if not examples:
@@ -354,15 +363,24 @@ def _epoch_permutation(num_examples: int, swarm_id: str, epoch: int) -> tuple[in
 def round_batch_indices(num_examples: int, swarm_id: str, round: int, total: int) -> list[int]:
     """The whole swarm's global batch for `round`, in order (`total` examples).
 
-    The swarm walks one stream: epoch e is a permutation of all examples seeded
-    by (swarm_id, e), epochs concatenated; round r takes stream positions
-    [r * total, (r + 1) * total), wrapping into the next epoch. `total` must be
-    the same every round (the manifest's target batch).
+    Epoch e is a permutation of all examples seeded by (swarm_id, e). When
+    total <= num_examples, an epoch holds num_examples // total rounds, round r
+    takes the next `total` entries of its epoch's permutation, and the last
+    num_examples % total entries of each epoch are skipped (each epoch
+    reshuffles, so nothing is skipped for good). A round never straddles two
+    epochs, so its examples are distinct. When total > num_examples the round
+    walks whole consecutive permutations and repeats are unavoidable. `total`
+    must be the same every round (the manifest's target batch).
     """
     if num_examples <= 0:
         raise ValueError("num_examples must be positive")
     if round < 0 or total < 0:
         raise ValueError("round and total must be non-negative")
+    if total <= num_examples:
+        per_epoch = num_examples // total if total else 1
+        epoch, slot = divmod(round, per_epoch)
+        perm = _epoch_permutation(num_examples, swarm_id, epoch)
+        return list(perm[slot * total:(slot + 1) * total])
     out = []
     for pos in range(round * total, (round + 1) * total):
         epoch, off = divmod(pos, num_examples)
@@ -377,7 +395,7 @@ def assign_examples(num_examples: int, *, swarm_id: str, round: int, peers: list
     The round's global batch is `round_batch_indices(..., total=len(peers) * per_peer)`;
     the peer at position k of sorted(set(peers)) takes slice [k*per_peer, (k+1)*per_peer).
     Two nodes with the same view of the peers never share an example in a round
-    (as long as the batch does not wrap past a whole epoch).
+    (unless the round's batch is larger than the whole dataset).
     """
     view = sorted(set(peers))
     if me not in view:
