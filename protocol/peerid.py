@@ -18,6 +18,8 @@ https://github.com/libp2p/specs/blob/master/peer-ids/peer-ids.md
 
 from __future__ import annotations
 
+import functools
+
 import base58
 
 ED25519_KEY_TYPE = 1  # libp2p crypto.pb KeyType.Ed25519
@@ -33,7 +35,7 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer id ("12D3KooW...") of a raw 32-byte Ed25519 public key."""
     if not isinstance(public_key, bytes) or len(public_key) != 32:
         raise ValueError("an Ed25519 public key is exactly 32 bytes")
-    return base58.b58encode(_MULTIHASH_PREFIX + _PUBKEY_PROTO_PREFIX + public_key).decode("ascii")
+    return _encode(public_key)
 
 
 def public_key_from_peer_id(peer_id: str) -> bytes:
@@ -43,6 +45,17 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     """
     if not isinstance(peer_id, str):
         raise ValueError(f"peer id must be a str, got {type(peer_id).__name__}")
+    return _decode(peer_id)
+
+
+# Cached: both are pure, base58 is pure Python, and a swarm has few peers (errors are not cached).
+@functools.lru_cache(maxsize=4096)
+def _encode(public_key: bytes) -> str:
+    return base58.b58encode(_MULTIHASH_PREFIX + _PUBKEY_PROTO_PREFIX + public_key).decode("ascii")
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode(peer_id: str) -> bytes:
     if not peer_id or len(peer_id) > MAX_PEER_ID_CHARS or not set(peer_id) <= _BASE58_ALPHABET:
         raise ValueError(f"peer id {peer_id[:80]!r} is not base58btc text of sane length")
     raw = base58.b58decode(peer_id)
@@ -55,7 +68,7 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     if not proto.startswith(_PUBKEY_PROTO_PREFIX):
         raise ValueError(f"peer id {peer_id!r} does not hold an Ed25519 PublicKey protobuf")
     public_key = proto[len(_PUBKEY_PROTO_PREFIX) :]
-    if peer_id_from_public_key(public_key) != peer_id:  # base58 admits no second spelling, but be sure
+    if _encode(public_key) != peer_id:  # base58 admits no second spelling, but be sure
         raise ValueError(f"peer id {peer_id!r} is not canonically encoded")
     return public_key
 

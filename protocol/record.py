@@ -182,8 +182,9 @@ def _check_rotation(r: KeyRotation) -> None:
 
 
 def _encode(obj: Any) -> bytes:
-    fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    fields = {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+    if "shards" in fields:
+        fields["shards"] = list(fields["shards"])
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
         "ascii"
     )
@@ -217,15 +218,15 @@ def _parse_body(body: bytes, fields: dict[str, dataclasses.Field], cls: type) ->
         text = body.decode("ascii")
     except UnicodeDecodeError as e:
         raise RecordError("encoding", f"body is not ASCII (byte {e.start})") from None
-    depth = max_depth = 0
-    for ch in text:  # bounded before parsing: a valid body nests exactly 2 deep
-        if ch in "[{":
-            depth += 1
-            max_depth = max(max_depth, depth)
-            if max_depth > 2:
-                raise RecordError("encoding", "nesting deeper than 2 levels")
-        elif ch in "]}":
-            depth -= 1
+    if text.count("[") + text.count("{") > 2:  # a valid body has one of each; only then scan
+        depth = 0
+        for ch in text:  # bounded before parsing: a valid body nests exactly 2 deep
+            if ch in "[{":
+                depth += 1
+                if depth > 2:
+                    raise RecordError("encoding", "nesting deeper than 2 levels")
+            elif ch in "]}":
+                depth -= 1
     try:
         obj = json.loads(
             text, parse_float=_reject_float, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
