@@ -91,7 +91,11 @@ def _load_hf(source: str):
     if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(local))
     else:
-        ds = datasets.load_dataset(name)
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:  # datasets raises many types; the user needs the source named
+            raise DataError(f"{source}: cannot load dataset {name!r} split {split!r} "
+                            f"({type(e).__name__}: {e})") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{source}: no split {split!r} (has {sorted(ds)})")

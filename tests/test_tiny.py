@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from node.tiny import (BUILTIN_EVAL, BUILTIN_TRAIN, MARKER, build_tiny_base, default_tiny_dir,
+from node.data import load_records
+from node.tiny import (BUILTIN_EVAL, MARKER, build_tiny_base, default_tiny_dir, evaluate,
                        folder_digest, tiny_config)
 
 
@@ -84,3 +85,19 @@ def test_default_dir_honours_env(monkeypatch, tmp_path):
 def test_marker_names_version(tiny):
     marker = json.loads((tiny / MARKER).read_text())
     assert marker["version"] == 1 and marker["seed"] == 0
+
+
+def test_evaluate_reports_loss_accuracy_and_samples(tiny):
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    records = load_records(BUILTIN_EVAL)[:6]
+    records.append({"prompt": "Say hi:", "completion": " hi"})  # the other record shape
+    model.train()
+    out = evaluate(model, tok, records, max_new_tokens=4, batch_size=4)
+    assert model.training  # evaluate() switches to eval mode and back
+    assert len(out["samples"]) == len(records)
+    prompt, expected, generated = out["samples"][0]
+    assert prompt.endswith("<|assistant|>\n") and expected in ("even", "odd")
+    assert out["samples"][-1][:2] == ("<s>Say hi:", " hi")
+    assert out["accuracy"] == 0.0  # random weights answer nothing sensible
+    assert 4.0 < out["loss"] < 8.0  # about ln(262) = 5.6 for a random model
