@@ -1,12 +1,14 @@
 """The local contribution ledger, offline verification of anyone's ledgers, and credit.
 
-Storage: a text file, one signed record envelope per line (protocol/record.py), appended
-and fsynced. Why lines and not SQLite: each line *is* the exact byte string that was signed
-and published in the DHT, so a ledger can be verified with nothing but protocol/, shipped
-as-is to a verifier, diffed, grepped and tailed; appending one line and fsyncing is the
-whole crash-safety story (only the last line can be torn, and a torn line is simply
-dropped); SQLite would add a second encoding of each record, journal files, and a
-dependency on the reader's SQLite version for no gain in an append-only log.
+Storage: JSON lines, one signed record envelope per line (protocol/record.py:
+`{"signer":..,"sig":..,"body":{..}}`), appended and fsynced. Why JSON lines and not SQLite:
+each line *is* the exact byte string that was signed and published in the DHT, so a ledger
+can be verified with nothing but protocol/, shipped as-is to a verifier, diffed, grepped and
+read with jq; appending one line and fsyncing is the whole crash-safety story (only the last
+line can be torn, and a torn line is dropped on open and never credited); SQLite would add a
+second encoding of each record, journal files and a binary format for no gain in an
+append-only log that is read front to back. One ledger holds one key's chain in one swarm
+(after a key rotation the new key starts a new ledger at seq 0).
 
     ledger = Ledger.open(path)               # recovers a torn last line (ledger.torn), locks the file
     blob = ledger.append_new(identity.private_key, swarm_id=..., round=..., ...)

@@ -10,9 +10,11 @@ sorted, distinct). The decoder parses and then re-encodes and compares bytes, so
 record has exactly one valid byte string; floats, bools, NaN, escapes, duplicate, missing or
 extra keys, leading zeros, "-0" and nesting are all rejected.
 
-Envelope (what is stored in the ledger, one per line, and published in the DHT):
+Envelope (what is stored in the ledger, one per line, and published in the DHT) is itself a
+JSON object with a fixed key order and the body embedded verbatim, so a ledger is JSON lines
+(`jq .body.samples ledger.jsonl` works) while the signed bytes stay exact:
 
-    <signer peer id> SP <signature: 128 lowercase hex> SP <body>
+    {"signer":"<peer id>","sig":"<128 lowercase hex>","body":<body>}
 
 The signature covers DOMAIN_TAG + body. The verifier checks size and envelope shape, recovers
 the public key from the signer's peer id, checks the signature over the exact body bytes,
@@ -23,7 +25,8 @@ and only then parses the body; the body's `peer_id` must equal the signer.
     >>> record_hash(blob)                             # sha256(body) hex: the next record's prev_hash
 
 A key-rotation statement (KeyRotation) uses the same body rules, its own domain tag, and an
-envelope signed by both keys: `<old peer id> SP <new peer id> SP <sig old> SP <sig new> SP <body>`.
+envelope signed by both keys:
+    {"old":"<peer id>","new":"<peer id>","sig_old":"<hex>","sig_new":"<hex>","body":<body>}
 """
 
 from __future__ import annotations
@@ -278,23 +281,47 @@ def sign_record(record: ContributionRecord, private_key: Ed25519PrivateKey) -> b
         raise ValueError(f"record names peer {record.peer_id} but the key belongs to {signer}")
     body = encode_record(record)
     signature = private_key.sign(DOMAIN_TAG + body)
-    blob = b" ".join([signer.encode("ascii"), signature.hex().encode("ascii"), body])
+    blob = _join({"signer": signer, "sig": signature.hex()}, body)
     if len(blob) > MAX_BLOB_BYTES:
         raise ValueError(f"record is {len(blob)} bytes, over the {MAX_BLOB_BYTES}-byte bound")
     return blob
 
 
-def _split(blob: bytes, parts: int) -> list[bytes]:
+def _join(strings: dict[str, str], body: bytes) -> bytes:
+    head = ",".join(f'"{name}":"{value}"' for name, value in strings.items())
+    return b"{" + head.encode("ascii") + b',"body":' + body + b"}"
+
+
+def _split(blob: bytes, names: tuple[str, ...]) -> list[bytes]:
+    """The string fields `names` (in this order) and the verbatim body of an envelope."""
     if not isinstance(blob, (bytes, bytearray)):
         raise RecordError("envelope", f"expected bytes, got {type(blob).__name__}")
     if not blob:
         raise RecordError("size", "empty value")
     if len(blob) > MAX_BLOB_BYTES:
         raise RecordError("size", f"{len(blob)} bytes, over the {MAX_BLOB_BYTES}-byte bound")
-    pieces = bytes(blob).split(b" ", parts - 1)
-    if len(pieces) != parts:
-        raise RecordError("envelope", f"expected {parts} space-separated parts, got {len(pieces)}")
-    return pieces
+    data = bytes(blob)
+    pos, out = 0, []
+    for i, name in enumerate(names):
+        prefix = (b'{"' if i == 0 else b',"') + name.encode() + b'":"'
+        if not data.startswith(prefix, pos):
+            raise RecordError("envelope", f"expected {prefix.decode()!r} at byte {pos}")
+        pos += len(prefix)
+        end = data.find(b'"', pos)
+        if end < 0:
+            raise RecordError("envelope", f"unterminated {name!r} string")
+        out.append(data[pos:end])
+        pos = end + 1
+    if not data.startswith(b',"body":', pos):
+        raise RecordError("envelope", f"expected ',\"body\":' at byte {pos}")
+    if not data.endswith(b"}"):
+        raise RecordError("envelope", "envelope must end with '}'")
+    out.append(data[pos + len(b',"body":') : -1])
+    return out
+
+
+_RECORD_ENVELOPE = ("signer", "sig")
+_ROTATION_ENVELOPE = ("old", "new", "sig_old", "sig_new")
 
 
 def _peer_key(raw: bytes) -> tuple[str, Ed25519PublicKey]:
@@ -324,7 +351,7 @@ def _verify(key: Ed25519PublicKey, signature: bytes, message: bytes, who: str) -
 
 def verify_signed(blob: bytes) -> ContributionRecord:
     """The record in `blob` if its signature verifies and its body is canonical; else RecordError."""
-    signer_raw, sig_raw, body = _split(blob, 3)
+    signer_raw, sig_raw, body = _split(blob, _RECORD_ENVELOPE)
     signer, key = _peer_key(signer_raw)
     signature = _signature(sig_raw)
     _verify(key, signature, DOMAIN_TAG + body, signer)
@@ -336,7 +363,7 @@ def verify_signed(blob: bytes) -> ContributionRecord:
 
 def body_of(blob: bytes) -> bytes:
     """The body bytes of an envelope (structure only; no verification)."""
-    return _split(blob, 3)[2]
+    return _split(blob, _RECORD_ENVELOPE)[2]
 
 
 def record_hash(blob: bytes) -> str:
@@ -356,14 +383,13 @@ def sign_rotation(
     _check_rotation(rotation)
     body = _encode(rotation)
     message = ROTATION_DOMAIN_TAG + body
-    return b" ".join(
-        [old_id.encode(), new_id.encode(), old_key.sign(message).hex().encode(), new_key.sign(message).hex().encode(), body]
-    )
+    signatures = {"sig_old": old_key.sign(message).hex(), "sig_new": new_key.sign(message).hex()}
+    return _join({"old": old_id, "new": new_id, **signatures}, body)
 
 
 def verify_rotation(blob: bytes) -> KeyRotation:
     """The rotation in `blob` if both signatures verify and the body is canonical; else RecordError."""
-    old_raw, new_raw, old_sig_raw, new_sig_raw, body = _split(blob, 5)
+    old_raw, new_raw, old_sig_raw, new_sig_raw, body = _split(blob, _ROTATION_ENVELOPE)
     old_id, old_key = _peer_key(old_raw)
     new_id, new_key = _peer_key(new_raw)
     message = ROTATION_DOMAIN_TAG + body

@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_identity.py -q
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -132,13 +133,18 @@ def test_rotation_statement(tmp_path):
     assert (rotation.old_peer_id, rotation.new_peer_id, rotation.old_next_seq) == (old.peer_id, new.peer_id, 4)
     assert load_identity(tmp_path / "new.key").peer_id == new.peer_id
     # the new key alone cannot make a rotation: it needs the old key's signature too
-    old_id, new_id, sig_old, sig_new, body = blob.split(b" ", 4)
-    forged = new.sign(b"swarmtune/rotate/v1\0" + body).hex().encode()
+    fields = json.loads(blob)
+    body = body_of_rotation(blob)
+    forged = new.sign(b"swarmtune/rotate/v1\0" + body).hex()
     with pytest.raises(RecordError, match="old key"):
-        verify_rotation(b" ".join([old_id, new_id, forged, sig_new, body]))
-    contrib = old.sign(DOMAIN_TAG + body).hex().encode()
+        verify_rotation(blob.replace(fields["sig_old"].encode(), forged.encode()))
+    contrib = old.sign(DOMAIN_TAG + body).hex()
     with pytest.raises(RecordError, match="old key"):
-        verify_rotation(b" ".join([old_id, new_id, contrib, sig_new, body]))
+        verify_rotation(blob.replace(fields["sig_old"].encode(), contrib.encode()))
+
+
+def body_of_rotation(blob: bytes) -> bytes:
+    return blob.split(b',"body":', 1)[1][:-1]
 
 
 # ---------------------------------------------------------------- CLI

@@ -53,9 +53,19 @@ def make(key=KEY, **over) -> ContributionRecord:
     return ContributionRecord(**fields)
 
 
+def join(signer: bytes, sig: bytes, body: bytes) -> bytes:
+    return b'{"signer":"' + signer + b'","sig":"' + sig + b'","body":' + body + b"}"
+
+
+def parts(blob: bytes) -> tuple[bytes, bytes, bytes]:
+    head, body = blob.split(b',"body":', 1)
+    fields = json.loads(head + b"}")
+    return fields["signer"].encode(), fields["sig"].encode(), body[:-1]
+
+
 def envelope(body: bytes, key=KEY, signer=None, tag=DOMAIN_TAG) -> bytes:
     """A correctly signed envelope around arbitrary body bytes: isolates the body checks."""
-    return b" ".join([(signer or peer(key)).encode(), key.sign(tag + body).hex().encode(), body])
+    return join((signer or peer(key)).encode(), key.sign(tag + body).hex().encode(), body)
 
 
 def expect(blob: bytes, code: str, fragment: str = "") -> RecordError:
@@ -101,7 +111,8 @@ def test_sign_verify_roundtrip_and_hash():
     assert record_hash(blob) == record_hash(bytes(blob))
     assert decode_record(body_of(blob)) == record
     body = encode_record(record)
-    assert b" " not in body and body == body_of(blob)
+    assert b" " not in body and body == body_of(blob) and parts(blob) == (peer(KEY).encode(), parts(blob)[1], body)
+    assert json.loads(blob)["body"] == json.loads(body)  # a ledger line is plain JSON
     assert list(json.loads(body)) == sorted(json.loads(body))
 
 
@@ -154,12 +165,12 @@ TAMPER = {
 @pytest.mark.parametrize("field", sorted(TAMPER))
 def test_every_field_tampered_breaks_the_signature(field):
     blob = sign_record(make(), KEY)
-    signer, sig, body = blob.split(b" ", 2)
+    signer, sig, body = parts(blob)
     obj = json.loads(body)
     obj[field] = TAMPER[field] if TAMPER[field] is not None else peer(OTHER)
     tampered_body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     assert tampered_body != body
-    expect(b" ".join([signer, sig, tampered_body]), "signature", "does not verify")
+    expect(join(signer, sig, tampered_body), "signature", "does not verify")
 
 
 def test_record_moved_to_another_round_or_swarm_fails_signature():
@@ -171,22 +182,34 @@ def test_record_moved_to_another_round_or_swarm_fails_signature():
 def test_forged_signatures():
     record = make()
     blob = sign_record(record, KEY)
-    signer, sig, body = blob.split(b" ", 2)
-    expect(b" ".join([signer, os.urandom(64).hex().encode(), body]), "signature")  # random bytes
-    expect(b" ".join([signer, OTHER.sign(DOMAIN_TAG + body).hex().encode(), body]), "signature")  # another key
+    signer, sig, body = parts(blob)
+    expect(join(signer, os.urandom(64).hex().encode(), body), "signature")  # random bytes
+    expect(join(signer, OTHER.sign(DOMAIN_TAG + body).hex().encode(), body), "signature")  # another key
     expect(envelope(body, tag=b"swarmtune/contrib/v2\0"), "signature")  # wrong domain tag
     expect(envelope(body, tag=b""), "signature")  # no domain tag
     expect(blob[:-1], "signature")  # truncated body
-    expect(blob[: len(signer) + 1 + 100], "envelope")  # truncated inside the signature
-    expect(b" ".join([signer, sig[:-2], body]), "envelope", "128 lowercase hex")  # short signature
-    expect(b" ".join([signer, sig.upper(), body]), "envelope", "128 lowercase hex")
+    expect(blob[:100], "envelope", "unterminated 'sig'")  # truncated inside the signature
+    expect(join(signer, sig[:-2], body), "envelope", "128 lowercase hex")  # short signature
+    expect(join(signer, sig.upper(), body), "envelope", "128 lowercase hex")
     expect(b"", "size", "empty")
+
+
+def test_envelope_shape_is_strict():
+    blob = sign_record(make(), KEY)
+    signer, sig, body = parts(blob)
+    expect(b" " + blob, "envelope", "expected '{\"signer\":\"' at byte 0")
+    expect(blob.replace(b'","sig":"', b'", "sig":"'), "envelope", "expected ',\"sig\":\"'")
+    expect(blob.replace(b',"body":', b',"body" :'), "envelope", "expected ',\"body\":'")
+    expect(blob[:-1], "signature")  # the body lost its closing brace
+    expect(blob + b" ", "envelope", "must end with '}'")
+    expect(blob + b"\n", "envelope", "must end with '}'")
+    expect(b'{"sig":"' + sig + b'","signer":"' + signer + b'","body":' + body + b"}", "envelope")
 
 
 def test_public_key_must_match_peer_id():
     body = encode_record(make())  # names KEY's peer id
     # signed by OTHER, header claims KEY: the signature is checked against KEY's embedded public key
-    expect(b" ".join([peer(KEY).encode(), OTHER.sign(DOMAIN_TAG + body).hex().encode(), body]), "signature")
+    expect(join(peer(KEY).encode(), OTHER.sign(DOMAIN_TAG + body).hex().encode(), body), "signature")
     # signed by OTHER and honestly headed by OTHER, but the body names KEY
     expect(envelope(body, key=OTHER), "signer", "signed by " + peer(OTHER))
     # a signer that is not an Ed25519 peer id at all
@@ -270,17 +293,27 @@ def test_rotation_signed_by_both_keys():
     rotation = KeyRotation(1, SWARM, peer(KEY), peer(OTHER), 3, "cd" * 32, 1_700_000_000_000)
     blob = sign_rotation(rotation, KEY, OTHER)
     assert verify_rotation(blob) == rotation
-    old, new, sig_old, sig_new, body = blob.split(b" ", 4)
+    head, body = blob.split(b',"body":', 1)
+    body = body[:-1]
+    fields = json.loads(head + b"}")
+
+    def rjoin(sig_old, sig_new):
+        return (
+            f'{{"old":"{fields["old"]}","new":"{fields["new"]}","sig_old":"{sig_old}","sig_new":"{sig_new}","body":'.encode()
+            + body
+            + b"}"
+        )
+
+    assert rjoin(fields["sig_old"], fields["sig_new"]) == blob
     third = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
-    forged_new = third.sign(b"swarmtune/rotate/v1\0" + body).hex().encode()
+    forged = third.sign(b"swarmtune/rotate/v1\0" + body).hex()
     with pytest.raises(RecordError, match="new key"):
-        verify_rotation(b" ".join([old, new, sig_old, forged_new, body]))
+        verify_rotation(rjoin(fields["sig_old"], forged))
     with pytest.raises(RecordError, match="old key"):
-        verify_rotation(b" ".join([old, new, forged_new, sig_new, body]))
+        verify_rotation(rjoin(forged, fields["sig_new"]))
     # a contribution signature is not a rotation signature (domain separation)
-    contrib_sig = KEY.sign(DOMAIN_TAG + body).hex().encode()
     with pytest.raises(RecordError, match="old key"):
-        verify_rotation(b" ".join([old, new, contrib_sig, sig_new, body]))
+        verify_rotation(rjoin(KEY.sign(DOMAIN_TAG + body).hex(), fields["sig_new"]))
     with pytest.raises(ValueError):
         sign_rotation(rotation, OTHER, KEY)
 

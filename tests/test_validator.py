@@ -24,7 +24,7 @@ from node.swarm.validator import (
     records_key,
 )
 from protocol.peerid import peer_id_from_public_key
-from protocol.record import DOMAIN_TAG, ZERO_HASH, ContributionRecord, public_bytes, record_hash, sign_record
+from protocol.record import DOMAIN_TAG, ZERO_HASH, ContributionRecord, body_of, public_bytes, record_hash, sign_record
 
 SWARM = "ab" * 32
 A = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -55,7 +55,7 @@ def chain(key, n) -> list[bytes]:
 
 
 def signed_body(body: bytes, key=A) -> bytes:
-    return b" ".join([pid(key).encode(), key.sign(DOMAIN_TAG + body).hex().encode(), body])
+    return b'{"signer":"%s","sig":"%s","body":%s}' % (pid(key).encode(), key.sign(DOMAIN_TAG + body).hex().encode(), body)
 
 
 VALIDATOR = RecordsValidator(SWARM)
@@ -69,7 +69,7 @@ def explain(value, subkey=None, key_id=KEY_ID, raw_value=False) -> str:
 
 
 A0 = record(A, 0)
-BODY = A0.split(b" ", 2)[2]
+BODY = body_of(A0)
 
 
 def test_valid_record_is_accepted():
@@ -99,7 +99,7 @@ MALFORMED = [
         (A0, 7, "subkey must be a string"),
         ("a string", None, "value must be bytes, got str"),
         ({"a": 1}, None, "value must be bytes, got dict"),
-        (b"junk", None, "envelope: expected 3 space-separated parts"),
+        (b"junk", None, "envelope: expected '{\"signer\":\"' at byte 0"),
         (A0[:-1], None, "signature: signature does not verify"),
         (_mutated(b'"samples":8', b'"samples":8,"samples":8'), None, "duplicate key 'samples'"),
         (_mutated(b'"samples":8', b'"samples":8,"bonus":1'), None, "unknown field(s) bonus"),
@@ -191,7 +191,7 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
         expiration = get_dht_time() + 120
         assert all(publish_record(storer, SWARM, blob, expiration) for blob in a)
         assert all(publish_record(reader, SWARM, blob, expiration) for blob in b)
-        assert collect_records(reader, SWARM) == sorted(a + b, key=lambda x: (x.split(b" ")[0], json.loads(x.split(b" ", 2)[2])["seq"]))
+        assert collect_records(reader, SWARM) == sorted(a + b, key=lambda x: (json.loads(x)["signer"], json.loads(x)["body"]["seq"]))
         assert collect_records(storer, SWARM) == collect_records(reader, SWARM)
 
         key = records_key(SWARM)
