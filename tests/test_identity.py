@@ -5,8 +5,11 @@ Run: python -m pytest tests/test_identity.py -q
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import socket
 import stat
 
 import pytest
@@ -102,8 +105,24 @@ def test_libp2p_identity_format(tmp_path):
         write_libp2p_identity(other, path)
 
 
+@pytest.fixture
+def no_leaked_sockets():
+    """Remove the hivemind unix sockets our DHT leaves behind (only new ones nobody listens on)."""
+    before = set(glob.glob("/tmp/hivemind-*.sock"))
+    yield
+    for path in set(glob.glob("/tmp/hivemind-*.sock")) - before:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+            except ConnectionRefusedError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
 @pytest.mark.timeout(60)
-def test_dht_peer_id_is_the_identity_key(tmp_path):
+def test_dht_peer_id_is_the_identity_key(tmp_path, no_leaked_sockets):
     """The peer id hivemind's p2p daemon announces is the key that signs our records."""
     import hivemind
 

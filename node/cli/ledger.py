@@ -57,7 +57,7 @@ def _add_sources(p: argparse.ArgumentParser, *, required: bool) -> None:
         default=[],
         metavar="PATH",
         required=required,
-        help="ledger file(s)" + ("" if required else " (default: $SWARMTUNE_HOME/ledgers/*.log)"),
+        help="ledger file(s)" + ("" if required else " (default: $SWARMTUNE_HOME/swarms/*/ledger.jsonl)"),
     )
 
 
@@ -78,10 +78,10 @@ def _ledger_paths(args: argparse.Namespace, *, allow_empty: bool = False) -> lis
 
     if args.ledger:
         return [Path(p) for p in args.ledger]
-    folder = default_home() / "ledgers"
-    found = sorted(folder.glob("*.log"))
+    home = default_home()
+    found = sorted(home.glob("swarms/*/ledger.jsonl"))  # where the daemon keeps each swarm's ledger
     if not found and not allow_empty:
-        raise UserError(f"no ledger files in {folder}; pass --ledger PATH")
+        raise UserError(f"no ledger files under {home}/swarms/*/ledger.jsonl; pass --ledger PATH")
     return found
 
 
