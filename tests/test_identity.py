@@ -186,3 +186,30 @@ def test_keygen_cli(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["keygen", "--show", "--key", str(tmp_path / "missing.key")]) == 2
     assert "no identity key at" in capsys.readouterr().err
+
+
+def test_keygen_rotate_cli(tmp_path, capsys):
+    from node.ledger import Ledger, verify_logs
+
+    old_key, new_key, ledger_path = tmp_path / "old.key", tmp_path / "new.key", tmp_path / "ledger.jsonl"
+    old = generate_identity(old_key)
+    fields = dict(
+        swarm_id=SWARM, shards=(0,), samples=4, tokens=40, loss_before=1, loss_after=1, adapter_hash="1" * 64,
+        data_commitment="2" * 64, grad_commitment="3" * 64, start_ms=0, end_ms=1,
+    )
+    with Ledger.open(ledger_path) as ledger:
+        blobs = [ledger.append_new(old.private_key, round=r, **fields) for r in range(2)]
+    assert main(["keygen", "--rotate", str(new_key), "--key", str(old_key)]) == 2
+    assert "--ledger" in capsys.readouterr().err
+    assert main(["keygen", "--rotate", str(new_key), "--key", str(old_key), "--ledger", str(ledger_path)]) == 0
+    statements = (tmp_path / "rotations.jsonl").read_bytes().splitlines()
+    rotation = verify_rotation(statements[0])
+    assert (rotation.old_next_seq, rotation.new_peer_id) == (2, load_identity(new_key).peer_id)
+    # the old key keeps signing after the cut (stolen, or a node not restarted): rejected
+    with Ledger.open(ledger_path) as ledger:
+        late = ledger.append_new(old.private_key, round=5, **fields)
+    report = verify_logs({"l": blobs + [late]}, SWARM, 10, rotations=statements)
+    assert [v.status for v in report.records] == ["ok", "ok", "fail"]
+    assert "rotated-out key" in report.records[2].reason
+    assert main(["keygen", "--rotate", str(new_key), "--key", str(old_key), "--ledger", str(ledger_path)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
