@@ -104,7 +104,10 @@ class Ledger:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise LedgerError(f"cannot open ledger {path}: {e.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,8 +123,9 @@ class Ledger:
                 try:
                     record = _check_next(entries, blob)
                 except (RecordError, LedgerError) as e:
-                    if i == len(contents.blobs) - 1 and torn is None:
-                        # A complete-looking but invalid last line: a crash left junk. Drop it.
+                    if isinstance(e, RecordError) and i == len(contents.blobs) - 1 and torn is None:
+                        # A complete-looking last line that is not a valid record: a crash left junk.
+                        # (A valid record that does not extend the chain is not junk: that is an error.)
                         torn = TornEntry(offset, blob, f"last line is invalid ({e})")
                         break
                     raise LedgerError(
@@ -131,11 +135,13 @@ class Ledger:
                 entries.append((blob, record))
                 offset += len(blob) + 1
             if torn is not None:
+                # keep the dropped bytes next to the ledger: recovery never destroys data silently
+                path.with_name(f"{path.name}.torn-{torn.offset}").write_bytes(torn.data)
                 os.ftruncate(fd, torn.offset)
                 os.fsync(fd)
                 logger.warning(
                     f"ledger {path}: dropped a torn last entry of {len(torn.data)} bytes at offset {torn.offset} "
-                    f"({torn.reason}); it is not credited"
+                    f"({torn.reason}); it is not credited (bytes kept in {path.name}.torn-{torn.offset})"
                 )
         except BaseException:
             os.close(fd)

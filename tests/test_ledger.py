@@ -114,6 +114,7 @@ def test_torn_last_line_is_recovered_reported_and_not_credited(tmp_path, caplog)
         assert ledger.next_seq == 2
         ledger.append(blobs[2])  # the node re-signs / re-appends the round after recovery
     assert "torn last entry" in caplog.text
+    assert (tmp_path / f"l.log.torn-{len(blobs[0]) + len(blobs[1]) + 2}").read_bytes() == blobs[2][:77]
     assert read_log(path).blobs == blobs and read_log(path).torn is None
 
 
@@ -127,6 +128,13 @@ def test_invalid_complete_last_line_is_dropped_but_corrupt_middle_is_an_error(tm
     bad.write_bytes(blobs[0] + b"\n" + blobs[1].replace(b'"samples":50', b'"samples":51') + b"\n" + blobs[2] + b"\n")
     with pytest.raises(LedgerError, match="line 2: signature"):
         Ledger.open(bad)
+    # a valid record that does not extend the chain is not crash junk: an error, nothing dropped
+    foreign = tmp_path / "foreign.log"
+    foreign.write_bytes(blobs[0] + b"\n" + chain(B, 2)[1] + b"\n")
+    with pytest.raises(LedgerError, match="line 2: record is signed by"):
+        Ledger.open(foreign)
+    with pytest.raises(LedgerError, match="cannot open ledger"):
+        Ledger.open(tmp_path)
     assert bad.read_bytes().count(b"\n") == 3  # untouched
 
 
