@@ -2,6 +2,11 @@
 
     python scripts/make_builtin_data.py            # rewrites both files
     python scripts/make_builtin_data.py --check    # exits 1 if they differ from a fresh run
+    python scripts/make_builtin_data.py --verify   # LoRA-train the tiny base, print JSON
+
+--verify is the evidence that the task suits the tiny base: one process, PEFT
+LoRA (rank 8, alpha 16, all-linear), AdamW lr 2e-3, batch 32, one thread;
+held-out loss and exact-match accuracy before and after, with wall times.
 
 The task: "is this number even or odd?", asked in several phrasings, answered
 with exactly "even" or "odd". A random-weight base answers neither; a LoRA
@@ -68,10 +73,68 @@ def generate() -> tuple[list[str], list[str]]:
     return train, evals
 
 
+def verify(steps: int, lr: float, batch: int, eval_every: int) -> dict:
+    import tempfile
+    import time
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(OUT.parent.parent))
+    from node.data import collate, load_examples, load_records
+    from node.tiny import BUILTIN_EVAL, BUILTIN_TRAIN, build_tiny_base, evaluate
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = build_tiny_base(Path(tempfile.mkdtemp()) / "tiny")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    train = load_examples(str(BUILTIN_TRAIN), tok, max_length=64)
+    held_out = load_records(str(BUILTIN_EVAL))
+    strip = lambda r: {k: r[k] for k in ("loss", "accuracy")} | {"samples": r["samples"][:3]}  # noqa: E731
+    report = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+              "lr": lr, "batch": batch, "steps": steps, "before": strip(evaluate(model, tok, held_out)),
+              "curve": []}
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    order_rng, order = random.Random(0), []
+    train_s, t0 = 0.0, time.perf_counter()
+    for step in range(1, steps + 1):
+        if len(order) < batch:
+            order += order_rng.sample(range(len(train)), len(train))
+        ids, order = order[:batch], order[batch:]
+        t = time.perf_counter()
+        loss = model(**collate([train[i] for i in ids], tok.pad_token_id)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        train_s += time.perf_counter() - t
+        if step % eval_every == 0 or step == steps:
+            r = evaluate(model, tok, held_out)
+            report["curve"].append({"step": step, "train_loss": round(loss.item(), 4),
+                                    "eval_loss": round(r["loss"], 4), "accuracy": r["accuracy"],
+                                    "train_s": round(train_s, 1)})
+            print(json.dumps(report["curve"][-1]), file=sys.stderr, flush=True)
+    report["after"] = strip(r)
+    report["train_seconds"] = round(train_s, 1)
+    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the committed files")
+    ap.add_argument("--verify", action="store_true", help="LoRA-train the tiny base on the task")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--eval-every", type=int, default=100)
     args = ap.parse_args()
+    if args.verify:
+        print(json.dumps(verify(args.steps, args.lr, args.batch, args.eval_every), indent=2))
+        return 0
     train, evals = generate()
     files = {OUT / "task_train.jsonl": train, OUT / "task_eval.jsonl": evals}
     if args.check:
