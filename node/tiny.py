@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from typing import Any
 # template, init). The cache folder name carries it too (tiny-llama-v1).
 TINY_VERSION = 1
 MARKER = "swarmtune_tiny.json"  # written last; its presence means "complete"
+# Weight init draws from torch's global RNG; two threads building at once must
+# not interleave their draws (processes are separate and need nothing).
+_INIT_LOCK = threading.Lock()
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -186,13 +190,14 @@ def build_tiny_base(path: Path | str, *, seed: int = 0,
     try:
         config = tiny_config(**overrides)
         config.dtype = torch.float32
-        # Private generator: the weights do not depend on (or disturb) global RNG state.
-        state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config).to(torch.float32)
-        finally:
-            torch.random.set_rng_state(state)
+        # Seeded here and restored after: the caller's RNG state is left as it was.
+        with _INIT_LOCK:
+            state = torch.random.get_rng_state()
+            try:
+                torch.manual_seed(seed)
+                model = LlamaForCausalLM(config).to(torch.float32)
+            finally:
+                torch.random.set_rng_state(state)
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id, do_sample=False)

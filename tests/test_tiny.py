@@ -25,6 +25,25 @@ def test_two_builds_are_byte_identical(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp folder left behind"
 
 
+def test_concurrent_builders_end_with_one_complete_folder(tiny, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "shared"
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: build_tiny_base(target), range(3)))
+    assert paths == [target] * 3
+    assert folder_digest(target) == folder_digest(tiny)
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # no temp folders left
+
+
+def test_build_leaves_callers_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_base(tmp_path / "b")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_other_seed_gives_other_weights(tiny, tmp_path):
     other = build_tiny_base(tmp_path / "seed1", seed=1)
     assert (other / "model.safetensors").read_bytes() != (tiny / "model.safetensors").read_bytes()
