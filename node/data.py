@@ -210,6 +210,9 @@ def prompt_text(tokenizer, record: dict[str, Any]) -> tuple[str, str]:
     return bos + record["prompt"], record["completion"]
 
 
+_PROBE = "\x00swarmtune-probe\x00"
+
+
 def _tokenize_chat(where: str, tokenizer, messages) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: chat 'messages' need a tokenizer with a chat_template")
@@ -218,7 +221,11 @@ def _tokenize_chat(where: str, tokenizer, messages) -> tuple[list[int], list[int
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        head = _render(tokenizer, messages[:i], True) if i else ""
+        if i:
+            head = _render(tokenizer, messages[:i], True)
+        else:  # templates refuse an empty conversation: find where content starts instead
+            probe = _render(tokenizer, [{"role": "assistant", "content": _PROBE}], False)
+            head = probe[:probe.find(_PROBE)] if _PROBE in probe else ""
         upto = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False)
         if not full.startswith(upto) or not upto.startswith(head) or len(head) == len(upto):
             raise DataError(f"{where}: the chat template does not render conversations "

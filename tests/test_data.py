@@ -69,6 +69,14 @@ def test_chat_trains_only_assistant_turns(tok, tmp_path):
     assert ex.num_tokens == len("Hello") + len("Ciao") + 2
 
 
+def test_chat_starting_with_assistant_trains_its_content_not_the_header(tok, tmp_path):
+    msgs = [{"role": "assistant", "content": "Hi, ask me."}, {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "A"}]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
+    (ex,) = load_examples(str(src), tok, max_length=128)
+    assert trained_text(tok, ex) == "Hi, ask me.</s>A</s>"
+
+
 def test_chat_masking_with_multibyte_text(tok, tmp_path):
     msgs = [{"role": "user", "content": "Grüße ☃?"}, {"role": "assistant", "content": "Schön ☃"}]
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
