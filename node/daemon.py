@@ -87,6 +87,7 @@ def my_slice(total: int, n: int, rank: int) -> tuple[int, int]:
 @dataclass
 class RoundResult:
     round: int
+    start_hash: str  # adapter state the round started from
     loss: float | None  # swarm loss of the round (mean token CE over every group member's samples)
     local_loss: float | None
     samples: int
@@ -364,22 +365,49 @@ class Node:
             loaded[k] = r
         return loaded
 
-    def catch_up(self) -> None:
-        """Before the first round: take the swarm's current state if peers are ahead of us."""
-        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id}
-        if not others:
-            return
-        ahead = max(i.round for i in others.values())
-        if ahead <= self.round and self.round > 0:
-            return
+    def resync(self, *, required: bool, attempts: int = 20, want_hash: str | None = None) -> bool:
+        """Take the swarm's state for every trained shard, all from one round; True when done.
+
+        A state is taken only when every trained shard came back at the same round, not older
+        than ours, and matching its advertised hash. With `required` (a late joiner whose
+        peers are ahead) it keeps trying; otherwise one pass.
+        """
         self.live.state = "syncing"
-        loaded = self.sync_shards(range(self.adapter.num_shards), require_newer=False)
-        trained_rounds = {loaded[k] for k in self.trained if k in loaded}
-        if len(trained_rounds) == 1 and len([k for k in self.trained if k in loaded]) == len(self.trained):
-            self.round = trained_rounds.pop()
-            logger.info("synced adapter and optimizer state from peers at round %d (hash %s…)", self.round, self.adapter.state_hash()[:12])
-        elif loaded:
-            logger.warning("state download was partial %s; the next round boundary will retry", loaded)
+        self.swarm.announce(syncing=True)
+        try:
+            for attempt in range(attempts if required else 1):
+                if self._drain.is_set():
+                    return False
+                snapshot = {k: (self.trainer.shard_state(k), self.trainer.opt_step) for k in range(self.adapter.num_shards)}
+                loaded = self.sync_shards(range(self.adapter.num_shards), require_newer=True)
+                trained = {loaded[k] for k in self.trained if k in loaded}
+                consistent = len(trained) == 1 and all(k in loaded for k in self.trained)
+                if consistent and (want_hash is None or self.adapter.state_hash() == want_hash):
+                    self.round = trained.pop()
+                    if self.metrics:
+                        self.metrics.on_state_sync()
+                    logger.info("synced adapter and optimizer state from peers: round %d, hash %s…", self.round, self.adapter.state_hash()[:12])
+                    return True
+                for k in self.trained:  # a mix of rounds is worse than our own consistent state
+                    self.trainer.load_shard_state(k, *snapshot[k])
+                    self.trainer.opt_step = snapshot[k][1]
+                if required:
+                    time.sleep(min(0.25 * (attempt + 1), 2.0))
+            return False
+        finally:
+            self.swarm.announce(syncing=False, round=self.round, hash=self.adapter.state_hash())
+
+    def catch_up(self) -> None:
+        """Before the first step: if peers are ahead, take their exact state (adapter, optimizer, round)."""
+        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id}
+        ahead = max((i.round for i in others.values()), default=0)
+        if ahead <= self.round:
+            return
+        if not self.resync(required=True):
+            raise NodeError(
+                f"peers are at round {ahead} but their state could not be downloaded (tried 20 times); "
+                "check connectivity to them (swarmtune doctor) and restart"
+            )
 
     # ------------------------------------------------------------------ one round
 
@@ -394,10 +422,12 @@ class Node:
         start_hash = self.adapter.state_hash()
         shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
         peers = self.swarm.peers()
-        peers.setdefault(self.peer_id, None)
         with self._lock:
-            self.live.peers = {p: i for p, i in peers.items() if i is not None}
-        participants = sorted(peers)
+            self.live.peers = dict(peers)
+        # who trains this round with me: peers that are not syncing and are at this round or just
+        # finishing the previous one (their heartbeat lags by up to a round)
+        active = {p: i for p, i in peers.items() if p != self.peer_id and not i.syncing and r - 1 <= i.round <= r}
+        participants = sorted([*active, self.peer_id])
         rank = participants.index(self.peer_id)
         total = m.rounds.target_batch_size
         a, b = my_slice(total, len(participants), rank)
@@ -414,14 +444,14 @@ class Node:
         if clipped:
             logger.warning("round %d: %d gradient values exceeded the fixed-point range and were clipped; lower [averaging] fixed_point_bits", r, clipped)
         gather = {"r": r, "h": {str(k): h for k, h in shard_hashes.items()}, "s": local.samples, "t": local.tokens, "l": local.loss_sum}
-        expected = {k: sum(1 for p, i in peers.items() if p == self.peer_id or (i is not None and k in i.shards)) for k in self.trained}
+        expected = {k: 1 + sum(1 for i in active.values() if k in i.shards) for k in self.trained}
 
         t1 = time.time()
         solo = {k: (ints[k], {self.peer_id: gather}) for k in self.trained if expected[k] <= 1}
         to_average = {k: v for k, v in ints.items() if k not in solo}
         results = dict(solo)
         if to_average:
-            results.update(self.swarm.allreduce_sums(to_average, gather, expected))
+            results.update(self.swarm.allreduce_sums(to_average, gather, expected, round_=r))
         t_avg = time.time() - t1
 
         grads, groups, resync, loss_num, loss_den = {}, {}, [], 0.0, 0
@@ -443,15 +473,19 @@ class Node:
             if not loss_den:
                 loss_num = sum(float(g["l"]) for g in gathered.values())
                 loss_den = group_tokens
-        if grads:
+        # all or nothing: a round that failed on any shard changes nothing here (no update, no record);
+        # the peers that completed it are ahead, and resync() brings this node to their state
+        if grads and not resync:
             self.trainer.apply(grads, lr_at(r, m.optim, m.rounds.max_rounds))
-        applied = sorted(grads)
-        if applied and not resync:
             self.round = r + 1
+        else:
+            resync = sorted(self.trained)
+            grads = {}
+        applied = sorted(grads)
         t_end = time.time()
 
         result = RoundResult(
-            round=r, loss=(loss_num / loss_den) if loss_den else None,
+            round=r, start_hash=start_hash, loss=(loss_num / loss_den) if loss_den else None,
             local_loss=(local.loss_sum / local.tokens) if local.tokens else None,
             samples=local.samples, tokens=local.tokens, groups=groups, applied=applied, resync=resync,
             seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg,
@@ -513,7 +547,7 @@ class Node:
                 logger.warning("only %d of %d peers visible after %.0f s; starting anyway", len(peers), self.cfg.min_peers, self.cfg.peer_wait)
         self.catch_up()
         self.publish_states()
-        self.swarm.announce(round=self.round, shards=list(self.trained))
+        self.swarm.announce(round=self.round, shards=list(self.trained), hash=self.adapter.state_hash())
         progress = open(self.workdir / "rounds.jsonl", "a", buffering=1)
         try:
             while not self._drain.is_set():
@@ -526,29 +560,59 @@ class Node:
                     time.sleep(0.2)
                     continue
                 self.live.state = "training"
+                if self._behind_or_split():
+                    continue
                 res = self.run_round()
                 if res.resync:
-                    self.live.state = "syncing"
-                    loaded = self.sync_shards(res.resync, require_newer=True)
-                    rounds = set(loaded.values())
-                    if set(loaded) == set(res.resync) and len(rounds) == 1 and not res.applied:
-                        self.round = max(self.round, rounds.pop())
+                    self.resync(required=False)
                 untrained = [k for k in range(self.adapter.num_shards) if k not in self.trained]
                 if untrained:
                     self.sync_shards(untrained, require_newer=False)
                 self.publish_states()
                 if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
                     self.save_checkpoint()
-                self.swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9))
+                self.swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9), hash=self.adapter.state_hash())
                 self._after_round(res, progress)
         finally:
             progress.close()
         self.live.state = "stopped"
         return 0
 
+    def _behind_or_split(self) -> bool:
+        """Check the swarm before a round; True when this node had to resync instead of training.
+
+        Behind: a peer is at a later round (a failed round, a slow machine): take its state,
+        never train behind the swarm. Split: peers at our round hold a different adapter (two
+        groups formed where one should have): the larger side wins, ties go to the larger hash,
+        and the other side takes its state, so the swarm converges back to one adapter.
+        """
+        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
+        ahead = max((i.round for i in others.values()), default=-1)
+        if ahead > self.round:
+            if not self.resync(required=False):
+                time.sleep(0.5)
+            return True
+        mine = self.adapter.state_hash()
+        votes = Counter(i.state_hash for i in others.values() if i.round == self.round and i.state_hash)
+        if not votes or set(votes) == {mine}:
+            return False
+        votes[mine] += 1
+        canonical = max(votes, key=lambda h: (votes[h], h))
+        if canonical == mine:
+            return False
+        logger.warning("swarm split detected at round %d: %d peers hold %s…, %d hold ours (%s…); taking the majority state",
+                       self.round, votes[canonical], canonical[:12], votes[mine], mine[:12])
+        if self.metrics:
+            self.metrics.on_split()
+        for _ in range(6):
+            if self.resync(required=False, want_hash=canonical):
+                return True
+        time.sleep(0.5)
+        return True
+
     def _after_round(self, res: RoundResult, progress) -> None:
         entry = {
-            "round": res.round, "next_round": self.round, "loss": res.loss, "local_loss": res.local_loss,
+            "round": res.round, "next_round": self.round, "start_hash": res.start_hash, "loss": res.loss, "local_loss": res.local_loss,
             "samples": res.samples, "tokens": res.tokens, "groups": {str(k): v for k, v in res.groups.items()},
             "applied": res.applied, "resync": res.resync, "hash": self.adapter.state_hash(),
             "shard_hashes": {str(k): self.adapter.shard_hash(k) for k in range(self.adapter.num_shards)},

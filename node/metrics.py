@@ -53,6 +53,9 @@ class NodeMetrics:
         self.state_syncs = Counter(
             "swarmtune_state_syncs", "Adapter state downloads from peers (late join, falling behind).", registry=r
         )
+        self.splits = Counter(
+            "swarmtune_swarm_splits", "Times peers at this node's round held another adapter (split detected and healed).", registry=r
+        )
         self.ledger_records = Counter("swarmtune_ledger_records", "Contribution records written.", registry=r)
         self.bytes_sent = Counter("swarmtune_network_sent_bytes", "Bytes sent to peers.", registry=r)
         self.bytes_received = Counter("swarmtune_network_received_bytes", "Bytes received from peers.", registry=r)
@@ -109,6 +112,9 @@ class NodeMetrics:
 
     def on_state_sync(self) -> None:
         self.state_syncs.inc()
+
+    def on_split(self) -> None:
+        self.splits.inc()
 
     def on_record(self) -> None:
         self.ledger_records.inc()

@@ -10,10 +10,13 @@ One `Swarm` per node process owns:
 Exact averaging. hivemind's reducer sums parts in a float32 accumulator and hands every
 peer `local + (average - local)`, which is not bit-identical across peers for arbitrary
 floats. Peers therefore contribute fixed-point integers (gradients scaled by 2**bits),
-split into three 14-bit limbs held in float32. Limb sums of up to 64 peers stay below
-2**20, where float32 is exact in any order, and the rounding of `average` is far below
-1/group_size, so `round(average * group_size)` recovers the exact integer sum on every
-peer. Same inputs, same bits out, whatever the reduction order: see `encode_limbs`.
+split into four 10-bit limbs; each limb travels as the float32 `limb * 64 + 1`. Sums of
+up to 32 peers stay below 2**21, where float32 is exact in any order, and the rounding of
+`average` stays far below 1/group_size, so `round(average * group_size)` recovers the
+exact integer sum on every peer: same inputs, same bits out, whatever the reduction order.
+The `+ 1` counts contributors: its sum's low 6 bits must equal the group size, which
+exposes a part that a reducer averaged without some sender (hivemind reports success
+then). A part this peer never got back is caught from the runner's own failure count.
 """
 
 from __future__ import annotations
@@ -32,28 +35,33 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-LIMB_BITS = 14
-NUM_LIMBS = 3
-# a peer's integers must satisfy |x| < MAX_PEER_INT (offset-binary in three 14-bit limbs)
+LIMB_BITS = 10
+NUM_LIMBS = 4
+COUNT_BITS = 6  # low bits of each transmitted limb count the peers that contributed
+# a peer's integers must satisfy |x| < MAX_PEER_INT (offset binary in four 10-bit limbs)
 MAX_PEER_INT = 2 ** (LIMB_BITS * NUM_LIMBS - 1)
-MAX_GROUP = 64  # limb sums stay < 2**20 and recovery error < 0.5 up to this group size
+ROUND_BITS = 16  # low bits of the round number in the matchmaking key
+MAX_GROUP = 32  # keeps limb sums < 2**21 and the recovery error < 0.5
+FAILED_KEY = "__swarmtune_failed_values__"
 
 
 def encode_limbs(x: torch.Tensor) -> torch.Tensor:
-    """int64 vector (|x| < MAX_PEER_INT) -> float32 vector of 3 * len(x) exact small integers."""
+    """int64 vector (|x| < MAX_PEER_INT) -> float32 vector of NUM_LIMBS * len(x) exact small integers."""
     if x.numel() and int(x.abs().max()) >= MAX_PEER_INT:
         raise ValueError("fixed-point value out of range; lower [averaging] fixed_point_bits")
     u = x.to(torch.int64) + MAX_PEER_INT
     mask = (1 << LIMB_BITS) - 1
-    return torch.cat([((u >> (LIMB_BITS * j)) & mask).to(torch.float32) for j in range(NUM_LIMBS)])
+    limbs = [(((u >> (LIMB_BITS * j)) & mask) << COUNT_BITS) + 1 for j in range(NUM_LIMBS)]
+    return torch.cat(limbs).to(torch.float32)
 
 
-def decode_limb_average(avg: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The group's average of encoded vectors -> the exact int64 sum of the original integers."""
-    limb_sums = torch.round(avg.to(torch.float64) * group_size).to(torch.int64)
-    parts = limb_sums.view(NUM_LIMBS, -1)
+def decode_limb_average(avg: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """The group's average of encoded vectors -> (exact int64 sum of the integers, #values short of contributors)."""
+    sums = torch.round(avg.to(torch.float64) * group_size).to(torch.int64)
+    short = int(((sums & ((1 << COUNT_BITS) - 1)) != group_size).sum())
+    parts = (sums >> COUNT_BITS).view(NUM_LIMBS, -1)
     total = sum(parts[j] << (LIMB_BITS * j) for j in range(NUM_LIMBS))
-    return total - group_size * MAX_PEER_INT
+    return total - group_size * MAX_PEER_INT, short
 
 
 class SwarmError(RuntimeError):
@@ -73,6 +81,22 @@ class ShardAverager(DecentralizedAverager):
         self._published_lock = threading.Lock()
         super().__init__([self.buffer], **kwargs)
 
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """Runs in the averager process; remembers how many values came back un-averaged."""
+        gid = group_info.group_id if group_id is None else group_id
+        await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
+        runner = self._running_groups[gid].result()
+        self._failed_values = int(runner.tensor_part_container.failed_size)
+
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+        # hivemind returns success even when parts were lost; pass the count back with the gathered data
+        self._failed_values = 0
+        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        if self._failed_values:
+            gathered = dict(gathered)
+            gathered[FAILED_KEY] = self._failed_values
+        return gathered
+
     def publish_state(self, metadata: dict, tensors: Sequence[torch.Tensor]) -> None:
         with self._published_lock:
             self._published = (metadata, [t.detach().cpu().clone() for t in tensors])
@@ -87,6 +111,16 @@ class ShardAverager(DecentralizedAverager):
     async def _set_target_group_size(self, size: int, future) -> None:
         """Runs in the averager process: a group assembles as soon as `size` peers joined."""
         mm = self._matchmaking
+        keys = mm.group_key_manager
+        if not getattr(keys, "_swarmtune_fixed", False):
+            # the key is set per round by set_group_bits; hivemind's moshpit re-keying would only fight
+            # that, and it crashes (random.sample) when a group outgrows target_group_size
+            async def _keep_key(*_args, **_kwargs):
+                return None
+
+            keys.update_key_on_group_assembled = _keep_key
+            keys.update_key_on_not_enough_peers = _keep_key
+            keys._swarmtune_fixed = True
         mm.target_group_size = size
         mm.potential_leaders.target_group_size = size
         mm.group_key_manager.target_group_size = size
@@ -108,6 +142,8 @@ class PeerInfo:
     maddrs: tuple[str, ...]
     samples_per_s: float
     expires_at: float
+    syncing: bool = False  # downloading state: not a trainer this round
+    state_hash: str = ""  # adapter hash at the start of `round` (split detection)
 
 
 def start_dht(
@@ -174,6 +210,8 @@ class Swarm:
         self.trained = tuple(sorted(trained_shards))
         self.matchmaking_time = matchmaking_time
         self.allreduce_timeout = allreduce_timeout
+        # a group forms within ~one matchmaking window once peers are there; waiting longer only delays the resync
+        self.find_group_timeout = 2 * matchmaking_time + 2.0
         self.peer_ttl = peer_ttl
         self.averagers: dict[int, ShardAverager] = {}
         for k, numel in enumerate(shard_sizes):
@@ -184,6 +222,7 @@ class Swarm:
                 start=True,
                 target_group_size=None,
                 min_group_size=2,
+                initial_group_bits="0" * ROUND_BITS,
                 min_matchmaking_time=matchmaking_time,
                 request_timeout=max(0.5, matchmaking_time / 2),
                 allreduce_timeout=allreduce_timeout,
@@ -191,7 +230,7 @@ class Swarm:
                 allow_state_sharing=k in self.trained,
                 declare_state_period=max(2.0, peer_ttl / 3),
             )
-        self._heartbeat: dict[str, Any] = {"round": 0, "shards": list(self.trained), "sps": 0.0}
+        self._heartbeat: dict[str, Any] = {"round": 0, "shards": list(self.trained), "sps": 0.0, "syncing": False}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="swarm-heartbeat", daemon=True)
         self._thread.start()
@@ -236,7 +275,8 @@ class Swarm:
                 info = PeerInfo(
                     peer_id=str(subkey), round=int(value["round"]), shards=shards,
                     maddrs=tuple(str(a) for a in value.get("maddrs", ())), samples_per_s=float(value.get("sps", 0.0)),
-                    expires_at=float(item.expiration_time),
+                    expires_at=float(item.expiration_time), syncing=bool(value.get("syncing", False)),
+                    state_hash=str(value.get("hash", "")),
                 )
             except (TypeError, KeyError, ValueError) as e:
                 logger.warning("ignoring malformed peer entry %r in the DHT: %s", subkey, e)
@@ -255,12 +295,14 @@ class Swarm:
     # ------------------------------------------------------------------ averaging
 
     def allreduce_sums(
-        self, contributions: dict[int, torch.Tensor], gather: dict, expected: dict[int, int]
+        self, contributions: dict[int, torch.Tensor], gather: dict, expected: dict[int, int], *, round_: int
     ) -> dict[int, tuple[torch.Tensor, dict[str, dict]] | None]:
         """Sum each shard's int64 vector over the shard's group, exactly and identically on every member.
 
         `expected[k]` is how many trainers of shard k this node sees: the group assembles as
         soon as that many joined (else after the matchmaking time, with whoever came).
+        The round number is part of the matchmaking key, so peers in different rounds never
+        average together (a straggler cannot pollute the next round).
         Returns, per shard, (exact int64 sum, {peer_id: gathered metadata}) or None when no
         group formed in time.
         """
@@ -271,20 +313,34 @@ class Swarm:
             with avg.get_tensors() as (buf,):
                 buf.copy_(encoded)
             avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
-            controls[k] = avg.step(gather=gather, weight=1.0, timeout=self.allreduce_timeout, wait=False, allow_retries=True)
+            avg.set_group_bits(format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b"))
+            controls[k] = avg.step(gather=gather, weight=1.0, timeout=self.find_group_timeout, wait=False, allow_retries=True)
         results: dict[int, tuple[torch.Tensor, dict[str, dict]] | None] = {}
         for k, control in controls.items():
             try:
-                gathered = control.result(timeout=self.allreduce_timeout + self.matchmaking_time + 5)
+                gathered = control.result(timeout=self.find_group_timeout + self.allreduce_timeout + 5)
             except Exception as e:
                 logger.warning("shard %d: averaging failed (%s: %s)", k, type(e).__name__, e)
                 results[k] = None
                 continue
-            if not gathered or len(gathered) > MAX_GROUP:
+            if not gathered:
+                results[k] = None
+                continue
+            lost = gathered.pop(FAILED_KEY, 0)
+            if lost:
+                logger.warning("shard %d: %d values came back un-averaged (a peer dropped mid all-reduce); round discarded", k, lost)
+                results[k] = None
+                continue
+            if len(gathered) > MAX_GROUP:
+                logger.warning("shard %d: group of %d exceeds %d peers; round discarded", k, len(gathered), MAX_GROUP)
                 results[k] = None
                 continue
             with self.averagers[k].get_tensors() as (buf,):
-                total = decode_limb_average(buf, len(gathered))
+                total, short = decode_limb_average(buf, len(gathered))
+            if short:
+                logger.warning("shard %d: %d values were averaged without every groupmate (a peer dropped mid all-reduce); round discarded", k, short)
+                results[k] = None
+                continue
             results[k] = (total, {str(pid): meta for pid, meta in gathered.items()})
         return results
 

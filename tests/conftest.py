@@ -1,0 +1,171 @@
+"""Shared fixtures: a tiny base model built once per session, manifests, and real node processes.
+
+Node processes run `python -m node run ...` in their own process group; every group a
+test starts is killed (SIGKILL) at teardown, and the hivemind unix sockets they leave in
+/tmp are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def st_cache(tmp_path_factory) -> Path:
+    """A private SWARMTUNE_CACHE for the session (the tiny model is built there once)."""
+    cache = tmp_path_factory.mktemp("swarmtune-cache")
+    old = os.environ.get("SWARMTUNE_CACHE")
+    os.environ["SWARMTUNE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("SWARMTUNE_CACHE", None)
+    else:
+        os.environ["SWARMTUNE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_base(st_cache) -> Path:
+    from node.tiny import build_tiny_base, default_tiny_dir
+
+    return build_tiny_base(default_tiny_dir())
+
+
+def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task", **sections) -> Path:
+    """A manifest for the tiny model; `sections` override fields, e.g. rounds={"max_rounds": 5}."""
+    from node.daemon import resolve_data
+    from node.data import dataset_digest
+    from node.manifest import (
+        AveragingSection, BaseSection, DataSection, Manifest, OptimSection, RoundSection, write_manifest,
+    )
+    from node.model import base_fingerprint
+
+    m = Manifest(
+        name="test",
+        base=BaseSection(model=str(base_dir), fingerprint=base_fingerprint(base_dir)),
+        data=DataSection(source=data, digest=dataset_digest(resolve_data(data)), max_length=48),
+        optim=OptimSection(lr=3e-3),
+        rounds=RoundSection(target_batch_size=24, microbatch_size=8, max_rounds=6),
+        averaging=AveragingSection(matchmaking_time=2.0, timeout=20.0, peer_ttl=10.0),
+    )
+    for name, fields in sections.items():
+        m = dataclasses.replace(m, **{name: dataclasses.replace(getattr(m, name), **fields)})
+    write_manifest(m, path)
+    return path
+
+
+class NodeProc:
+    """One `swarmtune run` process with its own home folder."""
+
+    def __init__(self, home: Path, popen: subprocess.Popen, log: Path):
+        self.home, self.popen, self.log = home, popen, log
+
+    @property
+    def workdir(self) -> Path | None:
+        found = list((self.home / "swarms").glob("*"))
+        return found[0] if found else None
+
+    def info(self) -> dict | None:
+        wd = self.workdir
+        try:
+            return json.loads((wd / "node.json").read_text()) if wd else None
+        except (OSError, ValueError):
+            return None
+
+    def rounds(self) -> list[dict]:
+        wd = self.workdir
+        if not wd or not (wd / "rounds.jsonl").exists():
+            return []
+        return [json.loads(line) for line in (wd / "rounds.jsonl").read_text().splitlines() if line.strip()]
+
+    def wait_info(self, timeout: float = 120) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.info()
+            if info:
+                return info
+            if self.popen.poll() is not None:
+                raise AssertionError(f"node exited {self.popen.returncode} before starting:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        raise AssertionError(f"node did not start in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def wait_round(self, n: int, timeout: float = 120) -> None:
+        """Wait until this node finished round n-1 (its next round is >= n)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            rows = self.rounds()
+            if rows and rows[-1]["next_round"] >= n:
+                return
+            if self.popen.poll() is not None:
+                raise AssertionError(f"node exited {self.popen.returncode}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"node did not reach round {n} in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def wait_log(self, text: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.log.read_text(errors="replace"):
+                return
+            if self.popen.poll() is not None:
+                raise AssertionError(f"node exited {self.popen.returncode}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not in the log after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def wait_exit(self, timeout: float = 180) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"node still running after {timeout}s:\n{self.log.read_text()[-3000:]}") from None
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.popen.pid, sig)
+
+
+@pytest.fixture
+def spawn_node(tmp_path, st_cache):
+    """spawn_node(manifest, name, *extra_args) -> NodeProc; all are killed (by pid group) at teardown."""
+    started: list[NodeProc] = []
+    socks_before = set(glob.glob("/tmp/hivemind-*"))
+
+    def spawn(manifest: Path, name: str, *extra: str, home: Path | None = None, env: dict | None = None) -> NodeProc:
+        home = home or tmp_path / name
+        home.mkdir(parents=True, exist_ok=True)
+        log = tmp_path / f"{name}.log"
+        cmd = [
+            sys.executable, "-m", "node", "run", "--manifest", str(manifest), "--home", str(home), "--create-key",
+            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1", *extra,
+        ]
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        with open(log, "ab") as fh:
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
+        proc = NodeProc(home, popen, log)
+        started.append(proc)
+        return proc
+
+    yield spawn
+    for proc in started:
+        try:
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    # p2pd and averager children live in the same process group; sockets they leave are ours to remove
+    for path in set(glob.glob("/tmp/hivemind-*")) - socks_before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
