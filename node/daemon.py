@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -125,6 +126,7 @@ class Node:
         self._drain = threading.Event()
         self._paused = threading.Event()
         self.swarm = None
+        self._dht = None
         self.ledger = None
         self.control = None
         self.metrics = None
@@ -135,21 +137,23 @@ class Node:
 
     def prepare(self) -> None:
         """Validate every input and build model, data and trainer; raises NodeError before any write."""
-        from node.identity import IdentityError, generate_identity, load_identity
+        from node.identity import Identity, IdentityError, load_identity
 
         cfg = self.cfg
         key_path = cfg.key_path
+        self._new_key = False
         try:
             if not key_path.exists() and cfg.create_key:
-                self.identity = None  # created in start(): nothing is written while inputs may still be bad
+                # made in memory; written in start() only once the swarm accepted us, so bad input writes nothing
+                from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+                self.identity = Identity(Ed25519PrivateKey.generate())
+                self._new_key = True
             else:
                 self.identity = load_identity(key_path)
         except IdentityError as e:
             raise NodeError(str(e)) from None
         self.prepare_model_only(load_data=True)
-        if self.identity is None:
-            self.identity = generate_identity(key_path)
-            logger.info("created identity key %s (back it up: it holds your credit)", key_path)
 
     def prepare_model_only(self, load_data: bool = False) -> None:
         from node.data import DataError, dataset_digest, load_examples
@@ -242,6 +246,28 @@ class Node:
         from node.swarm.validator import RecordsValidator
 
         m = self.manifest
+        # 1. join the DHT (p2pd reads the key from a private temp file) and check the swarm agrees with us
+        fd, tmp_key = tempfile.mkstemp(prefix="swarmtune-p2p-", suffix=".key")
+        os.close(fd)
+        try:
+            os.unlink(tmp_key)
+            write_libp2p_identity(self.identity, tmp_key)
+            self._dht = start_dht(
+                initial_peers=self.cfg.initial_peers, host_maddrs=self.cfg.host_maddrs,
+                announce_maddrs=self.cfg.announce_maddrs, identity_path=tmp_key,
+                record_validators=[RecordsValidator(self.swarm_id)],
+            )
+        finally:
+            if os.path.exists(tmp_key):
+                os.unlink(tmp_key)
+        check_membership(self._dht, self.manifest, self.cfg.initial_peers)
+
+        # 2. only now write anything: key, ledger, checkpoints
+        if self._new_key:
+            from node.identity import save_identity
+
+            self.identity = save_identity(self.identity, self.cfg.key_path)
+            logger.info("created identity key %s (back it up: it holds your credit)", self.cfg.key_path)
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self.ledger = Ledger.open(self.workdir / "ledger.jsonl")
@@ -255,12 +281,7 @@ class Node:
             self._restore_checkpoint(ckpt)
             logger.info("resumed from checkpoint %s (round %d)", ckpt.path.name, ckpt.round)
 
-        p2p_key = write_libp2p_identity(self.identity, self.workdir / "p2p.key")
-        dht = start_dht(
-            initial_peers=self.cfg.initial_peers, host_maddrs=self.cfg.host_maddrs,
-            announce_maddrs=self.cfg.announce_maddrs, identity_path=str(p2p_key),
-            record_validators=[RecordsValidator(self.swarm_id)],
-        )
+        dht = self._dht
         sizes = [self.adapter.shard_numel(k) for k in range(self.adapter.num_shards)]
         self.swarm = Swarm(
             dht, swarm_id=self.swarm_id, shard_sizes=sizes, trained_shards=self.trained,
@@ -656,6 +677,8 @@ class Node:
             self._metrics_server.stop()
         if self.swarm is not None:
             self.swarm.shutdown()
+        elif self._dht is not None:
+            self._dht.shutdown()
         if self.ledger is not None:
             self.ledger.close()
 
@@ -668,6 +691,57 @@ class Node:
 
     def resume(self) -> None:
         self._paused.clear()
+
+
+MEMBERS_KEY = "swarmtune/members"
+
+
+def check_membership(dht, manifest: Manifest, initial_peers) -> None:
+    """Announce which swarm this node is in, and refuse to join through peers of another swarm.
+
+    Every node stores its swarm id and canonical manifest under `swarmtune/members`. A
+    newcomer whose initial peers all train a different swarm gets the exact manifest fields
+    that differ, instead of silently training alone.
+    """
+    from hivemind.utils import get_dht_time
+
+    me = str(dht.peer_id)
+    mine = manifest.to_dict()
+    dht.store(MEMBERS_KEY, subkey=me, value={"swarm_id": manifest.swarm_id, "name": manifest.name, "manifest": mine},
+              expiration_time=get_dht_time() + 3600)
+    wanted = {a.rsplit("/p2p/", 1)[-1] for a in initial_peers if "/p2p/" in a}
+    if not wanted:
+        return
+    found = dht.get(MEMBERS_KEY, latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    others = {}
+    for pid, item in entries.items():
+        value = getattr(item, "value", None)
+        if str(pid) in wanted and isinstance(value, dict) and isinstance(value.get("swarm_id"), str):
+            others[str(pid)] = value
+    if not others or any(v["swarm_id"] == manifest.swarm_id for v in others.values()):
+        return
+    pid, theirs = next(iter(others.items()))
+    diffs = _manifest_diff(theirs.get("manifest") if isinstance(theirs.get("manifest"), dict) else {}, mine)
+    shown = "; ".join(f"{k}: theirs {a!r}, yours {b!r}" for k, a, b in diffs[:8]) or "(their manifest was not readable)"
+    raise NodeError(
+        f"the initial peer {pid[-12:]} trains swarm '{theirs.get('name')}' ({theirs['swarm_id'][:16]}…), but your manifest "
+        f"hashes to {manifest.swarm_id[:16]}…: the manifests differ in {shown}. Get that swarm's manifest file and pass it "
+        "with --manifest (every node of a swarm must hold the same one)"
+    )
+
+
+def _manifest_diff(theirs: dict, mine: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for key in sorted(set(theirs) | set(mine)):
+        if key in ("model", "source") and prefix in ("base.", "data."):
+            continue  # where files live is local; fingerprint/digest compare the content
+        a, b = theirs.get(key), mine.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _manifest_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 class NodeControlView:

@@ -110,16 +110,20 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def generate_identity(path: str | os.PathLike) -> Identity:
     """Create a new Ed25519 key at `path` (mode 0600). Never overwrites an existing file."""
+    return save_identity(Identity(Ed25519PrivateKey.generate()), path)
+
+
+def save_identity(identity: Identity, path: str | os.PathLike) -> Identity:
+    """Write a key made in memory (`Identity(Ed25519PrivateKey.generate())`) to `path`, mode 0600, never overwriting."""
     path = Path(path).expanduser()
     if path.exists():
         raise IdentityError(
             f"{path} already exists; refusing to overwrite it (that would change this node's identity). "
             f"`swarmtune keygen --show --key {path}` prints its peer id; pass --key for a new key elsewhere."
         )
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    pem = identity.private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     _write_private(path, pem)
-    return Identity(key, path)
+    return Identity(identity.private_key, path)
 
 
 def load_identity(path: str | os.PathLike) -> Identity:

@@ -71,6 +71,12 @@ def cmd_swarm_init(args) -> int:
         model_dir = resolve_base(args.base)
         fingerprint = base_fingerprint(model_dir)
         digest = dataset_digest(resolve_data(args.data))
+        # read every example once now, so a malformed line is reported before anyone joins the swarm
+        from transformers import AutoTokenizer
+
+        from node.data import load_examples
+
+        load_examples(resolve_data(args.data), AutoTokenizer.from_pretrained(str(model_dir)), max_length=args.max_length, packing=args.packing)
     except (ModelError, DataError) as e:
         raise UserError(str(e)) from None
     plan = ()
