@@ -408,6 +408,8 @@ class Node:
                     if self.metrics:
                         self.metrics.on_state_sync()
                     logger.info("synced adapter and optimizer state from peers: round %d, hash %s…", self.round, self.adapter.state_hash()[:12])
+                    if want_hash is None:
+                        self._join_next_round()
                     return True
                 for k in self.trained:  # a mix of rounds is worse than our own consistent state
                     self.trainer.load_shard_state(k, *snapshot[k])
@@ -417,6 +419,27 @@ class Node:
             return False
         finally:
             self.swarm.announce(syncing=False, round=self.round, hash=self.adapter.state_hash())
+
+    def _join_next_round(self) -> None:
+        """After a download at round R the peers are already computing R, and their group would form
+        without us. Announce R+1 instead (so they count us in it), take their R+1 state the moment they
+        publish it, and start R+1 with them. If they do not get there in time, train R alone-late."""
+        r = self.round
+        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
+        if not others or max(i.round for i in others.values()) != r:
+            return
+        self.swarm.announce(round=r + 1, syncing=False, hash="")
+        deadline = time.monotonic() + max(10.0, 3 * self.manifest.averaging.matchmaking_time)
+        while time.monotonic() < deadline and not self._drain.is_set():
+            time.sleep(0.05)
+            peers = self.swarm.peers()
+            if any(i.round > r and not i.syncing for p, i in peers.items() if p != self.peer_id):
+                loaded = self.sync_shards(self.trained, require_newer=True)
+                if loaded and set(loaded.values()) == {r + 1} and set(loaded) == set(self.trained):
+                    self.round = r + 1
+                    logger.info("joined the swarm at round %d", self.round)
+                    return
+        self.swarm.announce(round=self.round, hash=self.adapter.state_hash())
 
     def catch_up(self) -> None:
         """Before the first step: if peers are ahead, take their exact state (adapter, optimizer, round)."""
@@ -527,6 +550,13 @@ class Node:
         from node.swarm.validator import publish_record
         from node.trainer import grad_commitment
         from protocol.record import to_fixed
+
+        head = self.ledger.head()
+        if head is not None and head.round >= res.round:
+            # a restart replayed a round the ledger already holds (crash between record and checkpoint):
+            # one record per round, so the replay is not recorded (nor credited) twice
+            logger.info("round %d is already in the ledger (seq %d); not recording it again", res.round, head.seq)
+            return
 
         loss_before = res.local_loss if res.local_loss is not None else 0.0
         blob = self.ledger.append_new(

@@ -103,7 +103,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     console.print(f"[bold]swarmtune demo[/] in {work}: building the tiny base model (cached) and the manifest…")
     subprocess.run(
         [sys.executable, "-m", "node", "swarm", "init", "--out", str(manifest), "--force", "--name", "demo",
-         "--max-rounds", str(rounds)],
+         "--max-rounds", str(rounds), "--lr", "3e-3", "--target-batch-size", "48"],
         check=True, env=env, stdout=subprocess.DEVNULL if quiet else None,
     )
     m = load_manifest(manifest)

@@ -173,7 +173,7 @@ def register(sub) -> None:
 
     d = sub.add_parser("demo", help="train a 3-node swarm on 127.0.0.1 with the built-in tiny model and task")
     d.add_argument("--nodes", type=int, default=3)
-    d.add_argument("--rounds", type=int, default=60)
+    d.add_argument("--rounds", type=int, default=150, help="rounds of 48 samples (150 take about 3 minutes on 2 CPU cores)")
     d.add_argument("--workdir", default=None, help="where the demo keeps its files (default: a fresh temp folder)")
     d.add_argument("--port", type=int, default=0, help="first TCP port on 127.0.0.1 (default: any free)")
     d.add_argument("--threads", type=int, default=1, help="torch threads per node")
