@@ -17,7 +17,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from node.cli import control, keys, ledger, train
+    from node.cli import control, doctor, keys, ledger, train
 
     parser = argparse.ArgumentParser(
         prog="swarmtune",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"swarmtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (train, keys, ledger, control):
+    for module in (train, keys, ledger, control, doctor):
         module.register(sub)
     return parser
 
