@@ -8,7 +8,9 @@ one of pass / warn / fail / skip, and every fail (and warn) carries a concrete f
     address reachable          a throwaway second DHT bootstraps from our announced
                                multiaddrs; round-trip time of a DHT ping
     initial peers reachable    (with --initial-peers) a DHT with those initial peers starts;
-                               round-trip time to each, the ones that did not answer
+                               round-trip time to each, the ones that did not answer, and
+                               bandwidth from the first one when it serves the probe
+                               (`serve_bandwidth_probe(dht)`)
     bandwidth                  a bounded stream (<= 32 MiB or ~3 s) from our p2pd to the
                                throwaway peer over hivemind's p2p stream handlers; MB/s,
                                warn below a threshold
@@ -183,9 +185,20 @@ def check_initial_peers(initial_peers: Sequence[str]) -> Check:
     except SwarmError as e:
         cause, _, fix = str(e).partition(". Fix: ")
         return Check(name, FAIL, cause, fix)
+    bandwidth = ""
     try:
         ids = [_peer_id_of(p) for p in initial_peers]
         rtts = dht.run_coroutine(partial(_ping_rtts, peer_ids=ids))
+        answering = [pid for pid in ids if rtts.get(pid) is not None]
+        if answering:
+            got, seconds, error = dht.run_coroutine(partial(
+                _pull_bandwidth, peer_id=answering[0], total=BW_MAX_BYTES, chunk=BW_CHUNK, time_limit=BW_TIME_LIMIT))
+            if error is None and got:
+                bandwidth = f"; bandwidth from {answering[0][:16]}…: {got / 1e6 / max(seconds, 1e-9):.1f} MB/s"
+            elif error and "not supported" in error:
+                bandwidth = "; bandwidth to it not measured (it serves no doctor bandwidth probe)"
+            else:
+                bandwidth = f"; bandwidth to it not measured ({error or 'no data came back'})"
     except Exception as e:
         return Check(name, WARN, f"joined through the initial peers, but pinging them failed: {type(e).__name__}: {e}",
                      "run `swarmtune doctor` again; if it persists, check the peers' logs")
@@ -195,9 +208,9 @@ def check_initial_peers(initial_peers: Sequence[str]) -> Check:
              for p, pid in zip(initial_peers, ids)]
     silent = [p for p, pid in zip(initial_peers, ids) if rtts.get(pid) is None]
     if silent:
-        return Check(name, WARN, "; ".join(parts),
+        return Check(name, WARN, "; ".join(parts) + bandwidth,
                      f"{len(silent)} of {len(initial_peers)} initial peers did not answer; drop or update them: {silent}")
-    return Check(name, PASS, "round trip " + "; ".join(parts))
+    return Check(name, PASS, "round trip " + "; ".join(parts) + bandwidth)
 
 
 async def _bw_stream(request, _context):
@@ -219,22 +232,30 @@ async def _serve_bandwidth(_dht, node) -> None:
     await node.p2p.add_protobuf_handler(BW_HANDLER, _bw_stream, runtime_pb2.Tensor, stream_output=True)
 
 
-async def _pull_bandwidth(_dht, node, peer_id: str, total: int, chunk: int, time_limit: float) -> tuple[int, float]:
-    """Runs in the pulling DHT process: (bytes received, seconds)."""
+async def _pull_bandwidth(_dht, node, peer_id: str, total: int, chunk: int, time_limit: float):
+    """Runs in the pulling DHT process: (bytes received, seconds, error text or None); never raises."""
     from hivemind.p2p import PeerID
     from hivemind.proto import runtime_pb2
 
     got = 0
     t0 = time.perf_counter()
-    stream = await node.p2p.iterate_protobuf_handler(
-        PeerID.from_base58(peer_id), BW_HANDLER, runtime_pb2.Tensor(size=[total, chunk]), runtime_pb2.Tensor
-    )
-    async with contextlib.aclosing(stream):
-        async for msg in stream:
-            got += len(msg.buffer)
-            if time.perf_counter() - t0 > time_limit:
-                break
-    return got, time.perf_counter() - t0
+    try:
+        stream = await node.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer_id), BW_HANDLER, runtime_pb2.Tensor(size=[total, chunk]), runtime_pb2.Tensor
+        )
+        async with contextlib.aclosing(stream):
+            async for msg in stream:
+                got += len(msg.buffer)
+                if time.perf_counter() - t0 > time_limit:
+                    break
+    except Exception as e:  # returned, not raised: hivemind would log a traceback from the DHT process
+        return got, time.perf_counter() - t0, f"{type(e).__name__}: {e}"
+    return got, time.perf_counter() - t0, None
+
+
+def serve_bandwidth_probe(dht) -> None:
+    """Let `swarmtune doctor` on other machines measure their bandwidth from this DHT's peer (bounded streams)."""
+    dht.run_coroutine(_serve_bandwidth)
 
 
 def check_bandwidth(server, client, *, total: int = BW_MAX_BYTES, time_limit: float = BW_TIME_LIMIT,
@@ -242,10 +263,12 @@ def check_bandwidth(server, client, *, total: int = BW_MAX_BYTES, time_limit: fl
     """Stream up to `total` bytes (or `time_limit` s) from `server`'s p2pd to `client`'s; MB/s."""
     name = "bandwidth to a peer"
     try:
-        server.run_coroutine(_serve_bandwidth)
-        got, seconds = client.run_coroutine(
+        serve_bandwidth_probe(server)
+        got, seconds, error = client.run_coroutine(
             partial(_pull_bandwidth, peer_id=str(server.peer_id), total=total, chunk=BW_CHUNK, time_limit=time_limit)
         )
+        if error:
+            raise RuntimeError(error)
     except Exception as e:
         return Check(name, FAIL, f"a bounded transfer to the peer failed: {type(e).__name__}: {e}",
                      "check that nothing (VPN, firewall, proxy) drops long-lived TCP streams on the p2p port")

@@ -13,7 +13,7 @@ import pytest
 from node.cli import main
 from node.doctor import (
     FAIL, PASS, SKIP, WARN, check_base_model, check_data, check_disk, check_identity, check_initial_peers,
-    check_p2p_daemon,
+    check_p2p_daemon, serve_bandwidth_probe,
 )
 from node.identity import generate_identity
 from node.manifest import load_manifest
@@ -105,6 +105,10 @@ def test_initial_peers_reachable_and_unreachable(setup):
         maddr = str(dht.get_visible_maddrs()[0])
         ok = check_initial_peers([maddr])
         assert ok.status == PASS and re.search(r"[\d.]+ ms", ok.detail), ok
+        assert "not measured (it serves no doctor bandwidth probe)" in ok.detail
+        serve_bandwidth_probe(dht)
+        measured = check_initial_peers([maddr])
+        assert measured.status == PASS and re.search(r"bandwidth from .*: [\d.]+ MB/s", measured.detail), measured
         dead = "/ip4/127.0.0.1/tcp/9/p2p/" + maddr.rsplit("/p2p/", 1)[1]
         bad = check_initial_peers([dead])
         assert bad.status == FAIL and "bootstrap" in bad.detail and "initial peers" in bad.fix
