@@ -180,3 +180,18 @@ def test_disk_below_minimum_fails(tmp_path):
     check = check_disk(tmp_path / "not-yet", min_free=1 << 60)
     assert check.status == FAIL and "--home" in check.fix
     assert check_disk(tmp_path).status == PASS
+
+
+def test_gpu_reports_name_and_vram(monkeypatch):
+    import torch
+
+    from node.doctor import check_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_gpu().status == WARN and "CPU only" in check_gpu().detail
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (6 * 1024**3, 8 * 1024**3))
+    check = check_gpu()
+    assert check.status == PASS and check.detail == "cuda:0 Test GPU, 8.0 GiB VRAM (6.0 GiB free)"
