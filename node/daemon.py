@@ -214,9 +214,13 @@ class Node:
         except ModelError as e:
             raise NodeError(str(e)) from None
         if cfg.shards == "auto":
-            from node.shards import choose_shards_auto
+            from node.shards import ShardChoiceError, choose_shards_auto
 
-            self.trained = choose_shards_auto(self.model, self.adapter, m, cfg, self.device)
+            try:
+                self.trained = choose_shards_auto(self.model, self.adapter, m, cfg, self.device)
+            except ShardChoiceError as e:
+                raise NodeError(str(e)) from None
+            logger.info("--shards auto: training shards %s of %d", list(self.trained), self.adapter.num_shards)
         else:
             self.trained = parse_shards(cfg.shards, self.adapter.num_shards)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -386,7 +390,7 @@ class Node:
             loaded[k] = r
         return loaded
 
-    def resync(self, *, required: bool, attempts: int = 20, want_hash: str | None = None) -> bool:
+    def resync(self, *, required: bool, attempts: int = 20, want_shard_hash: tuple[int, str] | None = None) -> bool:
         """Take the swarm's state for every trained shard, all from one round; True when done.
 
         A state is taken only when every trained shard came back at the same round, not older
@@ -403,12 +407,12 @@ class Node:
                 loaded = self.sync_shards(range(self.adapter.num_shards), require_newer=True)
                 trained = {loaded[k] for k in self.trained if k in loaded}
                 consistent = len(trained) == 1 and all(k in loaded for k in self.trained)
-                if consistent and (want_hash is None or self.adapter.state_hash() == want_hash):
+                if consistent and (want_shard_hash is None or self.adapter.shard_hash(want_shard_hash[0]) == want_shard_hash[1]):
                     self.round = trained.pop()
                     if self.metrics:
                         self.metrics.on_state_sync()
                     logger.info("synced adapter and optimizer state from peers: round %d, hash %s…", self.round, self.adapter.state_hash()[:12])
-                    if want_hash is None:
+                    if want_shard_hash is None:
                         self._join_next_round()
                     return True
                 for k in self.trained:  # a mix of rounds is worse than our own consistent state
@@ -418,7 +422,7 @@ class Node:
                     time.sleep(min(0.25 * (attempt + 1), 2.0))
             return False
         finally:
-            self.swarm.announce(syncing=False, round=self.round, hash=self.adapter.state_hash())
+            self.swarm.announce(syncing=False, round=self.round, hashes=self._shard_hashes())
 
     def _join_next_round(self) -> None:
         """After a download at round R the peers are already computing R, and their group would form
@@ -428,7 +432,7 @@ class Node:
         others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
         if not others or max(i.round for i in others.values()) != r:
             return
-        self.swarm.announce(round=r + 1, syncing=False, hash="")
+        self.swarm.announce(round=r + 1, syncing=False, hashes={})
         deadline = time.monotonic() + max(10.0, 3 * self.manifest.averaging.matchmaking_time)
         while time.monotonic() < deadline and not self._drain.is_set():
             time.sleep(0.05)
@@ -439,7 +443,10 @@ class Node:
                     self.round = r + 1
                     logger.info("joined the swarm at round %d", self.round)
                     return
-        self.swarm.announce(round=self.round, hash=self.adapter.state_hash())
+        self.swarm.announce(round=self.round, hashes=self._shard_hashes())
+
+    def _shard_hashes(self) -> dict[str, str]:
+        return {str(k): self.adapter.shard_hash(k) for k in self.trained}
 
     def catch_up(self) -> None:
         """Before the first step: if peers are ahead, take their exact state (adapter, optimizer, round)."""
@@ -598,7 +605,7 @@ class Node:
                 logger.warning("only %d of %d peers visible after %.0f s; starting anyway", len(peers), self.cfg.min_peers, self.cfg.peer_wait)
         self.catch_up()
         self.publish_states()
-        self.swarm.announce(round=self.round, shards=list(self.trained), hash=self.adapter.state_hash())
+        self.swarm.announce(round=self.round, shards=list(self.trained), hashes=self._shard_hashes())
         progress = open(self.workdir / "rounds.jsonl", "a", buffering=1)
         try:
             while not self._drain.is_set():
@@ -622,7 +629,7 @@ class Node:
                 self.publish_states()
                 if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
                     self.save_checkpoint()
-                self.swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9), hash=self.adapter.state_hash())
+                self.swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9), hashes=self._shard_hashes())
                 self._after_round(res, progress)
         finally:
             progress.close()
@@ -643,23 +650,42 @@ class Node:
             if not self.resync(required=False):
                 time.sleep(0.5)
             return True
-        mine = self.adapter.state_hash()
-        votes = Counter(i.state_hash for i in others.values() if i.round == self.round and i.state_hash)
-        if not votes or set(votes) == {mine}:
-            return False
-        votes[mine] += 1
-        canonical = max(votes, key=lambda h: (votes[h], h))
-        if canonical == mine:
-            return False
-        logger.warning("swarm split detected at round %d: %d peers hold %s…, %d hold ours (%s…); taking the majority state",
-                       self.round, votes[canonical], canonical[:12], votes[mine], mine[:12])
-        if self.metrics:
-            self.metrics.on_split()
-        for _ in range(6):
-            if self.resync(required=False, want_hash=canonical):
-                return True
-        time.sleep(0.5)
-        return True
+        # compare, shard by shard, with the peers that train the same shard and are at our round
+        for k in self.trained:
+            mine = self.adapter.shard_hash(k)
+            votes = Counter(i.shard_hashes.get(k) for i in others.values() if i.round == self.round and i.shard_hashes.get(k))
+            if not votes or set(votes) == {mine}:
+                continue
+            votes[mine] += 1
+            canonical = max(votes, key=lambda h: (votes[h], h))
+            if canonical == mine:
+                continue
+            logger.warning("swarm split detected at round %d on shard %d: %d peers hold %s…, %d hold ours (%s…); taking the majority state",
+                           self.round, k, votes[canonical], canonical[:12], votes[mine], mine[:12])
+            if self.metrics:
+                self.metrics.on_split()
+            for _ in range(6):
+                if self.resync(required=False, want_shard_hash=(k, canonical)):
+                    return True
+            time.sleep(0.5)
+            return True
+        return False
+
+    def coverage(self) -> dict[int, int]:
+        """Trainers per shard as the DHT shows them (this node included)."""
+        counts = {k: int(k in self.trained) for k in range(self.adapter.num_shards)}
+        for pid, info in self.live.peers.items():
+            if pid != self.peer_id and not info.syncing:
+                for k in info.shards:
+                    if k in counts:
+                        counts[k] += 1
+        return counts
+
+    def _warn_uncovered(self) -> None:
+        uncovered = [k for k, n in self.coverage().items() if n == 0]
+        if uncovered and self.round % 10 == 1:
+            logger.warning("shard(s) %s have no trainer in the swarm: their LoRA weights stay at their initial values. "
+                           "Ask a node with spare memory to run with --shards %s", uncovered, ",".join(map(str, uncovered)))
 
     def _after_round(self, res: RoundResult, progress) -> None:
         entry = {
@@ -667,10 +693,11 @@ class Node:
             "samples": res.samples, "tokens": res.tokens, "groups": {str(k): v for k, v in res.groups.items()},
             "applied": res.applied, "resync": res.resync, "hash": self.adapter.state_hash(),
             "shard_hashes": {str(k): self.adapter.shard_hash(k) for k in range(self.adapter.num_shards)},
-            "seconds": round(res.seconds, 4), "compute_s": round(res.compute_seconds, 4),
+            "coverage": {str(k): v for k, v in self.coverage().items()}, "seconds": round(res.seconds, 4), "compute_s": round(res.compute_seconds, 4),
             "averaging_s": round(res.averaging_seconds, 4), "peers": len(self.live.peers), "time": time.time(),
         }
         progress.write(json.dumps(entry) + "\n")
+        self._warn_uncovered()
         with self._lock:
             self.live.loss = res.loss
             self.live.last_round_s = res.seconds

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -143,7 +143,7 @@ class PeerInfo:
     samples_per_s: float
     expires_at: float
     syncing: bool = False  # downloading state: not a trainer this round
-    state_hash: str = ""  # adapter hash at the start of `round` (split detection)
+    shard_hashes: dict = field(default_factory=dict)  # shard -> hash of its trained shards at the start of `round`
 
 
 def start_dht(
@@ -276,7 +276,7 @@ class Swarm:
                     peer_id=str(subkey), round=int(value["round"]), shards=shards,
                     maddrs=tuple(str(a) for a in value.get("maddrs", ())), samples_per_s=float(value.get("sps", 0.0)),
                     expires_at=float(item.expiration_time), syncing=bool(value.get("syncing", False)),
-                    state_hash=str(value.get("hash", "")),
+                    shard_hashes={int(k): str(h) for k, h in dict(value.get("hashes") or {}).items()},
                 )
             except (TypeError, KeyError, ValueError) as e:
                 logger.warning("ignoring malformed peer entry %r in the DHT: %s", subkey, e)
