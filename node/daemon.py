@@ -251,6 +251,11 @@ class Node:
 
         m = self.manifest
         # 1. join the DHT (p2pd reads the key from a private temp file) and check the swarm agrees with us
+        # children (DHT process, p2pd, averagers) inherit "ignore SIGINT/SIGTERM": a Ctrl-C in the terminal
+        # reaches the whole process group, and a child that died first would leave the drain hanging.
+        # Only this process reacts, drains, and stops them in order (handlers installed in run()).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fd, tmp_key = tempfile.mkstemp(prefix="swarmtune-p2p-", suffix=".key")
         os.close(fd)
         try:
@@ -310,6 +315,9 @@ class Node:
 
         self.control = ControlServer(self.cfg.socket_path, NodeControlView(self))
         self.control.start()
+        from node.doctor import serve_bandwidth_probe
+
+        serve_bandwidth_probe(dht)  # lets `swarmtune doctor` on a newcomer's machine measure bandwidth to us
 
     def _write_status_file(self, maddrs) -> None:
         info = {"peer_id": self.identity.peer_id, "swarm_id": self.swarm_id, "maddrs": maddrs, "pid": os.getpid()}
@@ -738,6 +746,7 @@ class Node:
             self._dht.shutdown()
         if self.ledger is not None:
             self.ledger.close()
+        _stop_children(timeout=5.0)
 
     # control hooks
     def request_drain(self) -> None:
@@ -748,6 +757,23 @@ class Node:
 
     def resume(self) -> None:
         self._paused.clear()
+
+
+def _stop_children(timeout: float) -> None:
+    """hivemind's DHT and averager processes normally exit on shutdown(); one whose p2pd died first can
+    linger, and Python would then wait for it forever at exit. Give them `timeout`, then end them."""
+    import multiprocessing
+
+    deadline = time.monotonic() + timeout
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in multiprocessing.active_children():
+        logger.warning("child process %s (pid %s) did not stop; terminating it", child.name, child.pid)
+        child.terminate()
+        child.join(2)
+        if child.is_alive():
+            child.kill()
+            child.join(1)
 
 
 MEMBERS_KEY = "swarmtune/members"

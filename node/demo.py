@@ -150,7 +150,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                p.send_signal(signal.SIGTERM)  # the node drains and stops its own children
         for p in procs:
             try:
                 p.wait(timeout=60)

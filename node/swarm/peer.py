@@ -371,8 +371,9 @@ class Swarm:
                 avg.shutdown()
             except Exception as e:  # shutting down a half-dead averager must not stop the rest
                 logger.debug("averager shutdown: %s", e)
-        try:
-            self.dht.store(self.peers_key, subkey=self.peer_id, value=None, expiration_time=get_dht_time() + 1)
-        except Exception:
-            pass
+        try:  # tell peers we left (best effort, bounded: a dead p2pd must not hang the exit)
+            self.dht.store(self.peers_key, subkey=self.peer_id, value=None, expiration_time=get_dht_time() + 1,
+                           return_future=True).result(timeout=2)
+        except Exception as e:
+            logger.debug("could not announce leaving: %s", e)
         self.dht.shutdown()
