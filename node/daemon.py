@@ -415,6 +415,10 @@ class Node:
                 loaded = self.sync_shards(range(self.adapter.num_shards), require_newer=True)
                 trained = {loaded[k] for k in self.trained if k in loaded}
                 consistent = len(trained) == 1 and all(k in loaded for k in self.trained)
+                if consistent and not self._vouched(next(iter(trained))):
+                    logger.warning("downloaded state (round %d) is not what most peers at that round hold; not trusted, retrying",
+                                   next(iter(trained)))
+                    consistent = False
                 if consistent and (want_shard_hash is None or self.adapter.shard_hash(want_shard_hash[0]) == want_shard_hash[1]):
                     self.round = trained.pop()
                     if self.metrics:
@@ -446,20 +450,42 @@ class Node:
             time.sleep(0.05)
             peers = self.swarm.peers()
             if any(i.round > r and not i.syncing for p, i in peers.items() if p != self.peer_id):
+                snapshot = {k: self.trainer.shard_state(k) for k in self.trained}
+                step = self.trainer.opt_step
                 loaded = self.sync_shards(self.trained, require_newer=True)
-                if loaded and set(loaded.values()) == {r + 1} and set(loaded) == set(self.trained):
+                if loaded and set(loaded.values()) == {r + 1} and set(loaded) == set(self.trained) and self._vouched(r + 1):
                     self.round = r + 1
                     logger.info("joined the swarm at round %d", self.round)
                     return
+                for k in self.trained:
+                    self.trainer.load_shard_state(k, snapshot[k], step)
+                self.trainer.opt_step = step
         self.swarm.announce(round=self.round, hashes=self._shard_hashes())
+
+    def _vouched(self, round_: int) -> bool:
+        """Whether the state now loaded for our trained shards is what most peers at `round_` advertise,
+        and `round_` is not beyond the round most peers are at. One peer lying about its progress or
+        serving corrupted state cannot move this node (in swarms of three or more)."""
+        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
+        if round_ > max(swarm_round(others), self.round):
+            return False
+        at_round = [i for i in others.values() if i.round == round_ and i.shard_hashes]
+        if not at_round:
+            return True  # nobody advertises that round any more (they moved on); the hash check still held
+        for k in self.trained:
+            h = self.adapter.shard_hash(k)
+            agree = sum(1 for i in at_round if i.shard_hashes.get(k) == h)
+            if agree * 2 <= len([i for i in at_round if k in i.shard_hashes]):
+                return False
+        return True
 
     def _shard_hashes(self) -> dict[str, str]:
         return {str(k): self.adapter.shard_hash(k) for k in self.trained}
 
     def catch_up(self) -> None:
         """Before the first step: if peers are ahead, take their exact state (adapter, optimizer, round)."""
-        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id}
-        ahead = max((i.round for i in others.values()), default=0)
+        others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
+        ahead = swarm_round(others)
         if ahead <= self.round:
             return
         if not self.resync(required=True):
@@ -653,8 +679,7 @@ class Node:
         and the other side takes its state, so the swarm converges back to one adapter.
         """
         others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
-        ahead = max((i.round for i in others.values()), default=-1)
-        if ahead > self.round:
+        if swarm_round(others) > self.round:
             if not self.resync(required=False):
                 time.sleep(0.5)
             return True
@@ -757,6 +782,15 @@ class Node:
 
     def resume(self) -> None:
         self._paused.clear()
+
+
+def swarm_round(others: dict) -> int:
+    """The round most other peers have reached: the lower median of their claims (-1 with none).
+
+    A single peer claiming an epoch far ahead (hivemind's progress tracker trusts the max)
+    cannot move it while at least two honest peers are visible."""
+    rounds = sorted(i.round for i in others.values())
+    return rounds[(len(rounds) - 1) // 2] if rounds else -1
 
 
 def _stop_children(timeout: float) -> None:

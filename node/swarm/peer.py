@@ -154,6 +154,7 @@ def start_dht(
     identity_path: str | None = None,
     record_validators: Sequence = (),
     startup_timeout: float = 30,
+    retries: int = 2,
 ) -> hivemind.DHT:
     """Start the DHT + p2pd, turning hivemind's opaque failures into a cause and a fix."""
     kwargs: dict[str, Any] = dict(
@@ -168,10 +169,21 @@ def start_dht(
     if identity_path:
         kwargs["identity_path"] = identity_path
         kwargs["check_if_identity_free"] = False
-    try:
-        return hivemind.DHT(**kwargs)
-    except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError, ValueError, ... for the same situations
-        raise SwarmError(_explain_dht_failure(e, initial_peers, host_maddrs)) from e
+    last: BaseException | None = None
+    for attempt in range(retries + 1):
+        try:
+            return hivemind.DHT(**kwargs)
+        except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError, ValueError, ... for the same situations
+            last = e
+            text = str(e).lower()
+            # only "nobody answered yet" is worth retrying (the first node may still be starting); a taken
+            # port, a malformed address or a bad key fails the same way every time
+            if "bootstrap" not in text or attempt == retries:
+                break
+            delay = min(2.0 * 2**attempt, 10.0)
+            logger.warning("no initial peer answered (attempt %d of %d); retrying in %.0f s", attempt + 1, retries + 1, delay)
+            time.sleep(delay)
+    raise SwarmError(_explain_dht_failure(last, initial_peers, host_maddrs)) from last
 
 
 def _explain_dht_failure(e: BaseException, initial_peers, host_maddrs) -> str:
