@@ -132,6 +132,10 @@ class Node:
         self.metrics = None
         self._metrics_server = None
         self.round = 0
+        self._seen: dict[str, float] = {}  # peers seen recently (split detection)
+        self._split_noticed = False
+        self._waiting_for_split = False
+        self._prev_hashes: dict[int, str] = {}  # shard hashes at the start of the previous round
 
     # ------------------------------------------------------------------ prepare (no side effects on failure)
 
@@ -398,7 +402,8 @@ class Node:
             loaded[k] = r
         return loaded
 
-    def resync(self, *, required: bool, attempts: int = 20, want_shard_hash: tuple[int, str] | None = None) -> bool:
+    def resync(self, *, required: bool, attempts: int = 20, want_shard_hash: tuple[int, str] | None = None,
+               allow_older: bool = False) -> bool:
         """Take the swarm's state for every trained shard, all from one round; True when done.
 
         A state is taken only when every trained shard came back at the same round, not older
@@ -412,7 +417,7 @@ class Node:
                 if self._drain.is_set():
                     return False
                 snapshot = {k: (self.trainer.shard_state(k), self.trainer.opt_step) for k in range(self.adapter.num_shards)}
-                loaded = self.sync_shards(range(self.adapter.num_shards), require_newer=True)
+                loaded = self.sync_shards(range(self.adapter.num_shards), require_newer=not allow_older)
                 trained = {loaded[k] for k in self.trained if k in loaded}
                 consistent = len(trained) == 1 and all(k in loaded for k in self.trained)
                 if consistent and not self._vouched(next(iter(trained))):
@@ -506,6 +511,7 @@ class Node:
         t0 = time.time()
         start_hash = self.adapter.state_hash()
         shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
+        self._prev_hashes = dict(shard_hashes)
         peers = self.swarm.peers()
         with self._lock:
             self.live.peers = dict(peers)
@@ -679,30 +685,67 @@ class Node:
         and the other side takes its state, so the swarm converges back to one adapter.
         """
         others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
+        if self._minority(others) and self.manifest.averaging.on_split == "wait":
+            if not self._waiting_for_split:
+                logger.warning("this node sees under half of the swarm: waiting for the others to come back "
+                               "([averaging] on_split = 'wait'); it resyncs with them when the split heals")
+            self._waiting_for_split = True
+            self.live.state = "paused"
+            time.sleep(1.0)
+            return True
+        self._waiting_for_split = False
         if swarm_round(others) > self.round:
             if not self.resync(required=False):
                 time.sleep(0.5)
             return True
-        # compare, shard by shard, with the peers that train the same shard and are at our round
+        # compare, shard by shard, with the peers that train the same shard: after a split (two groups
+        # in one round, or a partition that healed) the largest group of peers holding one state wins,
+        # then the later round, then the larger hash; peers lagging one round behind us are not a split
         for k in self.trained:
-            mine = self.adapter.shard_hash(k)
-            votes = Counter(i.shard_hashes.get(k) for i in others.values() if i.round == self.round and i.shard_hashes.get(k))
+            mine = (self.round, self.adapter.shard_hash(k))
+            lagging = (self.round - 1, self._prev_hashes.get(k))
+            votes = Counter((i.round, i.shard_hashes[k]) for i in others.values()
+                            if k in i.shard_hashes and i.round <= self.round and (i.round, i.shard_hashes[k]) != lagging)
             if not votes or set(votes) == {mine}:
                 continue
             votes[mine] += 1
-            canonical = max(votes, key=lambda h: (votes[h], h))
+            canonical = max(votes, key=lambda c: (votes[c], c[0], c[1]))
             if canonical == mine:
                 continue
-            logger.warning("swarm split detected at round %d on shard %d: %d peers hold %s…, %d hold ours (%s…); taking the majority state",
-                           self.round, k, votes[canonical], canonical[:12], votes[mine], mine[:12])
+            logger.warning("swarm split detected on shard %d: %d peer(s) hold round %d %s…, %d hold ours (round %d %s…); "
+                           "taking the majority state", k, votes[canonical], canonical[0], canonical[1][:12],
+                           votes[mine], mine[0], mine[1][:12])
             if self.metrics:
                 self.metrics.on_split()
             for _ in range(6):
-                if self.resync(required=False, want_shard_hash=(k, canonical)):
+                if self.resync(required=False, want_shard_hash=(k, canonical[1]), allow_older=canonical[0] < self.round):
                     return True
             time.sleep(0.5)
             return True
         return False
+
+    def _minority(self, others: dict) -> bool:
+        """Whether this node now sees less than half of the swarm it saw recently (a partition, not departures).
+
+        A peer counts as visible if seen in the last peer_ttl seconds (one failed DHT lookup is not a
+        split), and as known if seen in the last max(120 s, 10 peer_ttl) and not announced gone."""
+        now = time.time()
+        for p in others:
+            self._seen[p] = now
+        ttl = self.manifest.averaging.peer_ttl
+        memory = max(120.0, 10 * ttl)
+        for p in list(self._seen):
+            if p in self.swarm.left or now - self._seen[p] > memory:
+                del self._seen[p]
+        visible = sum(1 for t in self._seen.values() if now - t <= ttl)
+        missing = len(self._seen) - visible
+        if missing and not self._split_noticed:
+            logger.warning("lost contact with %d of %d peers (a network split or crashed peers); %d still visible",
+                           missing, len(self._seen), visible)
+        elif not missing and self._split_noticed:
+            logger.info("all %d known peers are visible again", len(self._seen))
+        self._split_noticed = bool(missing)
+        return (visible + 1) * 2 < len(self._seen) + 1
 
     def coverage(self) -> dict[int, int]:
         """Trainers per shard as the DHT shows them (this node included)."""

@@ -85,6 +85,7 @@ class AveragingSection:
     timeout: float = 30.0  # seconds for one all-reduce before the round is retried / resynced
     fixed_point_bits: int = 30  # gradients are summed as exact integers scaled by 2**bits (bit-identical peers)
     peer_ttl: float = 30.0  # seconds a peer stays listed in the DHT after its last heartbeat
+    on_split: str = "train"  # when this node sees under half the peers it recently saw: train (with whoever is visible) | wait
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,8 @@ def validate(m: Manifest, where: str = "manifest") -> None:
         bad("[averaging] fixed_point_bits must be between 8 and 36")
     if m.averaging.matchmaking_time <= 0 or m.averaging.timeout <= m.averaging.matchmaking_time:
         bad("[averaging] needs 0 < matchmaking_time < timeout")
+    if m.averaging.on_split not in ("wait", "train"):
+        bad(f"[averaging] on_split '{m.averaging.on_split}' must be wait or train")
     if m.credit.max_samples_per_round < 1:
         bad("[credit] max_samples_per_round must be >= 1")
     prev_end = 0

@@ -23,7 +23,9 @@ import torch
 
 ACT_HIDDEN = 10  # hidden-sized tensors kept per layer (norm in/out, q/k/v/o in/out, residuals, LoRA inputs)
 ACT_MLP = 4  # intermediate-sized tensors kept per layer (gate, up, act, product)
-OVERHEAD_BYTES = 300 * 2**20  # CUDA context / allocator slack / python
+# runtime not in the tensors above: CUDA context + allocator slack on a GPU; on a CPU the process's
+# torch/transformers libraries (RSS). Calibrated against scripts/bench_shards.py measurements.
+OVERHEAD_BYTES = {"cuda": 300 * 2**20, "cpu": 600 * 2**20}
 
 
 class ShardChoiceError(ValueError):
@@ -38,9 +40,11 @@ class Estimate:
     activations: int
     logits: int
 
+    device: str = "cpu"
+
     @property
     def total(self) -> int:
-        return self.weights + self.adapter_state + self.activations + self.logits + OVERHEAD_BYTES
+        return self.weights + self.adapter_state + self.activations + self.logits + OVERHEAD_BYTES["cuda" if self.device.startswith("cuda") else "cpu"]
 
 
 def parse_bytes(text: str) -> int:
@@ -53,7 +57,7 @@ def parse_bytes(text: str) -> int:
     return int(float(num) * units[unit])
 
 
-def estimate(model, adapter, shards, *, microbatch: int, seq_len: int, dtype_bytes: int) -> Estimate:
+def estimate(model, adapter, shards, *, microbatch: int, seq_len: int, dtype_bytes: int, device: str = "cpu") -> Estimate:
     cfg = model.config
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     heads, vocab = cfg.num_attention_heads, cfg.vocab_size
@@ -70,6 +74,7 @@ def estimate(model, adapter, shards, *, microbatch: int, seq_len: int, dtype_byt
         adapter_state=lora + (lora_params - sum(adapter.shard_numel(k) for k in shards) * 4),
         activations=n_layers * per_layer,
         logits=3 * tokens * vocab * 4,
+        device=device,
     )
 
 
@@ -92,12 +97,12 @@ def choose_shards_auto(model, adapter, manifest, cfg, device: str) -> tuple[int,
     best = None
     for lowest in range(k_top, -1, -1):
         shards = tuple(range(lowest, adapter.num_shards))
-        est = estimate(model, adapter, shards, microbatch=manifest.rounds.microbatch_size, seq_len=manifest.data.max_length, dtype_bytes=dtype_bytes)
+        est = estimate(model, adapter, shards, microbatch=manifest.rounds.microbatch_size, seq_len=manifest.data.max_length, dtype_bytes=dtype_bytes, device=device)
         if est.total > budget:
             break
         best = est
     if best is None:
-        top = estimate(model, adapter, (k_top,), microbatch=manifest.rounds.microbatch_size, seq_len=manifest.data.max_length, dtype_bytes=dtype_bytes)
+        top = estimate(model, adapter, (k_top,), microbatch=manifest.rounds.microbatch_size, seq_len=manifest.data.max_length, dtype_bytes=dtype_bytes, device=device)
         raise ShardChoiceError(
             f"even the top shard alone needs about {top.total / 2**30:.2f} GiB (weights {top.weights / 2**30:.2f}, "
             f"activations {top.activations / 2**30:.2f}), over the budget of {budget / 2**30:.2f} GiB; use a 4-bit base "

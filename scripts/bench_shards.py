@@ -66,7 +66,7 @@ def worker(spec: dict) -> dict:
     plan2 = check_shard_plan(((plan[halves[0][0]][0], plan[halves[0][1] - 1][1]), (plan[halves[1][0]][0], plan[-1][1])), cfg.num_hidden_layers)
     adapter = Adapter.from_model(model, plan2)
     shards = (0, 1) if spec["shards"] == "all" else (1,)
-    est = estimate(model, adapter, shards, microbatch=spec["microbatch"], seq_len=spec["seq"], dtype_bytes=2 if dtype == torch.bfloat16 else 4)
+    est = estimate(model, adapter, shards, microbatch=spec["microbatch"], seq_len=spec["seq"], dtype_bytes=2 if dtype == torch.bfloat16 else 4, device=device)
     trainer = Trainer(model, adapter, shards, OptimSection(lr=1e-4), microbatch_size=spec["microbatch"], device=device, pad_id=0)
     seq = spec["seq"]
     ex = [Example(input_ids=[(7 * i + j) % cfg.vocab_size for j in range(seq)], labels=[(7 * i + j) % cfg.vocab_size for j in range(seq)]) for i in range(spec["microbatch"])]
@@ -96,6 +96,36 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def compare_swarms(rounds: int) -> dict:
+    """3 nodes with shard sets all/upper/lower vs 3 nodes all training everything, same manifest and rounds."""
+    import os
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_node import _manifest, _rows, _spawn
+
+    work = Path(tempfile.mkdtemp(prefix="swarmtune-shards-"))
+    os.environ.setdefault("SWARMTUNE_CACHE", str(work / "cache"))
+    from node.tiny import build_tiny_base, default_tiny_dir
+
+    manifest = _manifest(work, build_tiny_base(default_tiny_dir()), rounds, 48)
+    out = {}
+    for name, sets in (("mixed", ("all", "1", "0")), ("uniform", ("all", "all", "all"))):
+        homes = [work / name / f"n{i}" for i in range(3)]
+        procs = [_spawn(manifest, homes[0], "--min-peers", "3", "--shards", sets[0])]
+        while not list((homes[0] / "swarms").glob("*/node.json")):
+            time.sleep(0.5)
+        peers = json.loads(next((homes[0] / "swarms").glob("*/node.json")).read_text())["maddrs"]
+        procs += [_spawn(manifest, homes[i], "--min-peers", "3", "--shards", sets[i], "--initial-peers", *peers) for i in (1, 2)]
+        for p in procs:
+            p.wait(timeout=1200)
+        rows = [r for r in _rows(homes[0]) if r["applied"]]
+        out[name] = {"final_loss": rows[-1]["loss"], "mean_loss_last_5": sum(r["loss"] for r in rows[-5:]) / 5, "rounds": len(rows)}
+    out["final_loss_mixed_over_uniform"] = out["mixed"]["final_loss"] / out["uniform"]["final_loss"]
+    out["last5_loss_mixed_over_uniform"] = out["mixed"]["mean_loss_last_5"] / out["uniform"]["mean_loss_last_5"]
+    return out
+
+
 def run(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -108,6 +138,8 @@ def main() -> None:
     ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--out", default="bench_shards.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--swarms", type=int, default=0, metavar="ROUNDS",
+                    help="also run a mixed-shard 3-node swarm vs an all-shards one for ROUNDS rounds and compare losses")
     args = ap.parse_args()
     if args.worker:
         import torch
@@ -137,6 +169,8 @@ def main() -> None:
                 "estimate_over_measured_upper": p["upper"]["estimate_bytes"] / p["upper"]["peak_bytes"],
             })
     out = {"results": results, "ratios": ratios}
+    if args.swarms:
+        out["mixed_vs_uniform"] = compare_swarms(args.swarms)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 

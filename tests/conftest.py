@@ -138,13 +138,14 @@ def spawn_node(tmp_path, st_cache):
     started: list[NodeProc] = []
     socks_before = set(glob.glob("/tmp/hivemind-*"))
 
-    def spawn(manifest: Path, name: str, *extra: str, home: Path | None = None, env: dict | None = None) -> NodeProc:
+    def spawn(manifest: Path, name: str, *extra: str, home: Path | None = None, env: dict | None = None,
+              prefix: tuple[str, ...] = (), host: str = "127.0.0.1") -> NodeProc:
         home = home or tmp_path / name
         home.mkdir(parents=True, exist_ok=True)
         log = tmp_path / f"{name}.log"
         cmd = [
-            sys.executable, "-m", "node", "run", "--manifest", str(manifest), "--home", str(home), "--create-key",
-            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1", *extra,
+            *prefix, sys.executable, "-m", "node", "run", "--manifest", str(manifest), "--home", str(home), "--create-key",
+            "--host-maddrs", f"/ip4/{host}/tcp/0", "--threads", "1", *extra,
         ]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         with open(log, "ab") as fh:
@@ -169,3 +170,81 @@ def spawn_node(tmp_path, st_cache):
             os.unlink(path)
         except OSError:
             pass
+
+
+class NetnsLan:
+    """Hosts in network namespaces on one bridge (10.77.0.0/24), made and removed by the test.
+
+    `prefix(i)` runs a command on host i; `cut(i)`/`heal(i)` take host i off the LAN and back;
+    `limit(i, rate)` shapes host i's link both ways with tc tbf."""
+
+    def __init__(self, n: int):
+        self.tag = f"st{os.getpid() % 100000}"
+        self.hub = f"{self.tag}h"
+        self.hosts = [f"{self.tag}n{i}" for i in range(n)]
+        self._sh(["ip", "netns", "add", self.hub])
+        self._hub(["ip", "link", "add", "br0", "type", "bridge"])
+        self._hub(["ip", "link", "set", "br0", "up"])
+        for i, ns in enumerate(self.hosts):
+            inner, outer = f"v{self.tag}{i}", f"h{self.tag}{i}"
+            self._sh(["ip", "netns", "add", ns])
+            self._sh(["ip", "link", "add", inner, "type", "veth", "peer", "name", outer])
+            self._sh(["ip", "link", "set", inner, "netns", ns])
+            self._sh(["ip", "link", "set", outer, "netns", self.hub])
+            self._hub(["ip", "link", "set", outer, "master", "br0"])
+            self._hub(["ip", "link", "set", outer, "up"])
+            self._ns(ns, ["ip", "addr", "add", f"{self.ip(i)}/24", "dev", inner])
+            self._ns(ns, ["ip", "link", "set", inner, "up"])
+            self._ns(ns, ["ip", "link", "set", "lo", "up"])
+
+    def ip(self, i: int) -> str:
+        return f"10.77.0.{i + 1}"
+
+    def prefix(self, i: int) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.hosts[i])
+
+    def cut(self, i: int) -> None:
+        self._hub(["ip", "link", "set", f"h{self.tag}{i}", "down"])
+
+    def heal(self, i: int) -> None:
+        self._hub(["ip", "link", "set", f"h{self.tag}{i}", "up"])
+
+    def limit(self, i: int, rate: str) -> None:
+        tbf = ["tbf", "rate", rate, "burst", "64kb", "latency", "400ms"]
+        self._hub(["tc", "qdisc", "add", "dev", f"h{self.tag}{i}", "root", *tbf])
+        self._ns(self.hosts[i], ["tc", "qdisc", "add", "dev", f"v{self.tag}{i}", "root", *tbf])
+
+    def close(self) -> None:
+        for ns in [*self.hosts, self.hub]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def _sh(self, cmd):
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def _hub(self, cmd):
+        self._sh(["ip", "netns", "exec", self.hub, *cmd])
+
+    def _ns(self, ns, cmd):
+        self._sh(["ip", "netns", "exec", ns, *cmd])
+
+
+@pytest.fixture
+def netns_lan():
+    """netns_lan(n) -> NetnsLan; skipped where namespaces cannot be made (not root, no iproute2)."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        pytest.skip("network namespaces need root and iproute2")
+    made: list[NetnsLan] = []
+
+    def make(n: int) -> NetnsLan:
+        try:
+            lan = NetnsLan(n)
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot build network namespaces here: {e.stderr.decode(errors='replace').strip()}")
+        made.append(lan)
+        return lan
+
+    yield make
+    for lan in made:
+        lan.close()

@@ -243,6 +243,7 @@ class Swarm:
                 declare_state_period=max(2.0, peer_ttl / 3),
             )
         self._heartbeat: dict[str, Any] = {"round": 0, "shards": list(self.trained), "sps": 0.0, "syncing": False}
+        self.left: set[str] = set()  # peers that announced they left (not a split)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="swarm-heartbeat", daemon=True)
         self._thread.start()
@@ -281,7 +282,9 @@ class Swarm:
         for subkey, item in found.value.items():
             value = getattr(item, "value", None)
             if value is None:  # a peer that left cleanly
+                self.left.add(str(subkey))
                 continue
+            self.left.discard(str(subkey))
             try:
                 shards = tuple(int(s) for s in value["shards"])
                 info = PeerInfo(
