@@ -47,8 +47,10 @@ def test_peer_killed_mid_round(tmp_path, tiny_base, spawn_node):
         assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
 
     ra, rb = _applied(a), _applied(b)
-    assert sorted(ra) == list(range(rounds)) and sorted(rb) == list(range(rounds))
-    assert all(math.isfinite(r["loss"]) for r in ra.values())
+    # a survivor whose part of the interrupted all-reduce was lost discards that round and takes the
+    # other survivor's state (it retries from the next round): at most the interrupted round is missing
+    assert len(set(range(rounds)) - set(ra)) <= 1 and len(set(range(rounds)) - set(rb)) <= 1, (sorted(ra), sorted(rb))
+    assert all(math.isfinite(r["loss"]) for r in [*ra.values(), *rb.values()])
     assert ra[rounds - 1]["hash"] == rb[rounds - 1]["hash"], "survivors must end with one adapter"
     # the survivors completed (or retried) a round within 2x the averaging timeout of the kill
     first_after = min(r["time"] for r in ra.values() if r["time"] > killed_at)
