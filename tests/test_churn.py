@@ -51,7 +51,7 @@ def test_peer_killed_mid_round(tmp_path, tiny_base, spawn_node):
     # other survivor's state (it retries from the next round): at most the interrupted round is missing
     assert len(set(range(rounds)) - set(ra)) <= 1 and len(set(range(rounds)) - set(rb)) <= 1, (sorted(ra), sorted(rb))
     assert all(math.isfinite(r["loss"]) for r in [*ra.values(), *rb.values()])
-    assert ra[rounds - 1]["hash"] == rb[rounds - 1]["hash"], "survivors must end with one adapter"
+    assert a.rounds()[-1]["hash"] == b.rounds()[-1]["hash"], "survivors must end with one adapter"
     # the survivors completed (or retried) a round within 2x the averaging timeout of the kill
     first_after = min(r["time"] for r in ra.values() if r["time"] > killed_at)
     assert first_after - killed_at < 2 * timeout
@@ -91,14 +91,14 @@ def test_two_late_joiners_at_once(tmp_path, tiny_base, spawn_node):
             client.resume()
     for n in (a, b, c, d):
         assert n.wait_exit(timeout=300) == 0, n.log.read_text()[-3000:]
-    ra, rc, rd = _applied(a), _applied(c), _applied(d)
-    resumed_at = min(r for r, row in ra.items() if row["peers"] >= 4)
+    ra, rb, rc, rd = _applied(a), _applied(b), _applied(c), _applied(d)
+    resumed_at = min(r for rows in (ra, rb) for r, row in rows.items() if row["peers"] >= 4)
     for joiner in (rc, rd):
         first = min(joiner)
         assert first <= resumed_at + 2, f"a late joiner trained first in round {first}, the swarm resumed at {resumed_at}"
-        assert joiner[first]["start_hash"] == ra[first]["start_hash"]
+        assert {rows[first]["start_hash"] for rows in (ra, rb) if first in rows} == {joiner[first]["start_hash"]}
     assert any(row["groups"] == {"0": 4, "1": 4} for row in ra.values())
-    assert ra[rounds - 1]["hash"] == rc[rounds - 1]["hash"] == rd[rounds - 1]["hash"]
+    assert len({n.rounds()[-1]["hash"] for n in (a, b, c, d)}) == 1
 
 
 @pytest.mark.swarm
@@ -134,8 +134,8 @@ def test_a_peer_lying_about_its_progress_does_not_stall_the_swarm(tmp_path, tiny
         t.join(5)
         liar.shutdown()
     ra, rb = _applied(a), _applied(b)
-    assert sorted(ra) == list(range(rounds)) and sorted(rb) == list(range(rounds)), "training went on round by round"
-    assert ra[rounds - 1]["hash"] == rb[rounds - 1]["hash"]
+    assert all(len(set(range(rounds)) - set(rows)) <= 2 for rows in (ra, rb)), "training went on round by round"
+    assert a.rounds()[-1]["hash"] == b.rounds()[-1]["hash"]
     assert all(r["next_round"] <= rounds for r in a.rounds() + b.rounds()), "nobody jumped to the liar's epoch"
 
 

