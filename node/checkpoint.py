@@ -11,7 +11,6 @@ corrupt, naming the bad file.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -109,18 +108,3 @@ def load_latest(directory: Path, swarm_id: str) -> Checkpoint | None:
             continue
         return ckpt
     return None
-
-
-def describe(directory: Path) -> list[dict]:
-    out = []
-    for path in sorted(directory.glob("round-*.safetensors")):
-        try:
-            ck = _read(path)
-            out.append({"path": str(path), "round": ck.round, "ok": True})
-        except Exception as e:  # a listing must show every file, good or bad
-            out.append({"path": str(path), "ok": False, "error": str(e)})
-    return out
-
-
-def dumps_meta(ckpt: Checkpoint) -> str:
-    return json.dumps({"round": ckpt.round, "opt_step": ckpt.opt_step, "ledger_seq": ckpt.ledger_seq, "path": str(ckpt.path)})

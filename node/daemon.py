@@ -245,8 +245,6 @@ class Node:
     # ------------------------------------------------------------------ start (side effects begin)
 
     def start(self) -> None:
-        from hivemind.utils import get_dht_time  # noqa: F401  (imported here: hivemind is heavy)
-
         from node import checkpoint
         from node.identity import write_libp2p_identity
         from node.ledger import Ledger, LedgerError
@@ -636,7 +634,6 @@ class Node:
         return self.cfg.max_rounds or self.manifest.rounds.max_rounds
 
     def run(self) -> int:
-        m = self.manifest
         self._install_signals()
         if self.cfg.min_peers > 1:
             self.swarm.announce(round=self.round, shards=list(self.trained))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from functools import partial

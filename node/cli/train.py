@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import sys
 
 from node.cli import UserError
 
