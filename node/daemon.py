@@ -245,19 +245,26 @@ class Node:
     # ------------------------------------------------------------------ start (side effects begin)
 
     def start(self) -> None:
+        m = self.manifest
+        # 1. join the DHT (p2pd reads the key from a private temp file) and check the swarm agrees with us.
+        # SIGINT/SIGTERM stay blocked while the children (DHT process, p2pd, averagers) are created, so they
+        # inherit the block: a Ctrl-C reaches the whole process group, and a child that died first would
+        # leave the drain hanging. This process gets the signal once unblocked (nothing is lost), drains,
+        # and stops the children in order.
+        self._saved_sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._start_network(m)
+        finally:
+            self._install_signals()  # hivemind's averagers reset SIGINT in this process; ours again
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._saved_sigmask)
+
+    def _start_network(self, m) -> None:
         from node import checkpoint
         from node.identity import write_libp2p_identity
         from node.ledger import Ledger, LedgerError
         from node.swarm.peer import Swarm, start_dht
         from node.swarm.validator import RecordsValidator
 
-        m = self.manifest
-        # 1. join the DHT (p2pd reads the key from a private temp file) and check the swarm agrees with us
-        # children (DHT process, p2pd, averagers) inherit "ignore SIGINT/SIGTERM": a Ctrl-C in the terminal
-        # reaches the whole process group, and a child that died first would leave the drain hanging.
-        # Only this process reacts, drains, and stops them in order (handlers installed in run()).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fd, tmp_key = tempfile.mkstemp(prefix="swarmtune-p2p-", suffix=".key")
         os.close(fd)
         try:
@@ -989,11 +996,16 @@ class NodeControlView:
         self.node.request_drain()
 
 
-def run_node(cfg: NodeConfig, export_dir: str | None = None) -> int:
+def run_node(cfg: NodeConfig, export_dir: str | None = None, stop: threading.Event | None = None) -> int:
     """Entry point of `swarmtune run`: prepare (validate), start, train, drain, optionally export."""
     node = Node(cfg)
+    if stop is not None:
+        node._drain = stop  # a stop requested before the node existed still counts
+    node._install_signals()  # a SIGTERM while the model loads stops the node before it joins
     node.prepare()
     try:
+        if node._drain.is_set():
+            return 0
         node.start()
         code = node.run()
         if export_dir:

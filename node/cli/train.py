@@ -36,6 +36,15 @@ def _field_doc(name: str) -> str:
 
 
 def cmd_run(args) -> int:
+    import signal
+    import threading
+
+    # catch a stop request from the first moment (imports and model loading take a while); the node
+    # installs its full drain handler on the same event later
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
     from node.config import FIELDS, ConfigError, load_node_config
     from node.daemon import NodeError, run_node
     from node.logs import setup_logging
@@ -49,7 +58,7 @@ def cmd_run(args) -> int:
         raise UserError(str(e)) from None
     setup_logging(cfg.log_level, json=cfg.log_format == "json")
     try:
-        return run_node(cfg, export_dir=args.export)
+        return run_node(cfg, export_dir=args.export, stop=stop)
     except (NodeError, ManifestError, SwarmError) as e:
         raise UserError(str(e)) from None
 
