@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from node.durable import fsync_dir
+
 logger = logging.getLogger(__name__)
 KEEP = 3
 
@@ -47,14 +49,6 @@ def _payload_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -69,7 +63,7 @@ def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_i
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; free disk space in {directory}") from None

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from node.durable import fsync_dir
 from protocol.peerid import marshal_private_key, peer_id_from_public_key
 from protocol.record import RECORD_VERSION, ZERO_HASH, KeyRotation, sign_rotation
 
@@ -101,11 +102,7 @@ def _write_private(path: Path, data: bytes) -> None:
             ) from None
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def generate_identity(path: str | os.PathLike) -> Identity:

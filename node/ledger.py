@@ -38,6 +38,8 @@ from typing import Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from node.durable import fsync_dir
+
 from protocol.peerid import peer_id_from_public_key
 from protocol.record import (
     RECORD_VERSION,
@@ -114,7 +116,7 @@ class Ledger:
             except BlockingIOError:
                 raise LedgerError(f"ledger {path} is in use by another process (is a swarmtune node running?)") from None
             if created:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
             contents = read_log(path)
             entries: list[tuple[bytes, ContributionRecord]] = []
             torn = contents.torn
@@ -221,14 +223,6 @@ def _check_next(entries: list[tuple[bytes, ContributionRecord]], blob: bytes) ->
     if record.round <= head.round:
         raise LedgerError(f"round {record.round} is not after the head's round {head.round}")
     return record
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- verification
