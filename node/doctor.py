@@ -24,7 +24,6 @@ Every DHT started here is shut down before the function that started it returns.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -32,9 +31,10 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+from node.swarm.probe import pull_bandwidth, serve_bandwidth_probe
+
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 
-BW_HANDLER = "swarmtune.doctor.bandwidth"
 BW_CHUNK = 256 * 1024
 BW_MAX_BYTES = 32 * 1024 * 1024
 BW_TIME_LIMIT = 3.0
@@ -191,7 +191,8 @@ def check_initial_peers(initial_peers: Sequence[str]) -> Check:
         answering = [pid for pid in ids if rtts.get(pid) is not None]
         if answering:
             got, seconds, error = dht.run_coroutine(partial(
-                _pull_bandwidth, peer_id=answering[0], total=BW_MAX_BYTES, chunk=BW_CHUNK, time_limit=BW_TIME_LIMIT))
+                pull_bandwidth, peer_id=answering[0], total=BW_MAX_BYTES, chunk=BW_CHUNK, time_limit=BW_TIME_LIMIT),
+                return_future=True).result(timeout=BW_TIME_LIMIT + 10)
             if error is None and got:
                 bandwidth = f"; bandwidth from {answering[0][:16]}…: {got / 1e6 / max(seconds, 1e-9):.1f} MB/s"
             elif error and "not supported" in error:
@@ -212,51 +213,6 @@ def check_initial_peers(initial_peers: Sequence[str]) -> Check:
     return Check(name, PASS, "round trip " + "; ".join(parts) + bandwidth)
 
 
-async def _bw_stream(request, _context):
-    """Runs in the serving DHT process: stream `size[0]` zero bytes in chunks of `size[1]`."""
-    from hivemind.proto import runtime_pb2
-
-    total, chunk = int(request.size[0]), max(1, min(int(request.size[1]), 1 << 20))
-    payload = bytes(chunk)
-    sent = 0
-    while sent < total:
-        n = min(chunk, total - sent)
-        yield runtime_pb2.Tensor(buffer=payload if n == chunk else payload[:n])
-        sent += n
-
-
-async def _serve_bandwidth(_dht, node) -> None:
-    from hivemind.proto import runtime_pb2
-
-    await node.p2p.add_protobuf_handler(BW_HANDLER, _bw_stream, runtime_pb2.Tensor, stream_output=True)
-
-
-async def _pull_bandwidth(_dht, node, peer_id: str, total: int, chunk: int, time_limit: float):
-    """Runs in the pulling DHT process: (bytes received, seconds, error text or None); never raises."""
-    from hivemind.p2p import PeerID
-    from hivemind.proto import runtime_pb2
-
-    got = 0
-    t0 = time.perf_counter()
-    try:
-        stream = await node.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), BW_HANDLER, runtime_pb2.Tensor(size=[total, chunk]), runtime_pb2.Tensor
-        )
-        async with contextlib.aclosing(stream):
-            async for msg in stream:
-                got += len(msg.buffer)
-                if time.perf_counter() - t0 > time_limit:
-                    break
-    except Exception as e:  # returned, not raised: hivemind would log a traceback from the DHT process
-        return got, time.perf_counter() - t0, f"{type(e).__name__}: {e}"
-    return got, time.perf_counter() - t0, None
-
-
-def serve_bandwidth_probe(dht) -> None:
-    """Let `swarmtune doctor` on other machines measure their bandwidth from this DHT's peer (bounded streams)."""
-    dht.run_coroutine(_serve_bandwidth)
-
-
 def check_bandwidth(server, client, *, total: int = BW_MAX_BYTES, time_limit: float = BW_TIME_LIMIT,
                     warn_below_mbps: float = BW_WARN_MBPS) -> Check:
     """Stream up to `total` bytes (or `time_limit` s) from `server`'s p2pd to `client`'s; MB/s."""
@@ -264,8 +220,9 @@ def check_bandwidth(server, client, *, total: int = BW_MAX_BYTES, time_limit: fl
     try:
         serve_bandwidth_probe(server)
         got, seconds, error = client.run_coroutine(
-            partial(_pull_bandwidth, peer_id=str(server.peer_id), total=total, chunk=BW_CHUNK, time_limit=time_limit)
-        )
+            partial(pull_bandwidth, peer_id=str(server.peer_id), total=total, chunk=BW_CHUNK, time_limit=time_limit),
+            return_future=True,
+        ).result(timeout=time_limit + 10)
         if error:
             raise RuntimeError(error)
     except Exception as e:

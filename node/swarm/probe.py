@@ -1,0 +1,65 @@
+"""A bounded bandwidth probe between two peers' p2p daemons.
+
+Every node serves it. `swarmtune doctor` uses it to tell a newcomer how fast its link to the
+swarm is, and a node uses it before its first all-reduce with peers to set its averaging
+deadline from a measurement rather than a guess (see node/swarm/deadline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+BW_HANDLER = "swarmtune.doctor.bandwidth"  # the name peers already serve; kept for compatibility
+
+
+async def _bw_stream(request, _context):
+    """Runs in the serving DHT process: stream `size[0]` zero bytes in chunks of `size[1]`."""
+    from hivemind.proto import runtime_pb2
+
+    total, chunk = int(request.size[0]), max(1, min(int(request.size[1]), 1 << 20))
+    payload = bytes(chunk)
+    sent = 0
+    while sent < total:
+        n = min(chunk, total - sent)
+        yield runtime_pb2.Tensor(buffer=payload if n == chunk else payload[:n])
+        sent += n
+
+
+async def _serve_bandwidth(_dht, node) -> None:
+    from hivemind.proto import runtime_pb2
+
+    await node.p2p.add_protobuf_handler(BW_HANDLER, _bw_stream, runtime_pb2.Tensor, stream_output=True)
+
+
+async def pull_bandwidth(_dht, node, peer_id: str, total: int, chunk: int, time_limit: float):
+    """Runs in the pulling DHT process: (bytes received, seconds, error text or None); never raises."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+
+    got = 0
+    t0 = time.perf_counter()
+
+    async def consume(stream) -> None:
+        nonlocal got
+        async for msg in stream:
+            got += len(msg.buffer)
+
+    try:
+        stream = await node.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer_id), BW_HANDLER, runtime_pb2.Tensor(size=[total, chunk]), runtime_pb2.Tensor
+        )
+        # stop at the time limit by cancelling the reader: breaking out of the loop and closing hivemind's
+        # stream generator from outside raced with it ("aclose(): asynchronous generator is already running")
+        # and left the caller's future unresolved
+        await asyncio.wait_for(consume(stream), timeout=time_limit)
+    except asyncio.TimeoutError:
+        pass  # what arrived in time is the measurement
+    except Exception as e:  # returned, not raised: hivemind would log a traceback from the DHT process
+        return got, time.perf_counter() - t0, f"{type(e).__name__}: {e}"
+    return got, time.perf_counter() - t0, None
+
+
+def serve_bandwidth_probe(dht) -> None:
+    """Let `swarmtune doctor` on other machines measure their bandwidth from this DHT's peer (bounded streams)."""
+    dht.run_coroutine(_serve_bandwidth)
