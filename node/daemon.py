@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import tempfile
 import threading
@@ -39,6 +40,7 @@ logger = logging.getLogger("swarmtune.node")
 
 BUILTIN_BASE = "builtin:tiny"
 BUILTIN_DATA = "builtin:task"
+DISTRUST_S = 600.0  # seconds a donor whose state failed a check is not asked again
 
 
 class NodeError(RuntimeError):
@@ -136,6 +138,9 @@ class Node:
         self._split_noticed = False
         self._waiting_for_split = False
         self._prev_hashes: dict[int, str] = {}  # shard hashes at the start of the previous round
+        self._distrusted: dict[str, float] = {}  # donors whose state failed a check -> until when they are skipped
+        self._donors: dict[int, str] = {}  # shard -> who sent the state loaded last
+        self._probed_at = float("-inf")
 
     # ------------------------------------------------------------------ prepare (no side effects on failure)
 
@@ -304,7 +309,7 @@ class Node:
         self.swarm = Swarm(
             dht, swarm_id=self.swarm_id, shard_sizes=sizes, trained_shards=self.trained,
             matchmaking_time=m.averaging.matchmaking_time, allreduce_timeout=m.averaging.timeout,
-            peer_ttl=m.averaging.peer_ttl,
+            peer_ttl=m.averaging.peer_ttl, initial_peers=self.cfg.initial_peers,
         )
         if self.swarm.peer_id != self.identity.peer_id:
             logger.warning("p2p peer id %s differs from the identity key's %s", self.swarm.peer_id, self.identity.peer_id)
@@ -324,7 +329,7 @@ class Node:
 
         self.control = ControlServer(self.cfg.socket_path, NodeControlView(self))
         self.control.start()
-        from node.doctor import serve_bandwidth_probe
+        from node.swarm.probe import serve_bandwidth_probe
 
         serve_bandwidth_probe(dht)  # lets `swarmtune doctor` on a newcomer's machine measure bandwidth to us
 
@@ -380,10 +385,10 @@ class Node:
         """Download shards from peers; returns {shard: round} of what was loaded."""
         loaded = {}
         for k in shards:
-            got = self.swarm.download_state(k, timeout=self.manifest.averaging.timeout)
+            got = self.swarm.download_state(k, self._donors_for(k), timeout=self.swarm.download_timeout(k))
             if got is None:
                 continue
-            meta, tensors = got
+            donor, meta, tensors = got
             try:
                 r, h, step, sid = int(meta["round"]), str(meta["hash"]), int(meta["step"]), meta["swarm"]
             except (KeyError, TypeError, ValueError):
@@ -399,13 +404,35 @@ class Node:
                 logger.warning("shard %d: peer state does not fit (%s); ignored", k, e)
                 continue
             if self.adapter.shard_hash(k) != h:
-                logger.warning("shard %d: downloaded state does not match its advertised hash; discarded", k)
+                logger.warning("shard %d: the state from %s… does not match its advertised hash; discarded, and that peer "
+                               "is not asked again for %.0f s", k, donor[:16], DISTRUST_S)
+                self._distrust(donor)
                 self.trainer.load_shard_state(k, backup, old_step)
                 continue
             if k in self.trained:
                 self.trainer.opt_step = step
             loaded[k] = r
+            self._donors[k] = donor
         return loaded
+
+    def _distrust(self, donor: str) -> None:
+        self._distrusted[donor] = time.monotonic() + DISTRUST_S
+
+    def _donors_for(self, k: int) -> list[str]:
+        """Who to ask for shard k's state, best first: peers holding the state most peers agree on (the
+        largest group of equal (round, hash) claims, later rounds first), then the rest; shuffled within
+        each group so that newcomers arriving together spread over donors. Peers whose state failed a
+        check recently are left out."""
+        now = time.monotonic()
+        self._distrusted = {p: t for p, t in self._distrusted.items() if t > now}
+        holders = {p: i for p, i in self.swarm.peers().items()
+                   if p != self.peer_id and not i.syncing and k in i.shards and p not in self._distrusted}
+        votes = Counter((i.round, i.shard_hashes.get(k)) for i in holders.values())
+        rank = {claim: n for n, claim in enumerate(sorted(votes, key=lambda c: (votes[c], c[0]), reverse=True))}
+        order = list(holders)
+        random.shuffle(order)
+        order.sort(key=lambda p: rank[(holders[p].round, holders[p].shard_hashes.get(k))])
+        return order
 
     def resync(self, *, required: bool, attempts: int = 20, want_shard_hash: tuple[int, str] | None = None,
                allow_older: bool = False) -> bool:
@@ -418,6 +445,7 @@ class Node:
         self.live.state = "syncing"
         self.swarm.announce(syncing=True)
         try:
+            before = self.round
             for attempt in range(attempts if required else 1):
                 if self._drain.is_set():
                     return False
@@ -434,7 +462,8 @@ class Node:
                     if self.metrics:
                         self.metrics.on_state_sync()
                     logger.info("synced adapter and optimizer state from peers: round %d, hash %s…", self.round, self.adapter.state_hash()[:12])
-                    if want_shard_hash is None:
+                    if want_shard_hash is None and self.round > before:
+                        # we were behind, and the peers are already computing this round without us
                         self._join_next_round()
                     return True
                 for k in self.trained:  # a mix of rounds is worse than our own consistent state
@@ -486,6 +515,11 @@ class Node:
             h = self.adapter.shard_hash(k)
             agree = sum(1 for i in at_round if i.shard_hashes.get(k) == h)
             if agree * 2 <= len([i for i in at_round if k in i.shard_hashes]):
+                donor = self._donors.get(k)
+                if donor:
+                    logger.warning("shard %d: the state from %s… is not what most peers at round %d hold; that peer is "
+                                   "not asked again for %.0f s", k, donor[:16], round_, DISTRUST_S)
+                    self._distrust(donor)
                 return False
         return True
 
@@ -647,6 +681,7 @@ class Node:
             peers = self.swarm.wait_for_peers(self.cfg.min_peers, self.cfg.peer_wait)
             if len(peers) < self.cfg.min_peers:
                 logger.warning("only %d of %d peers visible after %.0f s; starting anyway", len(peers), self.cfg.min_peers, self.cfg.peer_wait)
+        self._probe_link()
         self.catch_up()
         self.publish_states()
         self.swarm.announce(round=self.round, shards=list(self.trained), hashes=self._shard_hashes())
@@ -662,6 +697,8 @@ class Node:
                     time.sleep(0.2)
                     continue
                 self.live.state = "training"
+                if self.swarm.deadline.throughput is None and time.monotonic() - self._probed_at > 60:
+                    self._probe_link()
                 if self._behind_or_split():
                     continue
                 res = self.run_round()
@@ -680,6 +717,25 @@ class Node:
         self.live.state = "stopped"
         return 0
 
+    def _probe_link(self) -> None:
+        """Measure the link to one peer before averaging with it, so that the first all-reduce gets a
+        deadline that fits the link (a too-short deadline cancels the transfer halfway)."""
+        self._probed_at = time.monotonic()
+        others = [p for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing
+                  and set(i.shards) & set(self.trained)]
+        if not others:
+            return
+        peer = random.choice(others)
+        rate = self.swarm.measure_link(peer)
+        if rate:
+            sizes = self.swarm.shard_sizes
+            from node.swarm.deadline import allreduce_bytes
+            from node.swarm.peer import BYTES_PER_VALUE
+
+            planned = sum(allreduce_bytes(BYTES_PER_VALUE * sizes[k], len(others) + 1) for k in self.trained)
+            logger.info("link to %s…: %.1f Mbit/s measured; averaging deadline %.1f s for %.1f MB each way",
+                        peer[:16], rate * 8 / 1e6, self.swarm.deadline.seconds_for(planned), planned / 1e6)
+
     def _behind_or_split(self) -> bool:
         """Check the swarm before a round; True when this node had to resync instead of training.
 
@@ -689,11 +745,14 @@ class Node:
         and the other side takes its state, so the swarm converges back to one adapter.
         """
         others = {p: i for p, i in self.swarm.peers().items() if p != self.peer_id and not i.syncing}
-        if self._minority(others) and self.manifest.averaging.on_split == "wait":
-            if not self._waiting_for_split:
+        minority, just_lost = self._minority(others)
+        if self.manifest.averaging.on_split == "wait" and (minority or just_lost):
+            # a peer missing for less than peer_ttl may be a slow DHT, not a split: with "wait", do not
+            # train without it until that is clear
+            if minority and not self._waiting_for_split:
                 logger.warning("this node sees under half of the swarm: waiting for the others to come back "
                                "([averaging] on_split = 'wait'); it resyncs with them when the split heals")
-            self._waiting_for_split = True
+            self._waiting_for_split = minority
             self.live.state = "paused"
             time.sleep(1.0)
             return True
@@ -728,20 +787,28 @@ class Node:
             return True
         return False
 
-    def _minority(self, others: dict) -> bool:
-        """Whether this node now sees less than half of the swarm it saw recently (a partition, not departures).
+    def _minority(self, others: dict) -> tuple[bool, bool]:
+        """(minority, just_lost): whether this node now sees less than half of the swarm it saw recently
+        (a partition, not departures), and whether a peer went missing less than peer_ttl ago.
 
-        A peer counts as visible if seen in the last peer_ttl seconds (one failed DHT lookup is not a
-        split), and as known if seen in the last max(120 s, 10 peer_ttl) and not announced gone."""
+        Visible: listed by the DHT now (a peer stays listed until its heartbeat expires, whatever one
+        lookup returns). Known: seen in the last max(120 s, 10 peer_ttl), or the last hour with
+        on_split = "wait", and not announced gone."""
         now = time.time()
         for p in others:
             self._seen[p] = now
-        ttl = self.manifest.averaging.peer_ttl
-        memory = max(120.0, 10 * ttl)
+        # a node that waits out a split must remember whom it waits for; one that trains on only needs
+        # the memory for its warning
+        if self.manifest.averaging.on_split == "wait":
+            from node.swarm.peer import REDIAL_FOR
+
+            memory = REDIAL_FOR
+        else:
+            memory = max(120.0, 10 * self.manifest.averaging.peer_ttl)
         for p in list(self._seen):
             if p in self.swarm.left or now - self._seen[p] > memory:
                 del self._seen[p]
-        visible = sum(1 for t in self._seen.values() if now - t <= ttl)
+        visible = sum(1 for p in self._seen if p in others)
         missing = len(self._seen) - visible
         if missing and not self._split_noticed:
             logger.warning("lost contact with %d of %d peers (a network split or crashed peers); %d still visible",
@@ -749,7 +816,11 @@ class Node:
         elif not missing and self._split_noticed:
             logger.info("all %d known peers are visible again", len(self._seen))
         self._split_noticed = bool(missing)
-        return (visible + 1) * 2 < len(self._seen) + 1
+        if self.metrics:
+            self.metrics.set_missing_peers(missing)
+        ttl = self.manifest.averaging.peer_ttl
+        just_lost = any(p not in others and now - t <= ttl for p, t in self._seen.items())
+        return (visible + 1) * 2 < len(self._seen) + 1, just_lost
 
     def coverage(self) -> dict[int, int]:
         """Trainers per shard as the DHT shows them (this node included)."""
@@ -775,6 +846,8 @@ class Node:
             "shard_hashes": {str(k): self.adapter.shard_hash(k) for k in range(self.adapter.num_shards)},
             "coverage": {str(k): v for k, v in self.coverage().items()}, "seconds": round(res.seconds, 4), "compute_s": round(res.compute_seconds, 4),
             "averaging_s": round(res.averaging_seconds, 4), "peers": len(self.live.peers), "time": time.time(),
+            "deadline_s": round(self.swarm.allreduce_timeout, 2),
+            "link_mbit": round(self.swarm.deadline.throughput * 8 / 1e6, 2) if self.swarm.deadline.throughput else None,
         }
         progress.write(json.dumps(entry) + "\n")
         self._warn_uncovered()
@@ -791,7 +864,7 @@ class Node:
                 round=self.round, loss=res.loss, samples=res.samples, tokens=res.tokens,
                 samples_per_s=self.live.samples_per_s,
             )
-            self.metrics.on_averaging(res.averaging_seconds, ok=not res.resync)
+            self.metrics.on_averaging(res.averaging_seconds, ok=not res.resync, deadline=self.swarm.allreduce_timeout)
             self.metrics.set_peers(max(0, len(self.live.peers) - 1))
         loss = f"{res.loss:.4f}" if res.loss is not None else "-"
         logger.info(

@@ -82,7 +82,7 @@ class RoundSection:
 @dataclass(frozen=True)
 class AveragingSection:
     matchmaking_time: float = 2.0  # seconds a leader waits for groupmates (hivemind default 15 s is for big swarms)
-    timeout: float = 30.0  # seconds for one all-reduce before the round is retried / resynced
+    timeout: float = 30.0  # all-reduce deadline before the link is measured, and its floor (node/swarm/deadline.py)
     fixed_point_bits: int = 30  # gradients are summed as exact integers scaled by 2**bits (bit-identical peers)
     peer_ttl: float = 30.0  # seconds a peer stays listed in the DHT after its last heartbeat
     on_split: str = "train"  # when this node sees under half the peers it recently saw: train (with whoever is visible) | wait

@@ -42,10 +42,17 @@ class NodeMetrics:
         self.tokens_per_s = Gauge("swarmtune_tokens_per_second", "Local throughput over the last round.", registry=r)
         self.round_seconds = Gauge("swarmtune_round_seconds", "Duration of the last round.", registry=r)
         self.peers = Gauge("swarmtune_peers", "Peers seen in the swarm, this node excluded.", registry=r)
+        self.missing_peers = Gauge(
+            "swarmtune_peers_missing", "Peers seen recently that are not visible now (a partition or crashed peers).", registry=r
+        )
         self.shards = Gauge("swarmtune_shards_trained", "Adapter shards this node trains.", registry=r)
         self.averaging_seconds = Histogram(
             "swarmtune_averaging_seconds", "Time of one gradient averaging step (matchmaking + all-reduce).",
             buckets=AVERAGING_BUCKETS, registry=r,
+        )
+        self.averaging_deadline = Gauge(
+            "swarmtune_averaging_deadline_seconds", "Current all-reduce deadline (from measured link throughput and adapter size).",
+            registry=r,
         )
         self.averaging_failures = Counter(
             "swarmtune_averaging_failures", "Averaging steps that failed or timed out.", registry=r
@@ -105,8 +112,10 @@ class NodeMetrics:
         if peers is not None:
             self.peers.set(peers)
 
-    def on_averaging(self, seconds: float, ok: bool = True) -> None:
+    def on_averaging(self, seconds: float, ok: bool = True, deadline: float | None = None) -> None:
         self.averaging_seconds.observe(seconds)
+        if deadline is not None:
+            self.averaging_deadline.set(deadline)
         if not ok:
             self.averaging_failures.inc()
 
@@ -126,6 +135,9 @@ class NodeMetrics:
 
     def set_peers(self, peers: int) -> None:
         self.peers.set(peers)
+
+    def set_missing_peers(self, count: int) -> None:
+        self.missing_peers.set(count)
 
     def set_shards(self, count: int) -> None:
         self.shards.set(count)

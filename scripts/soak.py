@@ -117,16 +117,27 @@ def main() -> None:
     ledgers = [str(next((h / "swarms").glob("*/ledger.jsonl"))) for h in homes]
     verify = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger", *ledgers],
                             capture_output=True, text=True, cwd=REPO)
-    finals = []
+    finals, rows_by_node = [], []
     for h in homes:
         rows = [json.loads(line) for line in next((h / "swarms").glob("*/rounds.jsonl")).read_text().splitlines() if line]
+        rows_by_node.append(rows)
         finals.append({"round": rows[-1]["next_round"], "hash": rows[-1]["hash"]})
+    # nodes stopped by SIGTERM finish different rounds: compare the adapter after the last round all of them completed
+    common = min(f["round"] for f in finals)
+    at_common = [next((r["hash"] for r in reversed(rows) if r["applied"] and r["next_round"] == common), None)
+                 for rows in rows_by_node]
     growth = {f"node{i}": series[-1][f"node{i}"]["rss_mb"] - series[0][f"node{i}"]["rss_mb"] for i in range(3)} if len(series) > 1 else {}
+    # node0 is never restarted: its RSS after warm-up (the first 3 samples) is the leak signal
+    steady = [row["node0"]["rss_mb"] for row in series[3:]]
     out = {
         "minutes": args.minutes, "restarts": restarts, "exit_codes": codes, "series": series,
-        "rss_growth_mb_first_to_last": growth, "processes_left": leftover + groups_alive, "hivemind_sockets_left": socks_left,
-        "ledgers_verify": verify.returncode == 0, "final": finals,
-        "adapters_identical_at_end": len({f["hash"] for f in finals if f["round"] == max(x["round"] for x in finals)}) == 1,
+        "rss_growth_mb_first_to_last": growth,
+        "node0_rss_mb_after_warmup": {"first": steady[0], "last": steady[-1], "min": min(steady), "max": max(steady)} if steady else None,
+        "fds": {f"node{i}": [series[0][f"node{i}"]["fds"], series[-1][f"node{i}"]["fds"]] for i in range(3)} if series else None,
+        "processes_left": leftover + groups_alive, "hivemind_sockets_left": socks_left,
+        "ledgers_verify": verify.returncode == 0, "ledger_verify_output": verify.stdout[-2000:] + verify.stderr[-2000:], "final": finals,
+        "common_round": common, "hashes_at_common_round": at_common,
+        "adapters_identical_at_end": None not in at_common and len(set(at_common)) == 1,
     }
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps({k: v for k, v in out.items() if k != "series"}, indent=2))

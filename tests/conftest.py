@@ -73,6 +73,14 @@ def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task
     return path
 
 
+def verify_ledgers(manifest: Path, *nodes: "NodeProc") -> str:
+    """`swarmtune ledger verify` over the nodes' ledgers, as a user runs it; returns its output."""
+    out = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger",
+                          *[str(n.workdir / "ledger.jsonl") for n in nodes]], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 class NodeProc:
     """One `swarmtune run` process with its own home folder."""
 

@@ -16,17 +16,11 @@ import pytest
 
 from node.cli import main
 from node.control import ControlClient
-from tests.conftest import REPO, write_test_manifest
+from tests.conftest import REPO, verify_ledgers, write_test_manifest
 
 
 def _applied(node):
     return {r["round"]: r for r in node.rounds() if r["applied"]}
-
-
-def _verify(manifest, *nodes):
-    out = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger",
-                          *[str(n.workdir / "ledger.jsonl") for n in nodes]], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.swarm
@@ -60,7 +54,7 @@ def test_peer_killed_mid_round(tmp_path, tiny_base, spawn_node):
     c_rounds = [r["round"] for r in c.rounds() if r["applied"]]
     last_c = max(c_rounds)
     assert all(g == {"0": 2, "1": 2} for r, row in ra.items() if r > last_c + 1 for g in [row["groups"]])
-    _verify(manifest, a, b, c)
+    verify_ledgers(manifest, a, b, c)
     credit = subprocess.run([sys.executable, "-m", "node", "credit", "--json", "--manifest", str(manifest), "--ledger",
                              *[str(n.workdir / "ledger.jsonl") for n in (a, b, c)]], capture_output=True, text=True, cwd=REPO)
     assert credit.returncode == 0, credit.stderr
@@ -170,3 +164,78 @@ def test_p2p_daemon_bad_address_and_unreachable_peer(tmp_path, tiny_base, capsys
     err = capsys.readouterr().err
     assert "none of the initial peers" in err and "attempt 2 of 3" in err, err
     assert time.time() - t0 < 150, "the retry policy is bounded"
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(360)
+def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, tiny_base, spawn_node):
+    """A peer advertises the swarm's round and adapter hash, declares the highest state-sharing priority
+    (hivemind's own loader would always pick it first), and serves a corrupted adapter. Two late joiners
+    must end up with the honest state, stop asking the liar, and train with the swarm."""
+    import hivemind
+    from hivemind.utils import get_dht_time
+
+    from node.manifest import load_manifest
+    from node.swarm.peer import ShardAverager
+
+    rounds = 8
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})
+    swarm_id = load_manifest(manifest).swarm_id
+    a = spawn_node(manifest, "a", "--min-peers", "1")
+    peers = a.wait_info()["maddrs"]
+    a.wait_round(3, timeout=180)
+    with ControlClient(a.home / "node.sock") as client:
+        client.pause()
+    a_id = a.info()["peer_id"]
+
+    liar = hivemind.DHT(initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    averagers = [ShardAverager(1, dht=liar, prefix=f"{swarm_id}/shard-{k}", start=True, allow_state_sharing=True,
+                                   min_group_size=2, declare_state_period=2.0) for k in range(2)]
+    stop = threading.Event()
+    try:
+        entry = None
+        for _ in range(100):
+            found = liar.get(f"{swarm_id}/peers", latest=True)
+            entry = found and found.value.get(a_id)
+            if entry is not None and entry.value.get("hashes"):
+                break
+            time.sleep(0.2)
+        honest = entry.value
+        for k, avg in enumerate(averagers):
+            avg.state_sharing_priority = 1e9
+            meta, tensors = avg.load_state_from_peers(timeout=30)  # the honest state, from a
+            bad = [t.clone() for t in tensors]
+            bad[0] += 0.5  # corrupt one LoRA matrix, keep the honest metadata (round, hash)
+            avg.publish_state(meta, bad)
+
+        def lie():  # the honest peer's claim (round, shards, hashes), under the liar's id
+            while not stop.is_set():
+                liar.store(f"{swarm_id}/peers", subkey=str(liar.peer_id), expiration_time=get_dht_time() + 10,
+                           value=dict(honest, maddrs=[str(m) for m in liar.get_visible_maddrs()]))
+                stop.wait(1.0)
+
+        t = threading.Thread(target=lie, daemon=True)
+        t.start()
+        time.sleep(2.0)
+        c = spawn_node(manifest, "c", "--initial-peers", *peers)
+        d = spawn_node(manifest, "d", "--initial-peers", *peers)
+        for n in (c, d):
+            n.wait_log("synced adapter and optimizer state from peers", timeout=240)
+        with ControlClient(a.home / "node.sock") as client:
+            client.resume()
+        for n in (a, c, d):
+            assert n.wait_exit(timeout=300) == 0, n.log.read_text()[-3000:]
+    finally:
+        stop.set()
+        for avg in averagers:
+            avg.shutdown()
+        liar.shutdown()
+    ra, rc, rd = _applied(a), _applied(c), _applied(d)
+    for joiner in (rc, rd):
+        first = min(joiner)
+        assert joiner[first]["start_hash"] == ra[first]["start_hash"], "a joiner started from a state the swarm never held"
+    assert len({n.rounds()[-1]["hash"] for n in (a, c, d)}) == 1
+    # whenever the liar was asked, the joiner caught it and stopped asking it
+    logs = c.log.read_text() + d.log.read_text()
+    if "does not match its advertised hash" in logs:
+        assert "is not asked again" in logs and str(liar.peer_id)[:16] in logs

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from node.control import ControlClient
-from tests.conftest import REPO, write_test_manifest
+from tests.conftest import verify_ledgers, write_test_manifest
 
 pytestmark = pytest.mark.swarm
 
@@ -51,9 +51,7 @@ def test_sigterm_drains_and_resume_matches_uninterrupted_run(tmp_path, tiny_base
     for r in range(rounds):
         assert abs(got[r] - ref[r]) / ref[r] < 0.01, f"round {r}: resumed {got[r]} vs uninterrupted {ref[r]}"
     # one record per round in the ledger despite the replayed round, and it verifies
-    out = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest),
-                          "--ledger", str(resumed.workdir / "ledger.jsonl")], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout + out.stderr
+    verify_ledgers(manifest, resumed)
     assert node.rounds()[-1]["hash"] != "" and resumed.rounds()[-1]["hash"] == reference.rounds()[-1]["hash"]
 
 
@@ -89,9 +87,7 @@ def test_sigkill_restart_rejoins_and_ledger_verifies(tmp_path, tiny_base, spawn_
     assert rows[-1]["next_round"] == rounds and rows[-1]["hash"] == a.rounds()[-1]["hash"], "rejoined and ended identical"
     ckpt_round = int(restarted.log.read_text().split("resumed from checkpoint round-")[1][:8])
     assert done_before - ckpt_round <= 1, "at most the round in progress is lost"
-    out = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger",
-                          str(b.workdir / "ledger.jsonl"), str(a.workdir / "ledger.jsonl")], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout + out.stderr
+    verify_ledgers(manifest, b, a)
 
 
 @pytest.mark.timeout(120)

@@ -8,15 +8,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
 from node.control import ControlClient
 
-from tests.conftest import REPO, write_test_manifest
+from tests.conftest import verify_ledgers, write_test_manifest
 
 pytestmark = pytest.mark.swarm
 
@@ -84,12 +82,7 @@ def test_three_nodes_stay_identical_and_late_joiner_syncs(tmp_path, tiny_base, s
     assert any(row["groups"] == {"0": 4, "1": 4} for row in rl.values()), [row["groups"] for row in rl.values()]
 
     # every node's ledger verifies offline against the manifest, one record per round trained
-    ledgers = [str(n.workdir / "ledger.jsonl") for n in (a, b, c, late)]
-    out = subprocess.run(
-        [sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger", *ledgers],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    verify_ledgers(manifest, a, b, c, late)
 
     # the exported adapter is standard PEFT: stock from_pretrained loads it and it generates
     import torch
