@@ -892,6 +892,7 @@ class Node:
         if self.ledger is not None:
             self.ledger.close()
         _stop_children(timeout=5.0)
+        _remove_stale_sockets()
 
     # control hooks
     def request_drain(self) -> None:
@@ -928,6 +929,37 @@ def _stop_children(timeout: float) -> None:
         if child.is_alive():
             child.kill()
             child.join(1)
+
+
+def _remove_stale_sockets(pattern: str = "/tmp/hivemind-*.sock") -> int:
+    """hivemind's p2p clients leave their unix sockets behind when their process exits. Remove those
+    nobody listens on any more (a live node's sockets accept connections and are kept)."""
+    import glob
+    import socket
+    import stat
+
+    removed = 0
+    for path in glob.glob(pattern):
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            try:
+                sock.connect(path)
+                continue  # a live listener
+            except ConnectionRefusedError:
+                pass
+            except OSError:
+                continue  # not ours to judge (permissions, a path that vanished)
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 MEMBERS_KEY = "swarmtune/members"

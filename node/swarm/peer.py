@@ -57,7 +57,8 @@ REDIAL_FOR = 3600.0  # seconds a peer that vanished is still re-dialled (a parti
 REDIAL_BATCH = 16  # peers re-dialled per heartbeat at most
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
-CONNECT_TIMEOUT_S = 5.0  # opening a connection or a stream to a peer (latency-bound, not size-bound)
+CONNECT_TIMEOUT_S = 5.0
+MAX_DONORS = 4  # donors tried per state download  # opening a connection or a stream to a peer (latency-bound, not size-bound)
 
 
 def encode_limbs(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class ShardAverager(DecentralizedAverager):
 
         future = MPFuture()
         self._outer_pipe.send(("_set_deadline", [], dict(seconds=seconds, future=future)))
-        future.result()
+        future.result(timeout=30)
 
     async def _download_state_from(self, donors: list[str], chunk_timeout: float, future) -> None:
         """Runs in the averager process: hivemind's state download, but from donors the caller chose, in
@@ -640,8 +641,8 @@ class Swarm:
         (donor, metadata, tensors), or None."""
         if not donors:
             return None
-        try:
-            result = self.averagers[shard].download_state_from(donors, timeout=timeout)
+        try:  # a handful of donors bounds the worst case; the next resync asks again
+            result = self.averagers[shard].download_state_from(list(donors)[:MAX_DONORS], timeout=timeout)
         except Exception as e:
             logger.warning("shard %d: state download failed: %s", shard, e)
             return None
