@@ -138,6 +138,11 @@ def main() -> None:
     ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--out", default="bench_shards.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--device", help="override the preset's device (e.g. run the gpu preset's shapes on cpu as a smoke test)")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="override the preset's model shapes")
+    ap.add_argument("--seq", type=int, help="override the sequence length")
+    ap.add_argument("--microbatch", type=int, help="override the microbatch size")
+    ap.add_argument("--steps", type=int, help="override the number of timed steps")
     ap.add_argument("--swarms", type=int, default=0, metavar="ROUNDS",
                     help="also run a mixed-shard 3-node swarm vs an all-shards one for ROUNDS rounds and compare losses")
     args = ap.parse_args()
@@ -153,6 +158,8 @@ def main() -> None:
     else:
         specs = [dict(device="cuda", shape=shape, dtype="bfloat16", quant=q, microbatch=4, seq=1024, steps=5, shards=s)
                  for shape in ("qwen2.5-0.5b", "llama-3-8b") for q in ("none", "nf4") for s in ("all", "upper")]
+    overrides = {k: getattr(args, k) for k in ("device", "seq", "microbatch", "steps") if getattr(args, k) is not None}
+    specs = [dict(spec, **overrides) for spec in specs if not args.shapes or spec["shape"] in args.shapes]
     results = [run(s) for s in specs]
     pairs = {}
     for r in results:

@@ -91,7 +91,8 @@ def main() -> None:
             time.sleep(30)
             series.append({"t": round(time.time() - t0), **{f"node{i}": group_stats(p.pid) for i, p in enumerate(procs)}})
             print(json.dumps(series[-1]), flush=True)
-            if time.time() - last_restart > args.restart_every:
+            # no restart in the last minute: a node stopped while still starting up has nothing to drain
+            if time.time() - last_restart > args.restart_every and time.time() - t0 < args.minutes * 60 - 60:
                 p = procs[victim]
                 p.send_signal(signal.SIGTERM)
                 p.wait(timeout=120)
