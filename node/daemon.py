@@ -728,11 +728,7 @@ class Node:
         peer = random.choice(others)
         rate = self.swarm.measure_link(peer)
         if rate:
-            sizes = self.swarm.shard_sizes
-            from node.swarm.deadline import allreduce_bytes
-            from node.swarm.peer import BYTES_PER_VALUE
-
-            planned = sum(allreduce_bytes(BYTES_PER_VALUE * sizes[k], len(others) + 1) for k in self.trained)
+            planned = self.swarm.allreduce_bytes({k: len(others) + 1 for k in self.trained})
             logger.info("link to %s…: %.1f Mbit/s measured; averaging deadline %.1f s for %.1f MB each way",
                         peer[:16], rate * 8 / 1e6, self.swarm.deadline.seconds_for(planned), planned / 1e6)
 

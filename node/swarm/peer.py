@@ -57,8 +57,8 @@ REDIAL_FOR = 3600.0  # seconds a peer that vanished is still re-dialled (a parti
 REDIAL_BATCH = 16  # peers re-dialled per heartbeat at most
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
-CONNECT_TIMEOUT_S = 5.0
-MAX_DONORS = 4  # donors tried per state download  # opening a connection or a stream to a peer (latency-bound, not size-bound)
+CONNECT_TIMEOUT_S = 5.0  # opening a connection or a stream to a peer (latency-bound, not size-bound)
+MAX_DONORS = 4  # donors tried per state download
 
 
 def encode_limbs(x: torch.Tensor) -> torch.Tensor:
@@ -384,7 +384,6 @@ class Swarm:
                 base, pid = maddr.rsplit("/p2p/", 1)
                 old = self._known.get(pid, ((), 0.0))[0]
                 self._known[pid] = ((*old, base), time.time())
-        self._visible: set[str] = set()
         self._last_view: dict[str, PeerInfo] = {}  # the freshest heartbeat seen from each peer
         self._view_lock = threading.Lock()
         self.lookup_timeout = max(2.0, peer_ttl / 2)  # a slower lookup falls back on the last view
@@ -442,12 +441,14 @@ class Swarm:
         view forever. Re-dialling known peers (and the initial peers) puts them back in the routing
         table, and the next heartbeat reaches them."""
         now = time.time()
+        with self._view_lock:
+            visible = set(self._last_view)
         with self._known_lock:
             for pid in [p for p, (_, seen) in self._known.items() if now - seen > REDIAL_FOR]:
                 del self._known[pid]
             candidates = sorted(
                 ((seen, pid, addrs) for pid, (addrs, seen) in self._known.items()
-                 if pid != self.peer_id and pid not in self._visible and pid not in self.left and addrs),
+                 if pid != self.peer_id and pid not in visible and pid not in self.left and addrs),
                 reverse=True,
             )[:REDIAL_BATCH]
         missing = [(pid, addrs) for _, pid, addrs in candidates]
@@ -516,7 +517,6 @@ class Swarm:
             addrs = tuple(a.split("/p2p/")[0] for a in info.maddrs if a)
             with self._known_lock:
                 self._known[info.peer_id] = (addrs or self._known.get(info.peer_id, ((), 0.0))[0], time.time())
-        self._visible = set(out)
         return out
 
     def wait_for_peers(self, n: int, timeout: float) -> dict[str, PeerInfo]:
@@ -541,7 +541,7 @@ class Swarm:
         Returns, per shard, (exact int64 sum, {peer_id: gathered metadata}) or None when no
         group formed in time.
         """
-        planned = sum(allreduce_bytes(BYTES_PER_VALUE * self.shard_sizes[k], expected.get(k, 2)) for k in contributions)
+        planned = self.allreduce_bytes({k: expected.get(k, 2) for k in contributions})
         self._apply_deadline(self.deadline.seconds_for(planned))
         controls = {}
         for k, vec in contributions.items():
@@ -573,7 +573,7 @@ class Swarm:
                 slow = True  # parts given up on: a deadline too short for the link, or a peer gone (one doubling)
                 results[k] = None
                 continue
-            moved += allreduce_bytes(BYTES_PER_VALUE * self.shard_sizes[k], len(gathered))
+            moved += self.allreduce_bytes({k: len(gathered)})
             elapsed = max(elapsed, took)
             if len(gathered) > MAX_GROUP:
                 logger.warning("shard %d: group of %d exceeds %d peers; round discarded", k, len(gathered), MAX_GROUP)
@@ -600,6 +600,10 @@ class Swarm:
         elif moved and all(r is not None for r in results.values()):
             self.deadline.observe(moved, elapsed)
         return results
+
+    def allreduce_bytes(self, group_sizes: dict[int, int]) -> int:
+        """Bytes each way one peer moves to all-reduce these shards ({shard: group size}) in limbs."""
+        return sum(allreduce_bytes(BYTES_PER_VALUE * self.shard_sizes[k], n) for k, n in group_sizes.items())
 
     def _apply_deadline(self, seconds: float) -> None:
         """Give every shard's averager this deadline (only when it changed by more than 5%)."""
