@@ -1,16 +1,26 @@
 """swarmtune node: a peer-to-peer LoRA fine-tuning daemon.
 
-Module map (data flows top to bottom):
-    config, manifest   what the node and the swarm are configured to do
-    identity           the node's Ed25519 key (also its libp2p identity)
-    model, shards      frozen base + PEFT LoRA adapter, cut into layer shards
-    data               JSONL / HF datasets -> tokenized examples, assigned per node
-    trainer            local forward/backward and gradient accumulation
-    swarm/             everything that talks to hivemind (DHT, averaging, state sync)
-    ledger             signed contribution records, verification, credit
-    daemon             the composition root: wires the above, checkpoints, signals
-    control, metrics   read-only views for the CLI (gRPC) and Prometheus
-    cli/               the `swarmtune` command
+Module map, lowest layer first (tests/test_layering.py keeps imports pointing downward):
+    config, durable, logs   the node's config (the one place SWARMTUNE_HOME is read), fsync, logging
+    manifest, identity      what the swarm trains (+ manifest diff); the node's Ed25519 key
+    data, tiny, model       datasets and the one batch split; the built-in tiny Llama; base + LoRA
+    shards, checkpoint      which shards to train; atomic checkpoints
+    ledger, metrics         signed records, verification, credit; Prometheus metrics
+    trainer                 local forward/backward and the AdamW step
+    swarm/                  the only package that imports hivemind:
+        exact                 fixed-point grid and the limb codec (pure torch)
+        averager              the hivemind averager subclass and every private hivemind hook
+        dht, probe, traffic   DHT start / failures / cleanup; bandwidth probe; bytes on p2pd's sockets
+        membership            heartbeats, the peer view, re-dialling, the member check
+        quorum                consensus rules over one peer view (pure functions)
+        swarm                 the facade: exact all-reduce, state sharing, round/state metadata formats
+    stack                   everything a node loads before it joins (checked inputs -> model, trainer)
+    rounds                  one round: train, exchange, apply, record
+    statesync, splitguard   publish/download state and donor trust; train, wait or resync
+    status, control         the snapshot the control service reads; the gRPC service
+    daemon                  the composition root: wiring and sequencing only
+    export, doctor, demo    standalone tools (never import the daemon)
+    cli/                    the `swarmtune` command (the only importer of run_node)
 """
 
 __version__ = "0.1.0"

@@ -102,3 +102,41 @@ def load_latest(directory: Path, swarm_id: str) -> Checkpoint | None:
             continue
         return ckpt
     return None
+
+
+# ---------------------------------------------------------------- what a node's checkpoint holds
+# tensors are keyed param/<name> (every shard) and exp_avg/<name>, exp_avg_sq/<name> (trained shards)
+
+
+def training_tensors(trainer, adapter, trained) -> dict[str, torch.Tensor]:
+    """Every shard's adapter tensors, and AdamW's moments for the shards this node trains."""
+    out = {}
+    for k in range(adapter.num_shards):
+        names = adapter.shard_names(k)
+        state = trainer.shard_state(k)
+        n = len(names)
+        for i, name in enumerate(names):
+            out[f"param/{name}"] = state[i]
+            if k in trained:
+                out[f"exp_avg/{name}"] = state[n + i]
+                out[f"exp_avg_sq/{name}"] = state[2 * n + i]
+    return out
+
+
+def restore_training(ckpt: Checkpoint, trainer, adapter, trained) -> None:
+    """Load a checkpoint written by `training_tensors` into the trainer (adapter + moments + step)."""
+    for k in range(adapter.num_shards):
+        names = adapter.shard_names(k)
+        params = [ckpt.tensors[f"param/{n}"] for n in names]
+        if k in trained and all(f"exp_avg/{n}" in ckpt.tensors for n in names):
+            moments = [ckpt.tensors[f"exp_avg/{n}"] for n in names] + [ckpt.tensors[f"exp_avg_sq/{n}"] for n in names]
+            trainer.load_shard_state(k, params + moments, ckpt.opt_step)
+        else:
+            adapter.load_shard(k, params)
+    trainer.opt_step = ckpt.opt_step
+
+
+def restore_adapter(ckpt: Checkpoint, adapter) -> None:
+    """Load only the adapter weights of a checkpoint (export needs no optimizer)."""
+    for k in range(adapter.num_shards):
+        adapter.load_shard(k, [ckpt.tensors[f"param/{n}"] for n in adapter.shard_names(k)])

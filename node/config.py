@@ -21,8 +21,10 @@ class ConfigError(ValueError):
     """A node config value that cannot be used; names the source (file, variable or flag)."""
 
 
-def _home() -> str:
-    return os.environ.get("SWARMTUNE_HOME") or str(Path("~/.swarmtune").expanduser())
+def default_home() -> Path:
+    """The node's state folder when none is configured: $SWARMTUNE_HOME, else ~/.swarmtune.
+    The one place SWARMTUNE_HOME is read."""
+    return Path(os.environ.get("SWARMTUNE_HOME") or "~/.swarmtune").expanduser()
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class NodeConfig:
 
     @property
     def home_dir(self) -> Path:
-        return Path(self.home or _home()).expanduser()
+        return Path(self.home).expanduser() if self.home else default_home()
 
     @property
     def key_path(self) -> Path:
@@ -61,6 +63,10 @@ class NodeConfig:
     @property
     def socket_path(self) -> Path:
         return Path(self.socket).expanduser() if self.socket else self.home_dir / "node.sock"
+
+    def swarm_dir(self, swarm_id: str) -> Path:
+        """Where this node keeps one swarm's ledger, checkpoints and progress."""
+        return self.home_dir / "swarms" / swarm_id[:16]
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}

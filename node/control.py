@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from node.config import default_home
 from protocol import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,9 @@ STATES = ("training", "paused", "draining", "syncing", "stopped")
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the trailing NUL on Linux
 
 
-def swarmtune_home() -> Path:
-    """`$SWARMTUNE_HOME`, or `~/.swarmtune` when unset."""
-    return Path(os.environ.get("SWARMTUNE_HOME") or "~/.swarmtune").expanduser()
-
-
 def default_socket_path() -> Path:
     """Where the daemon serves and the CLI looks by default: `$SWARMTUNE_HOME/node.sock`."""
-    return swarmtune_home() / SOCKET_NAME
+    return default_home() / SOCKET_NAME
 
 
 class ControlError(Exception):

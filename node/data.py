@@ -32,7 +32,7 @@ same window (no block-diagonal mask, positions keep counting); the first
 label of every packed example is masked, so no loss term predicts across a
 boundary.
 
-Assignment (`assign_examples`, `round_batch_indices`): see those functions.
+Assignment (`assign_examples`, `round_batch_indices`, `split_range`): see those functions.
 """
 
 from __future__ import annotations
@@ -48,6 +48,19 @@ from typing import Any, Iterable, Iterator
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 DATA_COMMIT_TAG = b"swarmtune/data/v1\0"
+
+
+BUILTIN_DATA = "builtin:task"  # the demo's parity task, shipped in node/builtin
+
+
+def builtin_data_path(split: str = "train") -> Path:
+    """A split (train, eval) of the built-in task."""
+    return Path(__file__).resolve().parent / "builtin" / f"task_{split}.jsonl"
+
+
+def resolve_data(spec: str) -> str:
+    """A manifest's data source as a path or `hf:` id (the built-in task resolved to its file)."""
+    return str(builtin_data_path("train")) if spec == BUILTIN_DATA else spec
 
 
 class DataError(ValueError):
@@ -399,18 +412,25 @@ def round_batch_indices(num_examples: int, swarm_id: str, round: int, total: int
     return out
 
 
-def assign_examples(num_examples: int, *, swarm_id: str, round: int, peers: list[str],
-                    me: str, per_peer: int) -> list[int]:
-    """Example indices this node trains in `round`.
+def split_range(total: int, n: int, rank: int) -> tuple[int, int]:
+    """[start, end) of member `rank`'s share when `total` samples are split among `n` members:
+    the first `total % n` members take one more."""
+    base, extra = divmod(total, n)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
-    The round's global batch is `round_batch_indices(..., total=len(peers) * per_peer)`;
-    the peer at position k of sorted(set(peers)) takes slice [k*per_peer, (k+1)*per_peer).
-    Two nodes with the same view of the peers never share an example in a round
-    (unless the round's batch is larger than the whole dataset).
+
+def assign_examples(num_examples: int, *, swarm_id: str, round: int, total: int, members: Iterable[str],
+                    me: str) -> list[int]:
+    """Example indices `me` trains in `round`: the node and any verifier both call this.
+
+    The round's global batch is `round_batch_indices(..., total)`; the member at position k
+    of sorted(set(members)) takes `split_range(total, len(members), k)` of it. Two nodes with
+    the same members never share an example in a round (unless the round's batch is larger
+    than the whole dataset).
     """
-    view = sorted(set(peers))
+    view = sorted(set(members))
     if me not in view:
         raise ValueError(f"peer {me!r} is not in the peer list")
-    rank = view.index(me)
-    batch = round_batch_indices(num_examples, swarm_id, round, len(view) * per_peer)
-    return batch[rank * per_peer:(rank + 1) * per_peer]
+    a, b = split_range(total, len(view), view.index(me))
+    return round_batch_indices(num_examples, swarm_id, round, total)[a:b]

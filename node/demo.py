@@ -28,6 +28,10 @@ from rich.table import Table
 EVAL_EXAMPLES = 200
 
 
+class DemoError(RuntimeError):
+    """The demo swarm did not come up or a node failed; the message names the log to read."""
+
+
 def _last_line(path: Path) -> dict | None:
     try:
         with open(path, "rb") as f:
@@ -76,7 +80,7 @@ def _evaluate_adapter(base_dir: Path, adapter_dir: Path, n: int) -> tuple[dict, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from node.daemon import builtin_data_path
+    from node.data import builtin_data_path
     from node.data import load_records
     from node.tiny import evaluate
 
@@ -91,7 +95,6 @@ def _evaluate_adapter(base_dir: Path, adapter_dir: Path, n: int) -> tuple[dict, 
 
 
 def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, port_base: int = 0, quiet: bool = False, threads: int = 1) -> int:
-    from node.cli import UserError
     from node.ledger import compute_credit, verify_logs
     from node.manifest import load_manifest
 
@@ -132,9 +135,9 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
         info = None
         while info is None:
             if procs[0].poll() is not None:
-                raise UserError(f"node 0 exited with {procs[0].returncode}; see {work / 'node-0.log'}")
+                raise DemoError(f"node 0 exited with {procs[0].returncode}; see {work / 'node-0.log'}")
             if time.time() > deadline:
-                raise UserError(f"node 0 did not come up in 180 s; see {work / 'node-0.log'}")
+                raise DemoError(f"node 0 did not come up in 180 s; see {work / 'node-0.log'}")
             time.sleep(0.5)
             info = _node_json(homes[0])
         for i in range(1, nodes):
@@ -162,7 +165,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     wall = time.time() - started
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        raise UserError(f"node(s) {failed} failed; see their logs in {work}")
+        raise DemoError(f"node(s) {failed} failed; see their logs in {work}")
 
     # 1. identical adapters
     finals = {i: _last_line(_rounds_file(h)) for i, h in enumerate(homes)}
@@ -176,7 +179,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     report = verify_logs(blobs, m.swarm_id, m.credit.max_samples_per_round)
     credit = compute_credit(report)
     # 3. before/after on held-out examples, with stock PEFT
-    from node.daemon import resolve_base
+    from node.model import resolve_base
 
     base_dir = resolve_base(m.base.model)
     before, after = _evaluate_adapter(base_dir, work / "adapter", EVAL_EXAMPLES)

@@ -24,14 +24,17 @@ Every DHT started here is shut down before the function that started it returns.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from node.swarm.probe import pull_bandwidth, serve_bandwidth_probe
+from node.swarm.dht import SwarmError, peer_id_of, ping_rtts
+from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
+
+logger = logging.getLogger(__name__)
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 
@@ -59,21 +62,9 @@ class Check:
 
 
 def _start_dht(**kwargs):
-    """start_dht, but a DHT process that failed to start is joined here (hivemind leaves it to exit alone)."""
-    import multiprocessing
+    from node.swarm.dht import start_dht
 
-    from node.swarm.peer import start_dht
-
-    before = set(multiprocessing.active_children())
-    try:
-        return start_dht(startup_timeout=DHT_STARTUP_TIMEOUT, **kwargs)
-    except BaseException:
-        for proc in set(multiprocessing.active_children()) - before:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-        raise
+    return start_dht(startup_timeout=DHT_STARTUP_TIMEOUT, **kwargs)
 
 
 def _gib(n: float) -> str:
@@ -85,7 +76,6 @@ def _gib(n: float) -> str:
 
 def check_p2p_daemon(host_maddrs: Sequence[str], announce_maddrs: Sequence[str] = ()):
     """Start our p2p daemon + DHT. Returns (Check, dht or None); the caller shuts the dht down."""
-    from node.swarm.peer import SwarmError
 
     name = "p2p daemon starts"
     t0 = time.perf_counter()
@@ -107,36 +97,8 @@ def check_p2p_daemon(host_maddrs: Sequence[str], announce_maddrs: Sequence[str] 
     return Check(name, PASS, detail), dht
 
 
-async def _ping_rtts(_dht, node, peer_ids: Sequence[str], repeat: int = 3) -> dict:
-    """Runs in a DHT process: best-of-`repeat` DHT ping round trip (seconds) per peer, None if it never answered."""
-    from hivemind.p2p import PeerID
-
-    out = {}
-    for pid in peer_ids:
-        best = None
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            answer = await node.protocol.call_ping(PeerID.from_base58(pid))
-            if answer is None:
-                break
-            rtt = time.perf_counter() - t0
-            best = rtt if best is None else min(best, rtt)
-        out[pid] = best
-    return out
-
-
-def _peer_id_of(maddr: str) -> str | None:
-    from hivemind.utils.multiaddr import Multiaddr
-
-    try:
-        return Multiaddr(maddr)["p2p"]
-    except Exception:
-        return None
-
-
 def check_reachable(dht, announce_maddrs: Sequence[str] = ()):
     """A throwaway second DHT bootstraps from `dht`'s announced addresses. Returns (Check, peer dht or None)."""
-    from node.swarm.peer import SwarmError
 
     name = "address reachable from a peer"
     maddrs = [str(a) for a in dht.get_visible_maddrs()]
@@ -151,7 +113,7 @@ def check_reachable(dht, announce_maddrs: Sequence[str] = ()):
                      "announce an address peers can dial (--announce-maddrs /ip4/<public ip>/tcp/<port>, "
                      "with that port forwarded to this machine) and allow it in the firewall"), None
     try:
-        rtt = peer.run_coroutine(partial(_ping_rtts, peer_ids=[str(dht.peer_id)])).get(str(dht.peer_id))
+        rtt = ping_rtts(peer, [str(dht.peer_id)]).get(str(dht.peer_id))
     except Exception as e:
         rtt = None
         err = f"{type(e).__name__}: {e}"
@@ -172,10 +134,9 @@ def _is_local(maddr: str) -> bool:
 
 def check_initial_peers(initial_peers: Sequence[str]) -> Check:
     """A DHT with `initial_peers` starts (at least one answered); round trip to each."""
-    from node.swarm.peer import SwarmError
 
     name = "initial peers reachable"
-    bad = [p for p in initial_peers if not _peer_id_of(p)]
+    bad = [p for p in initial_peers if not peer_id_of(p)]
     if bad:
         return Check(name, FAIL, f"{bad} do not end in /p2p/<peer id>",
                      "copy the full address from the first node's log, e.g. /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
@@ -186,13 +147,12 @@ def check_initial_peers(initial_peers: Sequence[str]) -> Check:
         return Check(name, FAIL, cause, fix)
     bandwidth = ""
     try:
-        ids = [_peer_id_of(p) for p in initial_peers]
-        rtts = dht.run_coroutine(partial(_ping_rtts, peer_ids=ids))
+        ids = [peer_id_of(p) for p in initial_peers]
+        rtts = ping_rtts(dht, ids)
         answering = [pid for pid in ids if rtts.get(pid) is not None]
         if answering:
-            got, seconds, error = dht.run_coroutine(partial(
-                pull_bandwidth, peer_id=answering[0], total=BW_MAX_BYTES, chunk=BW_CHUNK, time_limit=BW_TIME_LIMIT),
-                return_future=True).result(timeout=BW_TIME_LIMIT + 10)
+            got, seconds, error = measure_bandwidth(dht, answering[0], total=BW_MAX_BYTES, chunk=BW_CHUNK,
+                                                    time_limit=BW_TIME_LIMIT)
             if error is None and got:
                 bandwidth = f"; bandwidth from {answering[0][:16]}…: {got / 1e6 / max(seconds, 1e-9):.1f} MB/s"
             elif error and "not supported" in error:
@@ -219,10 +179,7 @@ def check_bandwidth(server, client, *, total: int = BW_MAX_BYTES, time_limit: fl
     name = "bandwidth to a peer"
     try:
         serve_bandwidth_probe(server)
-        got, seconds, error = client.run_coroutine(
-            partial(pull_bandwidth, peer_id=str(server.peer_id), total=total, chunk=BW_CHUNK, time_limit=time_limit),
-            return_future=True,
-        ).result(timeout=time_limit + 10)
+        got, seconds, error = measure_bandwidth(client, str(server.peer_id), total=total, chunk=BW_CHUNK, time_limit=time_limit)
         if error:
             raise RuntimeError(error)
     except Exception as e:
@@ -341,8 +298,7 @@ def check_identity(key_path: Path) -> Check:
 
 def _locate_base(spec: str) -> Path:
     """resolve_base, except that a hub id is only looked up in the local cache (doctor downloads nothing)."""
-    from node.daemon import BUILTIN_BASE, resolve_base
-    from node.model import ModelError
+    from node.model import BUILTIN_BASE, ModelError, resolve_base
 
     p = Path(spec).expanduser()
     hub_like = spec != BUILTIN_BASE and not p.exists() and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
@@ -352,7 +308,8 @@ def _locate_base(spec: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(spec, local_files_only=True))
-    except Exception:
+    except Exception as e:  # huggingface_hub raises its own errors (offline, missing) and OSError
+        logger.info("hub lookup of %s in the local cache failed: %r", spec, e)
         raise ModelError(f"base model '{spec}' is not in the local Hugging Face cache") from None
 
 
@@ -368,7 +325,7 @@ def load_manifest_check(manifest_path: str):
 
 
 def check_base_model(manifest, base_model: str = "") -> Check:
-    from node.model import ModelError, base_fingerprint
+    from node.model import FingerprintMismatch, ModelError, check_fingerprint
 
     name = "base model"
     spec = base_model or manifest.resolve_path(manifest.base.model)
@@ -383,22 +340,20 @@ def check_base_model(manifest, base_model: str = "") -> Check:
         detail = text if "not found" in text or "cache" in text else f"not usable: {text}"
         return Check(name, FAIL, detail, fix)
     try:
-        fp = base_fingerprint(model_dir)
-    except Exception as e:
-        return Check(name, FAIL, f"{model_dir}: cannot read its weights ({type(e).__name__}: {e})",
-                     "re-download the model; the files are incomplete or corrupt")
-    want = manifest.base.fingerprint
-    if fp != want:
+        fp = check_fingerprint(model_dir, manifest.base.fingerprint)
+    except FingerprintMismatch as e:
         return Check(name, FAIL,
-                     f"{model_dir} has fingerprint {fp}, the manifest expects {want}: a different model or revision",
+                     f"{model_dir} has fingerprint {e.actual}, the manifest expects {e.expected}: a different model or revision",
                      "use the exact base model the manifest names (--base-model PATH to the right folder), "
                      "or join a swarm whose manifest matches your model")
+    except (ModelError, OSError, ValueError) as e:  # missing or unreadable weight files, a corrupt header
+        return Check(name, FAIL, f"{model_dir}: cannot read its weights ({type(e).__name__}: {e})",
+                     "re-download the model; the files are incomplete or corrupt")
     return Check(name, PASS, f"{model_dir}: fingerprint {fp[:16]}… matches the manifest")
 
 
 def check_data(manifest, data: str = "") -> Check:
-    from node.daemon import resolve_data
-    from node.data import DataError, dataset_digest
+    from node.data import DataError, dataset_digest, resolve_data
 
     name = "data"
     spec = resolve_data(data or manifest.resolve_path(manifest.data.source))

@@ -44,16 +44,15 @@ def export_from_checkpoint(manifest_path, out_dir, *, home=None, base_model=None
     """Rebuild base + LoRA, load the node's newest good checkpoint, export it."""
     from node import checkpoint
     from node.config import NodeConfig
-    from node.daemon import Node, NodeError
+    from node.stack import StackError, load_stack
 
     cfg = NodeConfig(manifest=str(manifest_path), home=home or "", base_model=base_model or "", data=data or "", create_key=False)
-    node = Node(cfg)
     try:
-        node.prepare_model_only()
-    except NodeError as e:
+        stack = load_stack(cfg, load_data=False)
+    except StackError as e:
         raise ExportError(str(e)) from None
-    ckpt = checkpoint.load_latest(node.workdir / "checkpoints", node.swarm_id)
+    ckpt = checkpoint.load_latest(stack.workdir / "checkpoints", stack.manifest.swarm_id)
     if ckpt is None:
-        raise ExportError(f"no checkpoint of swarm {node.swarm_id[:16]}… under {node.workdir}; run the node first (or pass --home)")
-    node._restore_checkpoint(ckpt)
-    return export_peft(node.model, out_dir, base_name=node.manifest.base.model)
+        raise ExportError(f"no checkpoint of swarm {stack.manifest.swarm_id[:16]}… under {stack.workdir}; run the node first (or pass --home)")
+    checkpoint.restore_adapter(ckpt, stack.adapter)
+    return export_peft(stack.model, out_dir, base_name=stack.manifest.base.model)

@@ -23,7 +23,8 @@ Backup and restore:
 Usage:
     identity = generate_identity(path)      # refuses to overwrite
     identity = load_identity(path)          # IdentityError naming the path and the fix
-    identity.peer_id, identity.sign(message)
+    identity.peer_id, identity.private_key    # records are signed by protocol.record, nowhere else
+    identity = new_identity()               # in memory only; save_identity(identity, path) writes it
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from node.config import default_home
 from node.durable import fsync_dir
 from protocol.peerid import marshal_private_key, peer_id_from_public_key
 from protocol.record import RECORD_VERSION, ZERO_HASH, KeyRotation, sign_rotation
@@ -51,10 +53,6 @@ IDENTITY_FILENAME = "identity.key"
 
 class IdentityError(Exception):
     """The identity key cannot be created or used; the message names the file and the fix."""
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("SWARMTUNE_HOME") or Path.home() / ".swarmtune")
 
 
 def default_identity_path() -> Path:
@@ -74,8 +72,6 @@ class Identity:
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_bytes)
 
-    def sign(self, message: bytes) -> bytes:
-        return self.private_key.sign(message)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -105,13 +101,18 @@ def _write_private(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def new_identity() -> Identity:
+    """A fresh Ed25519 key in memory (nothing written: `save_identity` does that once it is wanted)."""
+    return Identity(Ed25519PrivateKey.generate())
+
+
 def generate_identity(path: str | os.PathLike) -> Identity:
     """Create a new Ed25519 key at `path` (mode 0600). Never overwrites an existing file."""
-    return save_identity(Identity(Ed25519PrivateKey.generate()), path)
+    return save_identity(new_identity(), path)
 
 
 def save_identity(identity: Identity, path: str | os.PathLike) -> Identity:
-    """Write a key made in memory (`Identity(Ed25519PrivateKey.generate())`) to `path`, mode 0600, never overwriting."""
+    """Write a key made in memory (`new_identity()`) to `path`, mode 0600, never overwriting."""
     path = Path(path).expanduser()
     if path.exists():
         raise IdentityError(

@@ -90,7 +90,7 @@ class AveragingSection:
 
 @dataclass(frozen=True)
 class CreditSection:
-    max_samples_per_round: int = 64  # most samples one peer is credited for in one round
+    max_samples_per_round: int = 48  # most samples one peer is credited for in one round (the default target batch)
 
 
 @dataclass(frozen=True)
@@ -299,3 +299,18 @@ def write_manifest(m: Manifest, path: str | os.PathLike) -> Path:
     tmp.write_text(dump_manifest(m), encoding="utf-8")
     os.replace(tmp, p)
     return p
+
+
+def manifest_diff(theirs: dict, mine: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(field, theirs, mine) for every field where two manifests (as `Manifest.to_dict()`) differ,
+    leaving out where the base model and the data live locally (fingerprint and digest compare them)."""
+    out = []
+    for key in sorted(set(theirs) | set(mine)):
+        if key in ("model", "source") and prefix in ("base.", "data."):
+            continue
+        a, b = theirs.get(key), mine.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += manifest_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out

@@ -142,6 +142,11 @@ class NodeMetrics:
     def set_shards(self, count: int) -> None:
         self.shards.set(count)
 
+    def watch_memory(self, read) -> None:
+        """Read memory at every scrape: `read()` -> (rss, peak rss, gpu bytes)."""
+        self.rss_bytes.set_function(lambda: read()[0])
+        self.gpu_memory_bytes.set_function(lambda: read()[2])
+
     def set_memory(self, rss_bytes: int, gpu_memory_bytes: int = 0) -> None:
         self.rss_bytes.set(rss_bytes)
         self.gpu_memory_bytes.set(gpu_memory_bytes)

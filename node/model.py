@@ -34,6 +34,26 @@ class ModelError(RuntimeError):
 
 # --------------------------------------------------------------------------- locating
 
+BUILTIN_BASE = "builtin:tiny"  # the demo's tiny Llama, built locally (node.tiny)
+
+
+def resolve_base(spec: str) -> Path:
+    """The folder of a manifest's base: the built-in tiny model, a local folder or a hub id."""
+    if spec == BUILTIN_BASE:
+        from node.tiny import build_tiny_base, default_tiny_dir
+
+        return build_tiny_base(default_tiny_dir())
+    return resolve_model_dir(spec)
+
+
+def pick_device(spec: str) -> str:
+    """`auto` -> cuda when torch sees a GPU, else cpu; a cuda device without a GPU is an error."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {spec}: no CUDA GPU is visible to torch; use --device cpu")
+    return spec
+
 
 def resolve_model_dir(model: str) -> Path:
     """A local folder as is, or a hub id resolved through the local Hugging Face cache / the Hub."""
@@ -157,14 +177,22 @@ def _user_cache_dir() -> Path:
     return Path(os.environ.get("SWARMTUNE_CACHE", Path.home() / ".cache" / "swarmtune"))
 
 
-def check_fingerprint(model_dir: Path, expected: str) -> None:
+class FingerprintMismatch(ModelError):
+    def __init__(self, message: str, actual: str, expected: str):
+        super().__init__(message)
+        self.actual, self.expected = actual, expected
+
+
+def check_fingerprint(model_dir: Path, expected: str, *, manifest_path: str = "the swarm manifest") -> str:
+    """The one check that a base is the swarm's: its fingerprint, or FingerprintMismatch naming the fix."""
     actual = base_fingerprint(model_dir)
     if actual != expected:
-        raise ModelError(
-            f"base model at {model_dir} has fingerprint {actual[:16]}…, but the swarm manifest expects {expected[:16]}…. "
-            "This is a different model (or different weights/revision) from the swarm's; get the exact base the manifest names, "
-            "or join a swarm whose manifest matches your model"
+        raise FingerprintMismatch(
+            f"base model {model_dir} has fingerprint {actual[:16]}…, but {manifest_path} expects {expected[:16]}…: "
+            "it is a different model or revision. Use the exact base the manifest names (--base-model PATH), "
+            "or join a swarm whose manifest matches your model", actual, expected,
         )
+    return actual
 
 
 # --------------------------------------------------------------------------- loading
@@ -235,6 +263,19 @@ def attach_lora(model, *, rank: int, alpha: int, dropout: float, target_modules,
 
 
 # --------------------------------------------------------------------------- shards
+
+
+def build_lora_model(manifest, model_dir: Path, *, device: str, gradient_checkpointing: bool = False):
+    """The manifest's base with its LoRA attached and cut into its shard plan: (peft model, Adapter).
+    Every node calls this, so every node starts from the same adapter bits."""
+    m = manifest
+    base = load_base(model_dir, dtype=m.base.dtype, quantization=m.base.quantization, device=device)
+    plan = check_shard_plan(m.shards.plan, num_layers(base))
+    model = attach_lora(
+        base, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules,
+        init_seed=m.lora.init_seed, gradient_checkpointing=gradient_checkpointing,
+    )
+    return model, Adapter.from_model(model, plan)
 
 
 def default_shard_plan(n_layers: int) -> tuple[tuple[int, int], ...]:

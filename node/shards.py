@@ -115,3 +115,17 @@ def describe(est: Estimate) -> str:
     return (f"shards {list(est.shards)}: ~{est.total / 2**30:.2f} GiB (weights {est.weights / 2**30:.2f}, adapter state "
             f"{est.adapter_state / 2**20:.1f} MiB, activations {est.activations / 2**30:.2f}, logits {est.logits / 2**30:.2f})")
 
+
+
+def parse_shards(spec: str, num_shards: int) -> tuple[int, ...]:
+    """`--shards all` or a comma list like `2,3` -> sorted shard indices (ShardChoiceError when bad)."""
+    if spec in ("", "all"):
+        return tuple(range(num_shards))
+    try:
+        shards = tuple(sorted({int(s) for s in spec.split(",") if s.strip()}))
+    except ValueError:
+        raise ShardChoiceError(f"--shards {spec!r}: expected 'all', 'auto' or a comma list of shard indices like 2,3") from None
+    bad = [s for s in shards if not 0 <= s < num_shards]
+    if bad or not shards:
+        raise ShardChoiceError(f"--shards {spec!r}: the manifest's shard plan has shards 0..{num_shards - 1}; {bad or 'none given'} not among them")
+    return shards

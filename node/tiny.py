@@ -27,6 +27,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from node.data import builtin_data_path
+
 # Bump when anything that changes the built files changes (config, tokenizer,
 # template, init). The cache folder name carries it too (tiny-llama-v1).
 TINY_VERSION = 1
@@ -49,9 +51,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-BUILTIN_TRAIN = BUILTIN_DIR / "task_train.jsonl"
-BUILTIN_EVAL = BUILTIN_DIR / "task_eval.jsonl"
+BUILTIN_TRAIN = builtin_data_path("train")
+BUILTIN_EVAL = builtin_data_path("eval")
 
 
 def default_tiny_dir() -> Path:

@@ -53,15 +53,15 @@ def bench_b1(base: Path, work: Path, rounds: int, batch: int) -> dict:
         from node.model import attach_lora, load_base
 
         m = node.manifest
-        plain = attach_lora(load_base(node.model_dir), rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
+        plain = attach_lora(load_base(node.stack.model_dir), rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
                             target_modules=m.lora.target_modules, init_seed=m.lora.init_seed)
         params = [p for p in plain.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=m.optim.lr)
-        pad = node.tokenizer.pad_token_id
+        pad = node.stack.tokenizer.pad_token_id
 
         def plain_round(r: int) -> int:
-            idx = round_batch_indices(len(node.examples), node.swarm_id, r, batch)
-            exs = [node.examples[i] for i in idx]
+            idx = round_batch_indices(len(node.stack.examples), node.swarm_id, r, batch)
+            exs = [node.stack.examples[i] for i in idx]
             tokens = 0
             for i in range(0, len(exs), m.rounds.microbatch_size):
                 loss, n = token_loss_sum(plain, collate(exs[i:i + m.rounds.microbatch_size], pad))
@@ -74,14 +74,19 @@ def bench_b1(base: Path, work: Path, rounds: int, batch: int) -> dict:
 
         t_node = t_plain = 0.0
         tok_node = tok_plain = 0
+        def node_round():
+            res = node.rounds.run(node.round, node.swarm.view())
+            node.round += bool(res.applied)
+            node.statesync.publish(node.round)
+            return res
+
         plain_round(0)  # warm-up both paths once
-        node.run_round()
+        node_round()
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
             tok_plain += plain_round(r)
             t1 = time.perf_counter()
-            res = node.run_round()
-            node.publish_states()
+            res = node_round()
             t2 = time.perf_counter()
             tok_node += res.tokens
             t_plain += t1 - t0

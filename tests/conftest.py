@@ -52,7 +52,7 @@ def tiny_base(st_cache) -> Path:
 
 def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task", **sections) -> Path:
     """A manifest for the tiny model; `sections` override fields, e.g. rounds={"max_rounds": 5}."""
-    from node.daemon import resolve_data
+    from node.data import resolve_data
     from node.data import dataset_digest
     from node.manifest import (
         AveragingSection, BaseSection, DataSection, Manifest, OptimSection, RoundSection, write_manifest,

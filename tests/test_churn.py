@@ -176,7 +176,7 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
     from hivemind.utils import get_dht_time
 
     from node.manifest import load_manifest
-    from node.swarm.peer import ShardAverager
+    from node.swarm.averager import ShardAverager
 
     rounds = 8
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})

@@ -75,3 +75,30 @@ def test_manifest_errors_name_the_field(raw, message):
 def test_missing_manifest_says_how_to_make_one(tmp_path):
     with pytest.raises(ManifestError, match="swarm init"):
         load_manifest(tmp_path / "nope.toml")
+
+
+def test_swarm_init_defaults_are_the_manifests_own(tmp_path, st_cache) -> None:
+    """`swarm init` takes every default from the manifest dataclasses, so the two cannot drift."""
+    import dataclasses
+
+    from node.cli import main
+    from node.manifest import AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection
+
+    out = tmp_path / "swarm.toml"
+    assert main(["swarm", "init", "--out", str(out)]) == 0
+    m = load_manifest(out)
+    assert (m.lora, m.optim, m.rounds, m.averaging, m.credit) == (
+        LoraSection(), OptimSection(), RoundSection(), AveragingSection(), CreditSection())
+    defaults = {f.name: f.default for f in dataclasses.fields(DataSection)}
+    assert (m.data.max_length, m.data.packing) == (defaults["max_length"], defaults["packing"])
+    defaults = {f.name: f.default for f in dataclasses.fields(BaseSection)}
+    assert (m.base.dtype, m.base.quantization) == (defaults["dtype"], defaults["quantization"])
+
+
+def test_group_commands_alone_print_their_own_help(capsys) -> None:
+    from node.cli import main
+
+    for group, word in (("swarm", "init"), ("ledger", "verify")):
+        assert main([group]) == 2
+        out = capsys.readouterr().out
+        assert f"usage: swarmtune {group}" in out and word in out

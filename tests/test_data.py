@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.data import (IGNORE, DataError, Example, assign_examples, collate, data_commitment,
+from node.data import (IGNORE, DataError, Example, assign_examples, split_range, collate, data_commitment,
                        dataset_digest, load_examples, load_records, pack, round_batch_indices)
 from node.tiny import BUILTIN_EVAL, BUILTIN_TRAIN, build_tokenizer
 
@@ -266,19 +266,27 @@ def test_data_commitment_is_pinned_and_order_sensitive():
 def test_assignment_is_disjoint_deterministic_and_unions_to_the_round_batch():
     peers = ["peer-c", "peer-a", "peer-b"]
     for rnd in range(5):
-        shares = {p: assign_examples(100, swarm_id="s1", round=rnd, peers=peers, me=p, per_peer=8)
-                  for p in peers}
-        assert all(len(s) == 8 for s in shares.values())
-        flat = [i for s in shares.values() for i in s]
-        assert len(set(flat)) == len(flat) == 24  # disjoint
-        batch = round_batch_indices(100, "s1", rnd, 24)
-        assert set(flat) == set(batch)
-        for k, p in enumerate(sorted(peers)):  # each share is a fixed slice of the batch
-            assert shares[p] == batch[k * 8:(k + 1) * 8]
-        # same view in another order, or asked again: same answer
-        again = assign_examples(100, swarm_id="s1", round=rnd, peers=list(reversed(peers)),
-                                me="peer-a", per_peer=8)
-        assert again == shares["peer-a"]
+        for total in (24, 25, 26):  # even and uneven splits: the first total % n members take one more
+            shares = {p: assign_examples(100, swarm_id="s1", round=rnd, total=total, members=peers, me=p)
+                      for p in peers}
+            sizes = [len(shares[p]) for p in sorted(peers)]
+            assert sizes == [total // 3 + (1 if k < total % 3 else 0) for k in range(3)]
+            flat = [i for s in shares.values() for i in s]
+            assert len(set(flat)) == len(flat) == total  # disjoint
+            batch = round_batch_indices(100, "s1", rnd, total)
+            assert [i for p in sorted(peers) for i in shares[p]] == batch  # fixed slices, in member order
+            # same members in another order, or asked again: same answer
+            again = assign_examples(100, swarm_id="s1", round=rnd, total=total, members=list(reversed(peers)), me="peer-a")
+            assert again == shares["peer-a"]
+
+
+def test_split_range_covers_total_in_order():
+    for total in range(0, 30):
+        for n in range(1, 7):
+            ranges = [split_range(total, n, k) for k in range(n)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == total
+            assert all(ranges[k][1] == ranges[k + 1][0] for k in range(n - 1))
+            assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
 
 
 def test_rounds_walk_epochs_without_repeats_and_wrap():
@@ -321,7 +329,7 @@ def spec_permutation(n: int, swarm_id: str, epoch: int) -> list[int]:
 
 def test_assignment_rejects_unknown_peer():
     with pytest.raises(ValueError, match="not in the peer list"):
-        assign_examples(10, swarm_id="s", round=0, peers=["a"], me="b", per_peer=2)
+        assign_examples(10, swarm_id="s", round=0, total=2, members=["a"], me="b")
 
 
 # ---------------------------------------------------------------- built-in task files

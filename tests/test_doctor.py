@@ -98,7 +98,7 @@ def test_malformed_multiaddr_is_a_readable_failure():
 
 
 def test_initial_peers_reachable_and_unreachable(setup):
-    from node.swarm.peer import start_dht
+    from node.swarm.dht import start_dht
 
     dht = start_dht(host_maddrs=[LOCAL])
     try:

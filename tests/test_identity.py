@@ -39,7 +39,7 @@ def test_generate_and_load(tmp_path):
     loaded = load_identity(path)
     assert loaded.peer_id == identity.peer_id and loaded.peer_id.startswith("12D3KooW")
     assert public_key_from_peer_id(loaded.peer_id) == loaded.public_bytes
-    signature = loaded.sign(b"message")
+    signature = loaded.private_key.sign(b"message")
     identity.private_key.public_key().verify(signature, b"message")
     assert [p.name for p in path.parent.iterdir()] == ["identity.key"]  # no temp file left behind
 
@@ -137,7 +137,7 @@ def test_dht_peer_id_is_the_identity_key(tmp_path, no_leaked_sockets):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
         Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(str(dht.peer_id))).verify(
-            identity.sign(b"hello"), b"hello"
+            identity.private_key.sign(b"hello"), b"hello"
         )
     finally:
         dht.shutdown()
@@ -154,10 +154,10 @@ def test_rotation_statement(tmp_path):
     # the new key alone cannot make a rotation: it needs the old key's signature too
     fields = json.loads(blob)
     body = body_of_rotation(blob)
-    forged = new.sign(b"swarmtune/rotate/v1\0" + body).hex()
+    forged = new.private_key.sign(b"swarmtune/rotate/v1\0" + body).hex()
     with pytest.raises(RecordError, match="old key"):
         verify_rotation(blob.replace(fields["sig_old"].encode(), forged.encode()))
-    contrib = old.sign(DOMAIN_TAG + body).hex()
+    contrib = old.private_key.sign(DOMAIN_TAG + body).hex()
     with pytest.raises(RecordError, match="old key"):
         verify_rotation(blob.replace(fields["sig_old"].encode(), contrib.encode()))
 

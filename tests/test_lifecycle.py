@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -14,6 +17,20 @@ from node.control import ControlClient
 from tests.conftest import verify_ledgers, write_test_manifest
 
 pytestmark = pytest.mark.swarm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {sample.name + (str(sorted(sample.labels.items())) if sample.labels else ""): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
 
 
 def _losses(node):
@@ -59,7 +76,8 @@ def test_sigterm_drains_and_resume_matches_uninterrupted_run(tmp_path, tiny_base
 def test_sigkill_restart_rejoins_and_ledger_verifies(tmp_path, tiny_base, spawn_node):
     rounds = 14
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})
-    a = spawn_node(manifest, "a", "--min-peers", "2")
+    port = _free_port()
+    a = spawn_node(manifest, "a", "--min-peers", "2", "--metrics-port", str(port))
     peers = a.wait_info()["maddrs"]
     b = spawn_node(manifest, "b", "--min-peers", "2", "--initial-peers", *peers)
     b.wait_round(4, timeout=180)
@@ -77,6 +95,22 @@ def test_sigkill_restart_rejoins_and_ledger_verifies(tmp_path, tiny_base, spawn_
     # hold it at a round boundary until b has reloaded its checkpoint
     with ControlClient(a.home / "node.sock") as client:
         client.pause()
+        # a paused node says so everywhere, and its metrics are fed: memory, network bytes, shards, round
+        deadline = time.monotonic() + 60
+        while client.status()["state"] != "paused" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = client.status()
+        assert status["state"] == "paused" and status["adapter_hash"] == a.rounds()[-1]["hash"], status
+        scraped = _scrape(f"http://127.0.0.1:{port}/metrics")
+        assert scraped["swarmtune_state[('swarmtune_state', 'paused')]"] == 1, scraped
+        assert scraped["swarmtune_state[('swarmtune_state', 'training')]"] == 0
+        assert scraped["swarmtune_rss_bytes"] > 50e6 and scraped["swarmtune_shards_trained"] == 2
+        assert scraped["swarmtune_round"] == status["round"] >= 4
+        # averaged with b for 4+ rounds: 65,536 values x 16 bytes, half of it each way per round, on the sockets
+        assert scraped["swarmtune_network_sent_bytes_total"] > 4 * 0.4e6, scraped
+        assert scraped["swarmtune_network_received_bytes_total"] > 4 * 0.4e6, scraped
+        credit = {row["peer_id"]: row for row in client.credit()}  # the cached verification, refreshed per record
+        assert credit[status["peer_id"]]["verified_rounds"] >= 4, credit
     restarted = spawn_node(manifest, "b-again", "--initial-peers", *peers, home=b.home)
     restarted.wait_log("resumed from checkpoint", timeout=180)
     with ControlClient(a.home / "node.sock") as client:

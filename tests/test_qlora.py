@@ -15,7 +15,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def test_nf4_base_with_lora_shards_trains_on_cpu(tiny_base):
     from node.data import load_examples
-    from node.daemon import builtin_data_path
+    from node.data import builtin_data_path
     from node.manifest import OptimSection
     from node.model import Adapter, attach_lora, check_shard_plan, load_base
     from node.trainer import Trainer

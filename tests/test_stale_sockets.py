@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from node.daemon import _remove_stale_sockets
+from node.swarm.dht import remove_stale_sockets
 
 
 def test_only_sockets_nobody_listens_on_are_removed(tmp_path):
@@ -17,7 +17,7 @@ def test_only_sockets_nobody_listens_on_are_removed(tmp_path):
     other = tmp_path / "hivemind-notes.sock"
     other.write_text("not a socket")
     try:
-        assert _remove_stale_sockets(str(tmp_path / "hivemind-*.sock")) == 1
+        assert remove_stale_sockets(str(tmp_path / "hivemind-*.sock")) == 1
         assert (tmp_path / "hivemind-live.sock").exists()
         assert not (tmp_path / "hivemind-dead.sock").exists()
         assert other.exists()

@@ -6,7 +6,8 @@ import asyncio
 
 import torch
 
-from node.swarm.peer import _StrictPartReducer, decode_limb_average, encode_limbs
+from node.swarm.averager import _StrictPartReducer
+from node.swarm.exact import decode_limb_average, encode_limbs
 
 
 def _reduce(senders, failed=()):

@@ -10,10 +10,7 @@ import argparse
 import sys
 
 from node import __version__
-
-
-class UserError(Exception):
-    """An error caused by input or environment, shown to the user without a traceback."""
+from node.cli.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from node.cli import UserError
+from node.cli.errors import UserError
 
 
 def register(sub) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from node.cli import UserError
+from node.cli.errors import UserError
 
 _FLAGS = ("manifest", "key", "home", "host_maddrs", "announce_maddrs", "initial_peers", "base_model", "data")
 
@@ -41,14 +41,10 @@ def register(sub) -> None:
 
 
 def _doc(name: str) -> str:
-    import inspect
-
+    from node.cli.flags import field_help
     from node.config import NodeConfig
 
-    for line in inspect.getsource(NodeConfig).splitlines():
-        if line.strip().startswith(f"{name}:") and "#" in line:
-            return line.split("#", 1)[1].strip().replace("%", "%%")
-    return ""
+    return field_help(NodeConfig, name)
 
 
 _STYLE = {"pass": ("[green]PASS[/green]"), "warn": "[yellow]WARN[/yellow]", "fail": "[bold red]FAIL[/bold red]",

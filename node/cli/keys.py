@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from node.cli import UserError
+    from node.cli.errors import UserError
     from node.identity import IdentityError, default_identity_path, generate_identity, load_identity
 
     path = args.key or default_identity_path()
@@ -53,7 +53,7 @@ def _rotate(args: argparse.Namespace, old) -> int:
     import time
     from pathlib import Path
 
-    from node.cli import UserError
+    from node.cli.errors import UserError
     from node.identity import rotate_identity
     from node.ledger import LedgerError, read_log
     from protocol.record import RecordError, record_hash, verify_signed

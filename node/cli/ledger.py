@@ -21,8 +21,10 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ledger", help="show, verify and export contribution ledgers")
-    lsub = p.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    p = sub.add_parser("ledger", help="show, verify and export contribution ledgers",
+                       description="Show, verify and export contribution ledgers (the node's own, others', the DHT's).")
+    lsub = p.add_subparsers(dest="ledger_command", metavar="ACTION")
+    p.set_defaults(func=lambda args: _group_help(p))
 
     show = lsub.add_parser("show", help="table of the records in ledger files")
     _add_sources(show, required=False)
@@ -50,6 +52,12 @@ def register(sub) -> None:
     credit.set_defaults(func=_credit)
 
 
+def _group_help(parser: argparse.ArgumentParser) -> int:
+    """`swarmtune ledger` alone: its own help, exit 2 (an action is needed)."""
+    parser.print_help()
+    return 2
+
+
 def _add_sources(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--ledger",
@@ -73,8 +81,8 @@ def _add_swarm(p: argparse.ArgumentParser) -> None:
 
 
 def _ledger_paths(args: argparse.Namespace, *, allow_empty: bool = False) -> list[Path]:
-    from node.cli import UserError
-    from node.identity import default_home
+    from node.cli.errors import UserError
+    from node.config import default_home
 
     if args.ledger:
         return [Path(p) for p in args.ledger]
@@ -86,7 +94,7 @@ def _ledger_paths(args: argparse.Namespace, *, allow_empty: bool = False) -> lis
 
 
 def _read_sources(paths: list[Path]) -> dict[str, list[bytes]]:
-    from node.cli import UserError
+    from node.cli.errors import UserError
     from node.ledger import LedgerError, read_log
 
     sources: dict[str, list[bytes]] = {}
@@ -105,7 +113,7 @@ def _read_sources(paths: list[Path]) -> dict[str, list[bytes]]:
 
 
 def _swarm_params(args: argparse.Namespace) -> tuple[str, int]:
-    from node.cli import UserError
+    from node.cli.errors import UserError
 
     swarm_id, cap = args.swarm_id, args.max_samples
     if args.manifest:
@@ -127,21 +135,17 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def _collect_dht(peers: list[str], swarm_id: str) -> list[bytes]:
-    import hivemind
+    from node.cli.errors import UserError
+    from node.swarm.dht import SwarmError, read_swarm_records
 
-    from node.swarm.validator import RecordsValidator, collect_records
-
-    dht = hivemind.DHT(
-        initial_peers=peers, start=True, client_mode=True, record_validators=[RecordsValidator(swarm_id)]
-    )
     try:
-        return collect_records(dht, swarm_id)
-    finally:
-        dht.shutdown()
+        return read_swarm_records(peers, swarm_id)
+    except SwarmError as e:
+        raise UserError(f"cannot read records from the DHT through --dht-peer: {e}") from None
 
 
 def _report(args: argparse.Namespace):
-    from node.cli import UserError
+    from node.cli.errors import UserError
     from node.ledger import verify_logs
 
     swarm_id, cap = _swarm_params(args)

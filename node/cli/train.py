@@ -5,34 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 
-from node.cli import UserError
+from node.cli.errors import UserError
 
 
 def _add_node_flags(p: argparse.ArgumentParser) -> None:
-    from node.config import FIELDS
+    from node.cli.flags import field_help
+    from node.config import FIELDS, NodeConfig
 
     p.add_argument("--config", help="node TOML file (lowest precedence after defaults; env SWARMTUNE_* and flags override it)")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        doc = _field_doc(name)
+        doc = field_help(NodeConfig, name)
         if isinstance(f.default, bool):
             p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=doc)
         elif isinstance(f.default, tuple):
             p.add_argument(flag, dest=name, nargs="*", default=None, metavar="ADDR", help=doc)
         else:
             p.add_argument(flag, dest=name, default=None, help=doc)
-
-
-def _field_doc(name: str) -> str:
-    import inspect
-
-    from node.config import NodeConfig
-
-    src = inspect.getsource(NodeConfig)
-    for line in src.splitlines():
-        if line.strip().startswith(f"{name}:") and "#" in line:
-            return line.split("#", 1)[1].strip().replace("%", "%%")
-    return ""
 
 
 def cmd_run(args) -> int:
@@ -49,7 +38,7 @@ def cmd_run(args) -> int:
     from node.daemon import NodeError, run_node
     from node.logs import setup_logging
     from node.manifest import ManifestError
-    from node.swarm.peer import SwarmError
+    from node.swarm.dht import SwarmError
 
     overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
     try:
@@ -64,13 +53,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_swarm_init(args) -> int:
-    from node.daemon import resolve_base, resolve_data
-    from node.data import DataError, dataset_digest
+    from node.data import DataError, dataset_digest, resolve_data
     from node.manifest import (
         AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, Manifest, ManifestError,
         OptimSection, RoundSection, ShardSection, validate, write_manifest,
     )
-    from node.model import ModelError, base_fingerprint, check_shard_plan
+    from node.model import ModelError, base_fingerprint, check_shard_plan, resolve_base
 
     if os.path.exists(args.out) and not args.force:
         raise UserError(f"{args.out} exists; pass --force to overwrite it")
@@ -107,8 +95,9 @@ def cmd_swarm_init(args) -> int:
         shards=ShardSection(plan=plan),
         optim=OptimSection(lr=args.lr, schedule=args.schedule, warmup_rounds=args.warmup_rounds),
         rounds=RoundSection(target_batch_size=args.target_batch_size, microbatch_size=args.microbatch_size, max_rounds=args.max_rounds),
-        averaging=AveragingSection(matchmaking_time=args.matchmaking_time, timeout=args.averaging_timeout),
-        credit=CreditSection(max_samples_per_round=args.max_samples_per_round or args.target_batch_size),
+        averaging=AveragingSection(matchmaking_time=args.matchmaking_time, timeout=args.averaging_timeout,
+                                   peer_ttl=args.peer_ttl, on_split=args.on_split),
+        credit=CreditSection(max_samples_per_round=args.max_samples_per_round),
     )
     try:
         validate(m, args.out)
@@ -131,44 +120,55 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from node.demo import run_demo
+    from node.demo import DemoError, run_demo
 
-    return run_demo(
-        nodes=args.nodes, rounds=args.rounds, workdir=args.workdir, port_base=args.port, quiet=args.quiet, threads=args.threads,
-    )
+    try:
+        return run_demo(
+            nodes=args.nodes, rounds=args.rounds, workdir=args.workdir, port_base=args.port, quiet=args.quiet, threads=args.threads,
+        )
+    except DemoError as e:
+        raise UserError(str(e)) from None
 
 
 def register(sub) -> None:
+    from node.cli.flags import add_field_flag
+    from node.data import BUILTIN_DATA
+    from node.manifest import AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection
+    from node.model import BUILTIN_BASE
+
     p = sub.add_parser("run", help="run a node: join (or start) a swarm and train", description="Run the swarmtune node daemon.")
     _add_node_flags(p)
     p.add_argument("--export", metavar="DIR", help="after the last round, write the adapter here in PEFT format")
     p.set_defaults(func=cmd_run)
 
-    sw = sub.add_parser("swarm", help="create swarm manifests").add_subparsers(dest="swarm_command", metavar="COMMAND")
-    i = sw.add_parser("init", help="write a swarm manifest (computes the base fingerprint and data digest)")
-    i.add_argument("--out", default="swarm.toml")
+    swarm = sub.add_parser("swarm", help="create swarm manifests", description="Create swarm manifests.")
+    sw = swarm.add_subparsers(dest="swarm_command", metavar="COMMAND")
+    swarm.set_defaults(func=lambda args: (swarm.print_help(), 2)[1])
+    i = sw.add_parser("init", help="write a swarm manifest (computes the base fingerprint and data digest)",
+                      description="Write a swarm manifest: the file every node of one swarm holds. Defaults are the "
+                                  "manifest's own (node/manifest.py); every value is checked before anything is written.")
+    i.add_argument("--out", default="swarm.toml", help="where to write the manifest (default: swarm.toml)")
     i.add_argument("--force", action="store_true", help="overwrite --out")
-    i.add_argument("--name", default="my-swarm")
-    i.add_argument("--base", default="builtin:tiny", help="base model: local folder, hub id, or builtin:tiny")
-    i.add_argument("--data", default="builtin:task", help="JSONL file, hf:<dataset>[:split], or builtin:task")
-    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    i.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
-    i.add_argument("--rank", type=int, default=8)
-    i.add_argument("--alpha", type=int, default=16)
-    i.add_argument("--dropout", type=float, default=0.0)
-    i.add_argument("--target-modules", nargs="+", default=["all-linear"])
+    i.add_argument("--name", default="my-swarm", help="a human-readable name shown to peers (default: my-swarm)")
+    i.add_argument("--base", default=BUILTIN_BASE, help=f"base model: local folder, hub id, or {BUILTIN_BASE} (default: {BUILTIN_BASE})")
+    i.add_argument("--data", default=BUILTIN_DATA, help=f"JSONL file, hf:<dataset>[:split], or {BUILTIN_DATA} (default: {BUILTIN_DATA})")
+    add_field_flag(i, BaseSection, "dtype", choices=["float32", "bfloat16"])
+    add_field_flag(i, BaseSection, "quantization", choices=["none", "nf4", "int8"])
+    for name in ("rank", "alpha", "dropout", "target_modules"):
+        add_field_flag(i, LoraSection, name)
     i.add_argument("--shard-plan", default="", help="layer ranges like 0-2,2-4 (default: halves for <= 8 layers, else ~4 layers each)")
-    i.add_argument("--max-length", type=int, default=64)
-    i.add_argument("--packing", action="store_true")
-    i.add_argument("--lr", type=float, default=2e-3)
-    i.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    i.add_argument("--warmup-rounds", type=int, default=0)
-    i.add_argument("--target-batch-size", type=int, default=48, help="samples per round for the whole swarm")
-    i.add_argument("--microbatch-size", type=int, default=8)
-    i.add_argument("--max-rounds", type=int, default=0)
-    i.add_argument("--matchmaking-time", type=float, default=2.0)
-    i.add_argument("--averaging-timeout", type=float, default=30.0)
-    i.add_argument("--max-samples-per-round", type=int, default=0, help="credit cap per peer and round (default: the target batch)")
+    add_field_flag(i, DataSection, "max_length")
+    add_field_flag(i, DataSection, "packing")
+    add_field_flag(i, OptimSection, "lr")
+    add_field_flag(i, OptimSection, "schedule", choices=["constant", "cosine"])
+    add_field_flag(i, OptimSection, "warmup_rounds")
+    for name in ("target_batch_size", "microbatch_size", "max_rounds"):
+        add_field_flag(i, RoundSection, name)
+    add_field_flag(i, AveragingSection, "matchmaking_time")
+    add_field_flag(i, AveragingSection, "timeout", flag="--averaging-timeout", dest="averaging_timeout")
+    add_field_flag(i, AveragingSection, "peer_ttl")
+    add_field_flag(i, AveragingSection, "on_split", choices=["train", "wait"])
+    add_field_flag(i, CreditSection, "max_samples_per_round")
     i.set_defaults(func=cmd_swarm_init)
 
     e = sub.add_parser("export", help="write the node's latest adapter in standard PEFT format")

@@ -63,3 +63,15 @@ async def pull_bandwidth(_dht, node, peer_id: str, total: int, chunk: int, time_
 def serve_bandwidth_probe(dht) -> None:
     """Let `swarmtune doctor` on other machines measure their bandwidth from this DHT's peer (bounded streams)."""
     dht.run_coroutine(_serve_bandwidth)
+
+
+def measure_bandwidth(dht, peer_id: str, *, total: int, chunk: int, time_limit: float) -> tuple[int, float, str | None]:
+    """Pull up to `total` bytes (or `time_limit` seconds) from a peer's probe: (bytes, seconds, error or None).
+    Never raises: a peer that is gone or a DHT process that died is an error text."""
+    from functools import partial
+
+    try:
+        return dht.run_coroutine(partial(pull_bandwidth, peer_id=peer_id, total=total, chunk=chunk, time_limit=time_limit),
+                                 return_future=True).result(timeout=time_limit + 10)
+    except Exception as e:  # a timeout, or the DHT process is gone
+        return 0, 0.0, f"{type(e).__name__}: {e}"

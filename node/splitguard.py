@@ -1,0 +1,105 @@
+"""Before each round: train, wait, or resync — from quorum's verdicts on one peer view.
+
+Behind: the swarm (lower median of peers' rounds) is ahead; take its state, never train
+behind it. Split: peers at or below our round hold another adapter for a shard we train (two
+groups formed where one should have, or a partition healed); the larger side wins (then the
+later round, then the larger hash) and the other side takes its state, so the swarm converges
+back to one adapter. Minority: this node sees under half of the peers it knew recently; with
+`[averaging] on_split = "wait"` it pauses until they are back, with "train" it trains on and
+says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from node.swarm import quorum
+from node.swarm.membership import REDIAL_FOR
+
+logger = logging.getLogger(__name__)
+
+
+class SplitGuard:
+    def __init__(self, *, swarm, statesync, peer_id: str, on_split: str, peer_ttl: float, stop: threading.Event,
+                 metrics=None, set_state=lambda state: None):
+        self.swarm = swarm
+        self.statesync = statesync
+        self.peer_id = peer_id
+        self.on_split = on_split
+        self.peer_ttl = peer_ttl
+        self.stop = stop
+        self.metrics = metrics
+        self.set_state = set_state
+        self._seen: dict[str, float] = {}  # peers seen recently -> when (wall clock)
+        self._split_noticed = False
+        self._waiting = False
+        # a node that waits out a split must remember whom it waits for; one that trains on only needs
+        # the memory for its warning
+        self.memory = REDIAL_FOR if on_split == "wait" else max(120.0, 10 * peer_ttl)
+
+    def before_round(self, my_round: int, my_hashes: dict[int, str], prev_hashes: dict[int, str]) -> tuple[bool, int]:
+        """(train now?, the round we are at afterwards). When it returns False the caller loops."""
+        peers = quorum.others(self.swarm.view(), self.peer_id)
+        minority, just_lost = self._minority(peers)
+        if self.on_split == "wait" and (minority or just_lost):
+            # a peer missing for less than peer_ttl may be a slow DHT, not a split: with "wait", do not
+            # train without it until that is clear
+            if minority and not self._waiting:
+                logger.warning("this node sees under half of the swarm: waiting for the others to come back "
+                               "([averaging] on_split = 'wait'); it resyncs with them when the split heals")
+            self._waiting = minority
+            self.set_state("paused")
+            time.sleep(1.0)
+            return False, my_round
+        self._waiting = False
+        if quorum.swarm_round(peers) > my_round:
+            got = self.statesync.resync(my_round, required=False)
+            if got is None:
+                time.sleep(0.5)
+            return False, my_round if got is None else got
+        verdict = quorum.split_verdict(peers, my_round, my_hashes, prev_hashes)
+        if verdict is None:
+            return True, my_round
+        k, (their_round, their_hash), their_votes, our_votes = verdict
+        logger.warning("swarm split detected on shard %d: %d peer(s) hold round %d %s…, %d hold ours (round %d %s…); "
+                       "taking the majority state", k, their_votes, their_round, their_hash[:12], our_votes, my_round,
+                       my_hashes[k][:12])
+        if self.metrics:
+            self.metrics.on_split()
+        for _ in range(6):
+            if self.stop.is_set():
+                break
+            got = self.statesync.resync(my_round, required=False, want_shard_hash=(k, their_hash),
+                                        allow_older=their_round < my_round)
+            if got is not None:
+                return False, got
+        time.sleep(0.5)
+        return False, my_round
+
+    def _minority(self, peers: dict) -> tuple[bool, bool]:
+        """(minority, just_lost): whether this node now sees less than half of the swarm it saw recently
+        (a partition, not departures), and whether a peer went missing less than peer_ttl ago.
+
+        Visible: listed by the DHT now (a peer stays listed until its heartbeat expires, whatever one
+        lookup returns). Known: seen within `self.memory` seconds and not announced gone."""
+        now = time.time()
+        for p in peers:
+            self._seen[p] = now
+        left = self.swarm.left
+        for p in list(self._seen):
+            if p in left or now - self._seen[p] > self.memory:
+                del self._seen[p]
+        visible = sum(1 for p in self._seen if p in peers)
+        missing = len(self._seen) - visible
+        if missing and not self._split_noticed:
+            logger.warning("lost contact with %d of %d peers (a network split or crashed peers); %d still visible",
+                           missing, len(self._seen), visible)
+        elif not missing and self._split_noticed:
+            logger.info("all %d known peers are visible again", len(self._seen))
+        self._split_noticed = bool(missing)
+        if self.metrics:
+            self.metrics.set_missing_peers(missing)
+        just_lost = any(p not in peers and now - t <= self.peer_ttl for p, t in self._seen.items())
+        return quorum.is_minority(visible, len(self._seen)), just_lost

@@ -1,0 +1,189 @@
+"""What the control service and the metrics read: a snapshot the training thread publishes.
+
+The training thread calls `StatusBoard.update(...)` at round boundaries and state changes;
+gRPC threads only read `StatusBoard.snapshot()`, so a status request never hashes a tensor
+or walks the DHT while a step may be running. Credit over the control API is the verification
+`CreditCache` last computed in its own thread (local ledger + DHT records, every 30 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from node import __version__
+
+logger = logging.getLogger(__name__)
+
+CREDIT_REFRESH_S = 30.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: str = "syncing"
+    round: int = 0
+    loss: float | None = None
+    samples_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    last_round_s: float | None = None
+    last_round_at: float | None = None
+    samples_total: int = 0
+    tokens_total: int = 0
+    adapter_hash: str = ""
+    peers: dict = field(default_factory=dict)  # {peer_id: PeerInfo}, this node included
+    coverage: dict = field(default_factory=dict)  # {shard: trainers}
+
+
+class StatusBoard:
+    """One writer (the training thread), many readers; `on_change(snapshot)` feeds the metrics."""
+
+    def __init__(self, on_change=lambda snapshot: None):
+        self._lock = threading.RLock()  # the signal handler (drain) may update while the main thread does
+        self._snap = Snapshot()
+        self._on_change = on_change
+
+    def update(self, **fields) -> Snapshot:
+        with self._lock:
+            self._snap = dataclasses.replace(self._snap, **fields)
+            snap = self._snap
+        self._on_change(snap)
+        return snap
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return self._snap
+
+
+def memory_bytes() -> tuple[int, int, int]:
+    """(rss, peak rss, allocated CUDA memory) of this process, in bytes."""
+    import resource
+
+    import psutil
+    import torch
+
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    gpu = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0
+    return int(rss), int(max(peak, rss)), gpu
+
+
+class CreditCache:
+    """The swarm's verified credit, recomputed off the gRPC thread every CREDIT_REFRESH_S seconds."""
+
+    def __init__(self, *, ledger, read_dht_records, swarm_id: str, max_samples_per_round: int):
+        self.ledger = ledger
+        self.read_dht_records = read_dht_records
+        self.swarm_id = swarm_id
+        self.cap = max_samples_per_round
+        self._stop = threading.Event()
+        self._rows: list[dict] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="credit-cache", daemon=True)
+        self._thread.start()
+
+    def rows(self) -> list[dict]:
+        with self._lock:
+            return list(self._rows)
+
+    def refresh_soon(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._wake.wait(CREDIT_REFRESH_S)  # woken early by refresh_soon (a new record)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def refresh(self) -> None:
+        from node.ledger import compute_credit, verify_logs
+
+        blobs = {"local": self.ledger.blobs()}
+        try:
+            blobs["dht"] = self.read_dht_records()
+        except Exception as e:  # a DHT read can fail many ways; local records still verify
+            logger.warning("could not read records from the DHT: %s", e)
+        report = verify_logs(blobs, self.swarm_id, self.cap)
+        rows = [
+            {"peer_id": c.peer_id, "verified_rounds": c.rounds, "samples": c.samples, "tokens": c.tokens, "share": c.share}
+            for c in compute_credit(report).values()
+        ]
+        with self._lock:
+            self._rows = rows
+
+
+class NodeControlView:
+    """The node as the control service sees it (node.control.NodeView): snapshots only."""
+
+    def __init__(self, *, board: StatusBoard, ledger, record_cv: threading.Condition, credit: CreditCache,
+                 swarm_id: str, peer_id: str, trained, plan, peer_ttl: float, listen_maddrs: list[str],
+                 started_at: float, heartbeat_age, commands):
+        self.board = board
+        self.ledger = ledger
+        self.record_cv = record_cv
+        self.credit_cache = credit
+        self.swarm_id = swarm_id
+        self.peer_id = peer_id
+        self.trained = tuple(trained)
+        self.plan = plan
+        self.peer_ttl = peer_ttl
+        self.listen_maddrs = list(listen_maddrs)
+        self.started_at = started_at
+        self.heartbeat_age = heartbeat_age
+        self.commands = commands  # pause / resume / drain, as plain callables
+
+    def status(self) -> dict:
+        s = self.board.snapshot()
+        rss, peak, gpu = memory_bytes()
+        return {
+            "round": s.round, "loss": s.loss, "samples_per_s": float(s.samples_per_s),
+            "tokens_per_s": float(s.tokens_per_s), "peers": max(0, len(s.peers) - 1), "state": s.state,
+            "swarm_id": self.swarm_id, "peer_id": self.peer_id, "shards": list(self.trained),
+            "adapter_hash": s.adapter_hash, "rss_bytes": rss, "peak_rss_bytes": peak, "gpu_memory_bytes": gpu,
+            "uptime_s": time.time() - self.started_at, "last_round_s": s.last_round_s,
+            "last_round_at": s.last_round_at, "listen_maddrs": list(self.listen_maddrs),
+            "samples_total": s.samples_total, "tokens_total": s.tokens_total, "version": __version__,
+        }
+
+    def peers(self) -> list[dict]:
+        out = []
+        for pid, info in sorted(self.board.snapshot().peers.items()):
+            if pid == self.peer_id:
+                continue
+            out.append({"peer_id": pid, "multiaddrs": list(info.maddrs), "round": info.round, "shards": list(info.shards),
+                        "last_seen_s": self.heartbeat_age(info)})
+        return out
+
+    def shards(self) -> list[dict]:
+        coverage = self.board.snapshot().coverage
+        return [{"index": k, "layer_start": a, "layer_end": b, "trainers": int(coverage.get(k, int(k in self.trained))),
+                 "local": k in self.trained} for k, (a, b) in enumerate(self.plan)]
+
+    def records(self, from_seq: int) -> list[dict]:
+        from node.control import record_summary
+
+        entries = list(zip(self.ledger.blobs(), self.ledger.records()))
+        return [record_summary(b, r) for b, r in entries[max(0, from_seq):][:256]]
+
+    def wait_for_record(self, after_seq: int, timeout: float) -> bool:
+        with self.record_cv:
+            return self.record_cv.wait_for(lambda: self.ledger.next_seq - 1 > after_seq, timeout=timeout)
+
+    def credit(self) -> list[dict]:
+        return self.credit_cache.rows()
+
+    def pause(self) -> None:
+        self.commands["pause"]()
+
+    def resume(self) -> None:
+        self.commands["resume"]()
+
+    def drain(self) -> None:
+        self.commands["drain"]()

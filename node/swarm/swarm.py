@@ -1,0 +1,329 @@
+"""The swarm as the node sees it: the façade over the DHT, membership and one averager per shard.
+
+    dht = start_network(identity, manifest, initial_peers=..., host_maddrs=...)
+    swarm = Swarm(dht, swarm_id=..., shard_sizes=..., trained_shards=..., ...)
+    results = swarm.allreduce_sums({shard: int64 vector}, RoundClaim(...), expected, round_=r)
+
+It owns the two formats peers exchange besides records and heartbeats:
+- the round metadata every group member sends with its part (`RoundClaim`: the round, the
+  hashes of the shards it started from, its samples, tokens and loss sum);
+- the state metadata a donor serves with a shard's tensors (`StateMeta`: round, hash,
+  optimizer step, swarm id).
+Each shard averages under the hivemind prefix `<swarm_id>/shard-<k>`, so only the trainers of
+shard k ever average shard k, and the round number is part of the matchmaking key, so peers
+in different rounds never average together.
+
+hivemind reports success even when parts were lost, so three checks catch them: a part this
+peer never got back (the runner's failure count), a part some reducer averaged without one of
+its senders (`_StrictPartReducer` turns it into NaN for everyone), and the limbs' count bits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from node.swarm.averager import ELAPSED_KEY, FAILED_KEY, ShardAverager, install_strict_reducer
+from node.swarm.deadline import AveragingDeadline, allreduce_bytes
+from node.swarm.dht import dht_time, start_dht
+from node.swarm.exact import BYTES_PER_VALUE, MAX_GROUP, decode_limb_average, encode_limbs
+from node.swarm.membership import Membership, PeerInfo, check_membership
+from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
+from node.swarm.validator import RecordsValidator, collect_records, publish_record
+
+logger = logging.getLogger(__name__)
+
+ROUND_BITS = 16  # low bits of the round number in the matchmaking key
+STATE_BYTES_PER_VALUE = 12  # a state download: the adapter and AdamW's two moments, float32
+PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
+PROBE_S = 5.0  # ... or this many seconds, whichever comes first
+MAX_DONORS = 4  # donors tried per state download
+RECORD_TTL_S = 24 * 3600  # how long a published contribution record stays in the DHT
+
+
+@dataclass(frozen=True)
+class RoundClaim:
+    """What a group member says about its part: the round, the hash of each shard it started from,
+    and its samples, tokens and summed token loss (the group's loss is computed from these)."""
+
+    round: int
+    hashes: dict  # {shard: hash}
+    samples: int
+    tokens: int
+    loss_sum: float
+
+    def to_wire(self) -> dict:
+        return {"r": self.round, "h": {str(k): h for k, h in self.hashes.items()}, "s": self.samples, "t": self.tokens,
+                "l": self.loss_sum}
+
+    @classmethod
+    def from_wire(cls, value) -> "RoundClaim":
+        """Raises TypeError/KeyError/ValueError/AttributeError on a malformed claim."""
+        return cls(round=int(value["r"]), hashes={int(k): str(h) for k, h in dict(value["h"]).items()},
+                   samples=int(value["s"]), tokens=int(value["t"]), loss_sum=float(value["l"]))
+
+
+@dataclass(frozen=True)
+class StateMeta:
+    """What a donor serves with a shard's tensors."""
+
+    round: int
+    hash: str
+    step: int  # the optimizer step count the moments belong to
+    swarm: str
+
+    def to_wire(self) -> dict:
+        return {"round": self.round, "hash": self.hash, "step": self.step, "swarm": self.swarm}
+
+    @classmethod
+    def from_wire(cls, value) -> "StateMeta":
+        return cls(round=int(value["round"]), hash=str(value["hash"]), step=int(value["step"]), swarm=str(value["swarm"]))
+
+
+def start_network(identity, manifest, *, initial_peers: Sequence[str], host_maddrs: Sequence[str],
+                  announce_maddrs: Sequence[str]):
+    """Start this node's DHT + p2pd with the node's key as its libp2p identity, and check that the
+    initial peers train the same swarm (SwarmError otherwise). p2pd reads the key from a private
+    temporary file that is removed as soon as the daemon started."""
+    from node.identity import write_libp2p_identity
+
+    fd, tmp_key = tempfile.mkstemp(prefix="swarmtune-p2p-", suffix=".key")
+    os.close(fd)
+    try:
+        os.unlink(tmp_key)
+        write_libp2p_identity(identity, tmp_key)
+        dht = start_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                        identity_path=tmp_key, record_validators=[RecordsValidator(manifest.swarm_id)])
+    finally:
+        if os.path.exists(tmp_key):
+            os.unlink(tmp_key)
+    try:
+        check_membership(dht, manifest, initial_peers)
+    except BaseException:
+        dht.shutdown()
+        raise
+    return dht
+
+
+class Swarm:
+    """Membership, per-shard exact gradient all-reduce, shard state sharing, record publication."""
+
+    def __init__(
+        self,
+        dht,
+        *,
+        swarm_id: str,
+        shard_sizes: Sequence[int],
+        trained_shards: Sequence[int],
+        matchmaking_time: float,
+        allreduce_timeout: float,
+        peer_ttl: float,
+        initial_peers: Sequence[str] = (),
+    ):
+        self.dht = dht
+        self.swarm_id = swarm_id
+        self.peer_id = str(dht.peer_id)
+        self.trained = tuple(sorted(trained_shards))
+        self.matchmaking_time = matchmaking_time
+        self.allreduce_timeout = allreduce_timeout  # the deadline now in force (see node/swarm/deadline.py)
+        self.deadline = AveragingDeadline(allreduce_timeout)
+        self.shard_sizes = list(shard_sizes)
+        # a group forms within ~one matchmaking window once peers are there; waiting longer only delays the resync
+        self.find_group_timeout = 2 * matchmaking_time + 2.0
+        self.peer_ttl = peer_ttl
+        install_strict_reducer()  # before the averager processes fork
+        self.averagers: dict[int, ShardAverager] = {}
+        for k, numel in enumerate(shard_sizes):
+            self.averagers[k] = ShardAverager(
+                numel,
+                dht=dht,
+                prefix=f"{swarm_id}/shard-{k}",
+                start=True,
+                target_group_size=None,
+                min_group_size=2,
+                initial_group_bits="0" * ROUND_BITS,
+                min_matchmaking_time=matchmaking_time,
+                request_timeout=max(0.5, matchmaking_time / 2),
+                allreduce_timeout=allreduce_timeout,
+                next_chunk_timeout=allreduce_timeout / 2,
+                allow_state_sharing=k in self.trained,
+                declare_state_period=max(2.0, peer_ttl / 3),
+            )
+        self.members = Membership(dht, swarm_id=swarm_id, trained=self.trained, peer_ttl=peer_ttl, initial_peers=initial_peers)
+        serve_bandwidth_probe(dht)  # lets `swarmtune doctor` on a newcomer's machine measure bandwidth to us
+
+    # ------------------------------------------------------------------ membership
+
+    def view(self) -> dict[str, PeerInfo]:
+        """A fresh peer view from the DHT (this node included); see Membership.view."""
+        return self.members.view()
+
+    def last_view(self) -> dict[str, PeerInfo]:
+        """The last view read, without DHT work."""
+        return self.members.last_view()
+
+    def announce(self, **fields) -> None:
+        self.members.announce(**fields)
+
+    def wait_for_peers(self, n: int, timeout: float) -> dict[str, PeerInfo]:
+        return self.members.wait_for_peers(n, timeout)
+
+    @property
+    def left(self) -> set[str]:
+        return self.members.left
+
+    def visible_maddrs(self) -> list[str]:
+        return self.members.visible_maddrs()
+
+    def heartbeat_age(self, info: PeerInfo) -> float:
+        """Seconds since a peer's heartbeat was stored."""
+        return max(0.0, self.peer_ttl - (info.expires_at - dht_time()))
+
+    # ------------------------------------------------------------------ averaging
+
+    def allreduce_sums(
+        self, contributions: dict[int, torch.Tensor], claim: RoundClaim, expected: dict[int, int], *, round_: int
+    ) -> dict[int, tuple[torch.Tensor, dict[str, RoundClaim]] | None]:
+        """Sum each shard's int64 vector over the shard's group, exactly and identically on every member.
+
+        `expected[k]` is how many trainers of shard k this node sees: the group assembles as
+        soon as that many joined (else after the matchmaking time, with whoever came).
+        Returns, per shard, (exact int64 sum, {peer_id: its RoundClaim}) or None when no group
+        formed in time or a part was lost (the round is then retried by everyone).
+        """
+        planned = self.allreduce_bytes({k: expected.get(k, 2) for k in contributions})
+        self._apply_deadline(self.deadline.seconds_for(planned))
+        gather = claim.to_wire()
+        controls = {}
+        for k, vec in contributions.items():
+            avg = self.averagers[k]
+            encoded = encode_limbs(vec)
+            with avg.get_tensors() as (buf,):
+                buf.copy_(encoded)
+            avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
+            avg.set_group_bits(format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b"))
+            controls[k] = avg.step(gather=gather, weight=1.0, timeout=self.find_group_timeout, wait=False, allow_retries=True)
+        results: dict[int, tuple[torch.Tensor, dict[str, RoundClaim]] | None] = {}
+        moved, elapsed, slow = 0, 0.0, False
+        for k, control in controls.items():
+            results[k] = None
+            try:
+                gathered = control.result(timeout=self.find_group_timeout + self.allreduce_timeout + 5)
+            except Exception as e:  # hivemind's step raises whatever matchmaking or the all-reduce raised
+                logger.warning("shard %d: averaging failed (%s: %s)", k, type(e).__name__, e)
+                slow = slow or isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "timeout" in type(e).__name__.lower()
+                continue
+            gathered = dict(gathered or {})
+            took = float(gathered.pop(ELAPSED_KEY, 0.0))
+            lost = gathered.pop(FAILED_KEY, 0)
+            if not gathered:
+                continue
+            if lost:
+                logger.warning("shard %d: %d values came back un-averaged (a peer dropped mid all-reduce); round discarded", k, lost)
+                slow = True  # parts given up on: a deadline too short for the link, or a peer gone (one doubling)
+                continue
+            moved += self.allreduce_bytes({k: len(gathered)})
+            elapsed = max(elapsed, took)
+            if len(gathered) > MAX_GROUP:
+                logger.warning("shard %d: group of %d exceeds %d peers; round discarded", k, len(gathered), MAX_GROUP)
+                continue
+            with self.averagers[k].get_tensors() as (buf,):
+                poisoned = int((~torch.isfinite(buf)).sum())
+                total, short = decode_limb_average(torch.nan_to_num(buf), len(gathered))
+            if poisoned or short:
+                logger.warning("shard %d: %d values were averaged without every groupmate (a peer dropped mid all-reduce); "
+                               "round discarded", k, poisoned or short)
+                slow = slow or bool(poisoned)
+                continue
+            try:
+                claims = {str(pid): RoundClaim.from_wire(meta) for pid, meta in gathered.items()}
+            except (TypeError, KeyError, ValueError, AttributeError) as e:
+                logger.warning("shard %d: a groupmate sent malformed round metadata (%s); round discarded", k, e)
+                continue
+            results[k] = (total, claims)
+        if slow:
+            self.deadline.timed_out()
+            logger.warning("averaging ran out of time or lost parts (deadline %.1f s); the next round gets %.1f s",
+                           self.allreduce_timeout, self.deadline.seconds_for(planned))
+        elif moved and all(r is not None for r in results.values()):
+            self.deadline.observe(moved, elapsed)
+        return results
+
+    def allreduce_bytes(self, group_sizes: dict[int, int]) -> int:
+        """Bytes each way one peer moves to all-reduce these shards ({shard: group size}) in limbs."""
+        return sum(allreduce_bytes(BYTES_PER_VALUE * self.shard_sizes[k], n) for k, n in group_sizes.items())
+
+    def _apply_deadline(self, seconds: float) -> None:
+        """Give every shard's averager this deadline (only when it changed by more than 5%)."""
+        if abs(seconds - self.allreduce_timeout) <= 0.05 * self.allreduce_timeout:
+            return
+        for avg in self.averagers.values():
+            avg.set_deadline(seconds)
+        logger.info("averaging deadline %.1f s -> %.1f s (measured %s)", self.allreduce_timeout, seconds,
+                    f"{self.deadline.throughput * 8 / 1e6:.1f} Mbit/s" if self.deadline.throughput else "nothing yet")
+        self.allreduce_timeout = seconds
+
+    def measure_link(self, peer_id: str) -> float | None:
+        """Pull a bounded probe stream from a peer; feeds the deadline estimate. Returns bytes/s or None."""
+        got, seconds, error = measure_bandwidth(self.dht, peer_id, total=PROBE_BYTES, chunk=64 * 1024, time_limit=PROBE_S)
+        if error or got < 64 * 1024 or seconds <= 0:
+            logger.info("could not measure the link to %s…: %s", peer_id[:16], error or f"only {got} bytes")
+            return None
+        self.deadline.observe(got, seconds)
+        return got / seconds
+
+    def download_timeout(self, shard: int) -> float:
+        """Time allowed for one shard's state download, from its size and the measured throughput."""
+        return self.deadline.seconds_for(STATE_BYTES_PER_VALUE * self.shard_sizes[shard])
+
+    # ------------------------------------------------------------------ state sharing
+
+    def publish_state(self, shard: int, meta: StateMeta, tensors: Sequence[torch.Tensor]) -> None:
+        self.averagers[shard].publish_state(meta.to_wire(), tensors)
+
+    def download_state(self, shard: int, donors: Sequence[str], timeout: float = 30) -> tuple[str, StateMeta, list[torch.Tensor]] | None:
+        """Shard state from the first of `donors` (peer ids, in order of preference) that sends it:
+        (donor, metadata, tensors), or None."""
+        if not donors:
+            return None
+        try:  # a handful of donors bounds the worst case; the next resync asks again
+            result = self.averagers[shard].download_state_from(list(donors)[:MAX_DONORS], timeout=timeout)
+        except Exception as e:  # a timeout, or the averager process is gone
+            logger.warning("shard %d: state download failed: %s", shard, e)
+            return None
+        if not result:
+            return None
+        donor, meta, tensors = result
+        try:
+            return donor, StateMeta.from_wire(meta), list(tensors)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            logger.warning("shard %d: peer %s… sent malformed state metadata %r; ignored", shard, str(donor)[:16], meta)
+            return None
+
+    # ------------------------------------------------------------------ records
+
+    def publish_record(self, blob: bytes) -> None:
+        """Store a signed record in the DHT for a day (raises ValueError for a record that is not valid)."""
+        publish_record(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+
+    def read_records(self) -> list[bytes]:
+        """Every valid record of this swarm found in the DHT."""
+        return collect_records(self.dht, self.swarm_id)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def shutdown(self) -> None:
+        self.members._stop.set()
+        for avg in self.averagers.values():
+            try:
+                avg.shutdown()
+            except Exception as e:  # shutting down a half-dead averager must not stop the rest
+                logger.warning("averager shutdown: %s", e)
+        self.members.leave()
+        self.dht.shutdown()
