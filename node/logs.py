@@ -74,6 +74,32 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# Messages nobody running a node can act on: they are dropped, not printed.
+# - bitsandbytes' optional CPU 4-bit kernel from the `kernels` package (a speed-up it falls back from);
+# - asyncio's report of a p2pd stream that closed while the daemon shut down (hivemind's stream handler
+#   reads a header from a connection p2pd already dropped: IncompleteReadError, nothing was lost).
+QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
+
+
+class _ShutdownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "asyncio" or not record.exc_info:
+            return True
+        import asyncio
+
+        closed = isinstance(record.exc_info[1], (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError))
+        return not (closed and "client_connected_cb" in record.getMessage())
+
+
+def quiet_unactionable() -> None:
+    """Drop the messages above (idempotent; forked hivemind processes inherit it)."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    noise = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ShutdownNoise) for f in noise.filters):
+        noise.addFilter(_ShutdownNoise())
+
+
 def setup_logging(level: str | int = "info", json: bool = False, stream: TextIO | None = None) -> logging.Handler:
     """Configure the root logger; returns the handler it installed (on stderr by default)."""
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
@@ -94,4 +120,6 @@ def setup_logging(level: str | int = "info", json: bool = False, stream: TextIO 
         sys.modules["hivemind.utils.logging"].use_hivemind_log_handler("nowhere")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)
+    quiet_unactionable()
+    logging.captureWarnings(True)  # library warnings (FutureWarning, ...) become log records: JSON too
     return handler

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from node.logs import quiet_unactionable
+
+    quiet_unactionable()  # before anything imports bitsandbytes
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
