@@ -206,8 +206,16 @@ class Node:
         if self.board.snapshot().state not in ("stopped",):
             self._set_state("draining")
 
-    def stop_round(self) -> int:
-        return self.cfg.max_rounds or self.manifest.rounds.max_rounds
+    def _should_stop(self, trained_here: int) -> bool:
+        """The swarm's last round (manifest max_rounds) is done, or this run trained --max-rounds rounds."""
+        last = self.manifest.rounds.max_rounds
+        if last and self.round >= last:
+            logger.info("reached round %d, the swarm's last: stopping", self.round)
+            return True
+        if self.cfg.max_rounds and trained_here >= self.cfg.max_rounds:
+            logger.info("trained %d rounds in this run (--max-rounds): stopping at round %d", trained_here, self.round)
+            return True
+        return False
 
     def run(self) -> int:
         self.install_signals()
@@ -226,11 +234,8 @@ class Node:
         swarm.announce(round=self.round, shards=list(self.trained), hashes=sync.shard_hashes())
         untrained = [k for k in range(self.adapter.num_shards) if k not in self.trained]
         with open(self.workdir / "rounds.jsonl", "a", buffering=1) as progress:
-            while not self._drain.is_set():
-                stop_at = self.stop_round()
-                if stop_at and self.round >= stop_at:
-                    logger.info("reached round %d: stopping", self.round)
-                    break
+            trained_here = 0
+            while not self._drain.is_set() and not self._should_stop(trained_here):
                 if self._paused.is_set():
                     self._set_state("paused")
                     time.sleep(0.2)
@@ -247,19 +252,26 @@ class Node:
                 self._prev_hashes = res.shard_hashes
                 if res.applied:
                     self.round += 1
+                    trained_here += 1
                 else:
                     got = sync.resync(self.round, required=False)
                     self.round = self.round if got is None else got
-                if untrained:
-                    sync.sync_shards(untrained, my_round=self.round, require_newer=False)
+                # publish and announce first: nodes that do not train our shards wait for exactly this state
                 sync.publish(self.round)
-                if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
-                    self.save_checkpoint()
                 swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9),
                                hashes=sync.shard_hashes())
+                if untrained:
+                    sync.refresh_untrained(untrained, self.round, timeout=self._refresh_timeout(untrained))
+                if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
+                    self.save_checkpoint()
                 self._after_round(res, view, progress)
         self._set_state("stopped")
         return 0
+
+    def _refresh_timeout(self, shards) -> float:
+        """How long to wait for untrained shards' state: the trainers' round end (about one matchmaking
+        window apart from ours) plus the downloads at the measured link speed."""
+        return 2 * self.manifest.averaging.matchmaking_time + 2.0 + sum(self.swarm.download_timeout(k) for k in shards)
 
     def _probe_link(self) -> None:
         """Measure the link to one peer before averaging with it, so that the first all-reduce gets a

@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 
 from node.swarm import quorum
 from node.swarm.swarm import StateMeta
@@ -92,6 +93,63 @@ class StateSync:
             loaded[k] = meta.round
             self._donors[k] = donor
         return loaded
+
+    def refresh_untrained(self, shards, round_: int, timeout: float) -> list[int]:
+        """Bring the shards this node does not train to `round_`, bit-identical with their trainers,
+        before the next forward pass; returns the shards still behind when `timeout` ran out.
+
+        The trainers of shard k announce (round, hash) the moment they applied a round, and serve
+        that state: the node waits for the hash most trainers of k at `round_` advertise, and loads
+        it from one of them (hash-checked). A shard nobody trains keeps what it has (coverage
+        warns about it); trainers already past `round_` mean this node is behind (the split guard
+        resyncs it)."""
+        pending = set(shards)
+        deadline = time.monotonic() + timeout
+        while pending and not self.stop.is_set():
+            peers = quorum.others(self.swarm.view(), self.peer_id)
+            for k in sorted(pending):
+                trainers = {p: i for p, i in peers.items() if k in i.shards}
+                at = {p: i for p, i in trainers.items() if i.round == round_ and k in i.shard_hashes}
+                if not trainers or (not at and max(i.round for i in trainers.values()) > round_):
+                    pending.discard(k)
+                    continue
+                if not at:
+                    continue  # the trainers have not announced round_ yet
+                votes = Counter(i.shard_hashes[k] for i in at.values())
+                want = max(votes, key=lambda h: (votes[h], h))
+                if self.adapter.shard_hash(k) == want:
+                    pending.discard(k)
+                    continue
+                donors = [p for p in quorum.donor_order(peers, self.peer_id, k, skip=self._distrusted, rng=random)
+                          if p in at and at[p].shard_hashes[k] == want]
+                got = self.swarm.download_state(k, donors, timeout=self.swarm.download_timeout(k))
+                if got is None:
+                    continue
+                donor, meta, tensors = got
+                if (meta.round, meta.hash, meta.swarm) != (round_, want, self.swarm_id):
+                    continue  # it moved on (or lags) since it announced: no evidence against it, ask again
+                backup = self.trainer.shard_state(k)
+                try:
+                    self.trainer.load_shard_state(k, tensors, meta.step)
+                except (ValueError, RuntimeError) as e:
+                    logger.warning("shard %d: peer state does not fit (%s); ignored", k, e)
+                    continue
+                if self.adapter.shard_hash(k) == want:
+                    pending.discard(k)
+                    continue
+                # evidence: it served bytes that do not hash to what it (and the other trainers) advertised
+                logger.warning("shard %d: the state from %s… does not match the hash it advertised for round %d; "
+                               "discarded, and that peer is not asked again for %.0f s", k, donor[:16], round_, DISTRUST_S)
+                self.distrust(donor)
+                self.trainer.load_shard_state(k, backup, self.trainer.opt_step)
+            if pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            elif pending:
+                break
+        if pending:
+            logger.warning("shard(s) %s: their trainers' round-%d state did not arrive in %.0f s; training on with an "
+                           "older copy (the next round boundary tries again)", sorted(pending), round_, timeout)
+        return sorted(pending)
 
     def _snapshot(self, shards) -> tuple[dict, int]:
         return {k: self.trainer.shard_state(k) for k in shards}, self.trainer.opt_step

@@ -47,40 +47,46 @@ def test_estimate_prefers_upper_shards_and_respects_budget(tiny_base):
 
 
 @pytest.mark.swarm
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(420)
 def test_mixed_shard_sets_train_one_adapter(tmp_path, tiny_base, spawn_node):
+    """4 one-layer shards; one node trains all, one the upper half, one the lower half. After every
+    round every node holds the whole adapter bit-identically: the shards it trains through the exact
+    sum, the others pulled from their trainers at that same round before its next forward pass."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from node.model import Adapter
 
-    rounds = 10
-    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})
+    rounds = 12
+    plan = ((0, 1), (1, 2), (2, 3), (3, 4))
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
+                                   shards={"plan": plan})
     export = tmp_path / "adapter"
     full = spawn_node(manifest, "full", "--min-peers", "3", "--shards", "all")
     peers = full.wait_info()["maddrs"]
-    upper = spawn_node(manifest, "upper", "--min-peers", "3", "--shards", "1", "--initial-peers", *peers, "--export", str(export))
-    lower = spawn_node(manifest, "lower", "--min-peers", "3", "--shards", "0", "--initial-peers", *peers)
+    upper = spawn_node(manifest, "upper", "--min-peers", "3", "--shards", "2,3", "--initial-peers", *peers, "--export", str(export))
+    lower = spawn_node(manifest, "lower", "--min-peers", "3", "--shards", "0,1", "--initial-peers", *peers)
     for node in (full, upper, lower):
-        assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
-    rf, ru, rl = ({r["round"]: r for r in n.rounds() if r["applied"]} for n in (full, upper, lower))
-    # a node may discard a round whose all-reduce lost a part (then resyncs); never diverge
-    assert all(len(set(range(rounds)) - set(rows)) <= 2 for rows in (rf, ru, rl))
-    for r in range(rounds):
-        if r in rf and r in rl:
-            assert rf[r]["shard_hashes"]["0"] == rl[r]["shard_hashes"]["0"], f"round {r}: shard 0 differs among its trainers"
-            assert rf[r]["groups"]["0"] == 2 and rl[r]["groups"] == {"0": 2}
-        if r in rf and r in ru:
-            assert rf[r]["shard_hashes"]["1"] == ru[r]["shard_hashes"]["1"], f"round {r}: shard 1 differs among its trainers"
-            assert rf[r]["groups"]["1"] == 2 and ru[r]["groups"] == {"1": 2}
-    assert any(row["coverage"] == {"0": 2, "1": 2} for row in rf.values())
-    rf_first, rf_last = rf[min(rf)], rf[max(rf)]
-    assert rf_last["loss"] < 0.8 * rf_first["loss"]
-    # the upper-half node exported the whole adapter: shard 0 pulled from its trainers
+        assert node.wait_exit(timeout=360) == 0, node.log.read_text()[-3000:]
+    rows = {n: {r["round"]: r for r in n.rounds() if r["applied"]} for n in (full, upper, lower)}
+    rf, ru, rl = rows[full], rows[upper], rows[lower]
+    # a node may discard a round whose all-reduce lost a part (it takes the others' state): at most 2
+    missing = {n.home.name: sorted(set(range(rounds)) - set(r)) for n, r in rows.items()}
+    assert all(len(m) <= 2 for m in missing.values()), missing
+    together = [r for r in range(rounds) if all(r in row for row in rows.values())]
+    assert len(together) >= rounds - 4
+    for r in together:
+        hashes = {n.home.name: rows[n][r]["hash"] for n in rows}
+        assert len(set(hashes.values())) == 1, f"round {r}: whole adapters differ {hashes}"
+        assert rf[r]["groups"] == {str(k): 2 for k in range(4)}
+        assert ru[r]["groups"] == {"2": 2, "3": 2} and rl[r]["groups"] == {"0": 2, "1": 2}
+    assert all(rf[r]["coverage"] == {str(k): 2 for k in range(4)} for r in together)
+    assert rf[max(rf)]["loss"] < 0.8 * rf[min(rf)]["loss"]
+    for n in rows:
+        assert "not asked again" not in n.log.read_text(), n.log.read_text()[-3000:]
+    # the upper-half node exported the whole adapter, equal to every node's last state
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base)), str(export))
-    adapter = Adapter.from_model(model, check_shard_plan((), 4))
+    adapter = Adapter.from_model(model, check_shard_plan(plan, 4))
     with torch.no_grad():
-        assert adapter.shard_hash(1) == upper.rounds()[-1]["shard_hashes"]["1"] == full.rounds()[-1]["shard_hashes"]["1"]
-        assert adapter.shard_hash(0) in {r["shard_hashes"]["0"] for r in rf.values()}, "shard 0 must come from its trainers"
-        assert adapter.shard_hash(0) != full.rounds()[0]["shard_hashes"]["0"] or len(rf) == 1
+        assert adapter.state_hash() == full.rounds()[-1]["hash"] == upper.rounds()[-1]["hash"] == lower.rounds()[-1]["hash"]
