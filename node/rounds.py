@@ -20,11 +20,13 @@ import torch
 from node.data import assign_examples, data_commitment
 from node.swarm import quorum
 from node.swarm.exact import from_fixed_point, to_fixed_point
-from node.swarm.swarm import RoundClaim
+from node.swarm.swarm import Failed, RoundClaim
 from node.trainer import LocalResult, grad_commitment, lr_at
 from protocol.record import to_fixed
 
 logger = logging.getLogger(__name__)
+
+RETRIES = 1  # all-reduce retries within a round after a lost part (a retry costs one matchmaking window at most)
 
 
 @dataclass
@@ -91,12 +93,20 @@ class RoundRunner:
         results = dict(solo)
         if to_average:
             results.update(self.swarm.allreduce_sums(to_average, claim, expected, round_=r))
+        for attempt in range(1, RETRIES + 1):  # a lost part is retried within the round, by the whole group
+            lost = {k: res.group for k, res in results.items() if isinstance(res, Failed) and res.retry}
+            if not lost:
+                break
+            logger.info("round %d: retrying the all-reduce of shard(s) %s with the same group (attempt %d)", r,
+                        sorted(lost), attempt + 1)
+            results.update(self.swarm.allreduce_sums({k: ints[k] for k in lost}, claim, expected, round_=r,
+                                                     attempt=attempt, exact_groups=lost))
         t_avg = time.time() - t1
 
         grads, groups, resync, loss_num, loss_den = {}, {}, [], 0.0, 0
         for k in self.trained:
             res = results.get(k)
-            if res is None:
+            if res is None or isinstance(res, Failed):
                 resync.append(k)
                 continue
             total_ints, claims = res

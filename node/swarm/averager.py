@@ -164,8 +164,9 @@ class ShardAverager(DecentralizedAverager):
             meta, tensors = self._published
             return meta, tensors, None
 
-    async def _set_target_group_size(self, size: int, future) -> None:
-        """Runs in the averager process: a group assembles as soon as `size` peers joined."""
+    async def _set_target_group_size(self, size: int, future, min_size: int = 2) -> None:
+        """Runs in the averager process: a group assembles as soon as `size` peers joined; when the
+        matchmaking time runs out, one of at least `min_size` peers still runs (else it disbands)."""
         mm = self._matchmaking
         keys = mm.group_key_manager
         if not getattr(keys, "_swarmtune_fixed", False):
@@ -178,12 +179,13 @@ class ShardAverager(DecentralizedAverager):
             keys.update_key_on_not_enough_peers = _keep_key
             keys._swarmtune_fixed = True
         mm.target_group_size = size
+        mm.min_group_size = min_size
         mm.potential_leaders.target_group_size = size
         mm.group_key_manager.target_group_size = size
         future.set_result(None)
 
-    def set_target_group_size(self, size: int) -> None:
-        self._call("_set_target_group_size", None, size=size)
+    def set_target_group_size(self, size: int, min_size: int = 2) -> None:
+        self._call("_set_target_group_size", None, size=size, min_size=min_size)
 
 
 async def dial_and_ping(peers: list[tuple[str, tuple[str, ...]]], timeout: float, _dht, node) -> list[str]:

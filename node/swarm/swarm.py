@@ -39,7 +39,9 @@ from node.swarm.validator import RecordsValidator, collect_records, publish_reco
 
 logger = logging.getLogger(__name__)
 
-ROUND_BITS = 16  # low bits of the round number in the matchmaking key
+KEY_BITS = 16  # matchmaking key bits: the round's low ROUND_BITS, then the attempt within the round
+ATTEMPT_BITS = 2
+ROUND_BITS = KEY_BITS - ATTEMPT_BITS
 STATE_BYTES_PER_VALUE = 12  # a state download: the adapter and AdamW's two moments, float32
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
@@ -67,6 +69,19 @@ class RoundClaim:
         """Raises TypeError/KeyError/ValueError/AttributeError on a malformed claim."""
         return cls(round=int(value["r"]), hashes={int(k): str(h) for k, h in dict(value["h"]).items()},
                    samples=int(value["s"]), tokens=int(value["t"]), loss_sum=float(value["l"]))
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A shard's all-reduce that gave no sum. `retry`: a part was poisoned (averaged without one of its
+    senders); the reducer sent the same poisoned part to every member, so none applied the round and
+    all of them retry it with the same group, which assembles only when all `group` members are back:
+    no subset ever applies a sum the others did not. Without `retry` (no group formed, or a part this
+    node alone did not get back) the node takes the state of the peers that completed the round."""
+
+    reason: str
+    retry: bool
+    group: int = 0  # the group that lost the part: a retry must gather exactly these many peers
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,7 @@ class Swarm:
                 start=True,
                 target_group_size=None,
                 min_group_size=2,
-                initial_group_bits="0" * ROUND_BITS,
+                initial_group_bits="0" * KEY_BITS,
                 min_matchmaking_time=matchmaking_time,
                 request_timeout=max(0.5, matchmaking_time / 2),
                 allreduce_timeout=allreduce_timeout,
@@ -188,33 +203,42 @@ class Swarm:
     # ------------------------------------------------------------------ averaging
 
     def allreduce_sums(
-        self, contributions: dict[int, torch.Tensor], claim: RoundClaim, expected: dict[int, int], *, round_: int
-    ) -> dict[int, tuple[torch.Tensor, dict[str, RoundClaim]] | None]:
+        self, contributions: dict[int, torch.Tensor], claim: RoundClaim, expected: dict[int, int], *, round_: int,
+        attempt: int = 0, exact_groups: dict[int, int] | None = None,
+    ) -> dict[int, "tuple[torch.Tensor, dict[str, RoundClaim]] | Failed"]:
         """Sum each shard's int64 vector over the shard's group, exactly and identically on every member.
 
         `expected[k]` is how many trainers of shard k this node sees: the group assembles as
         soon as that many joined (else after the matchmaking time, with whoever came).
-        Returns, per shard, (exact int64 sum, {peer_id: its RoundClaim}) or None when no group
-        formed in time or a part was lost (the round is then retried by everyone).
+        Returns, per shard, (exact int64 sum, {peer_id: its RoundClaim}), or `Failed` when no group
+        formed in time or a part was lost. `attempt` (0..3) is part of the matchmaking key, so a retry
+        of the same round meets only the peers retrying it; `exact_groups[k]`: the retry of shard k
+        runs only with exactly that many peers (the group that lost the part).
         """
         planned = self.allreduce_bytes({k: expected.get(k, 2) for k in contributions})
         self._apply_deadline(self.deadline.seconds_for(planned))
         gather = claim.to_wire()
+        # a retry's group is known and waits for nobody else: one matchmaking window is enough
+        find = self.matchmaking_time + 1.0 if exact_groups else self.find_group_timeout
         controls = {}
         for k, vec in contributions.items():
             avg = self.averagers[k]
             encoded = encode_limbs(vec)
             with avg.get_tensors() as (buf,):
                 buf.copy_(encoded)
-            avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
-            avg.set_group_bits(format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b"))
-            controls[k] = avg.step(gather=gather, weight=1.0, timeout=self.find_group_timeout, wait=False, allow_retries=True)
-        results: dict[int, tuple[torch.Tensor, dict[str, RoundClaim]] | None] = {}
+            if exact_groups and k in exact_groups:
+                avg.set_target_group_size(exact_groups[k], min_size=exact_groups[k])
+            else:
+                avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
+            key = ((round_ % (1 << ROUND_BITS)) << ATTEMPT_BITS) | (attempt % (1 << ATTEMPT_BITS))
+            avg.set_group_bits(format(key, f"0{KEY_BITS}b"))
+            controls[k] = avg.step(gather=gather, weight=1.0, timeout=find, wait=False, allow_retries=not exact_groups)
+        results: dict = {}
         moved, elapsed, slow = 0, 0.0, False
         for k, control in controls.items():
-            results[k] = None
+            results[k] = Failed("no group", retry=False)
             try:
-                gathered = control.result(timeout=self.find_group_timeout + self.allreduce_timeout + 5)
+                gathered = control.result(timeout=find + self.allreduce_timeout + 5)
             except Exception as e:  # hivemind's step raises whatever matchmaking or the all-reduce raised
                 logger.warning("shard %d: averaging failed (%s: %s)", k, type(e).__name__, e)
                 slow = slow or isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "timeout" in type(e).__name__.lower()
@@ -224,9 +248,16 @@ class Swarm:
             lost = gathered.pop(FAILED_KEY, 0)
             if not gathered:
                 continue
+            if exact_groups and k in exact_groups and len(gathered) != exact_groups[k]:
+                logger.warning("shard %d: the retry gathered %d of the %d peers that lost a part; not applied", k,
+                               len(gathered), exact_groups[k])
+                continue
             if lost:
-                logger.warning("shard %d: %d values came back un-averaged (a peer dropped mid all-reduce); round discarded", k, lost)
+                # only this node may have missed them (the others may have completed the round): take their state
+                logger.warning("shard %d: %d values came back un-averaged (a part was lost mid all-reduce); round "
+                               "discarded", k, lost)
                 slow = True  # parts given up on: a deadline too short for the link, or a peer gone (one doubling)
+                results[k] = Failed("part not returned", retry=False, group=len(gathered))
                 continue
             moved += self.allreduce_bytes({k: len(gathered)})
             elapsed = max(elapsed, took)
@@ -237,9 +268,12 @@ class Swarm:
                 poisoned = int((~torch.isfinite(buf)).sum())
                 total, short = decode_limb_average(torch.nan_to_num(buf), len(gathered))
             if poisoned or short:
-                logger.warning("shard %d: %d values were averaged without every groupmate (a peer dropped mid all-reduce); "
-                               "round discarded", k, poisoned or short)
+                # every groupmate got this same poisoned average (the reducer sent it to all): all of them
+                # retry the round together, and nothing was applied anywhere
+                logger.warning("shard %d: %d values were averaged without every groupmate (a part was lost mid "
+                               "all-reduce); the group retries the round", k, poisoned or short)
                 slow = slow or bool(poisoned)
+                results[k] = Failed("part lost", retry=True, group=len(gathered))
                 continue
             try:
                 claims = {str(pid): RoundClaim.from_wire(meta) for pid, meta in gathered.items()}
@@ -251,7 +285,7 @@ class Swarm:
             self.deadline.timed_out()
             logger.warning("averaging ran out of time or lost parts (deadline %.1f s); the next round gets %.1f s",
                            self.allreduce_timeout, self.deadline.seconds_for(planned))
-        elif moved and all(r is not None for r in results.values()):
+        elif moved and not any(isinstance(r, Failed) for r in results.values()):
             self.deadline.observe(moved, elapsed)
         return results
 
