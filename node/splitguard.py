@@ -41,8 +41,10 @@ class SplitGuard:
 
     def before_round(self, my_round: int, my_hashes: dict[int, str], prev_hashes: dict[int, str]) -> tuple[bool, int]:
         """(train now?, the round we are at afterwards). When it returns False the caller loops."""
-        peers = quorum.others(self.swarm.view(), self.peer_id)
-        minority, just_lost = self._minority(peers)
+        view = self.swarm.view()
+        peers = quorum.others(view, self.peer_id)
+        # a peer downloading state is still there: it counts as visible, not as lost contact
+        minority, just_lost = self._minority({p: i for p, i in view.items() if p != self.peer_id})
         if self.on_split == "wait" and (minority or just_lost):
             # a peer missing for less than peer_ttl may be a slow DHT, not a split: with "wait", do not
             # train without it until that is clear
@@ -54,7 +56,10 @@ class SplitGuard:
             time.sleep(1.0)
             return False, my_round
         self._waiting = False
-        if quorum.swarm_round(peers) > my_round:
+        # behind: the peers that train a shard we train are ahead (peers with no shard in common with
+        # us keep their own pace, and we could not take a state of ours from them anyway)
+        mine = set(my_hashes)
+        if quorum.swarm_round({p: i for p, i in peers.items() if mine & set(i.shards)}) > my_round:
             got = self.statesync.resync(my_round, required=False)
             if got is None:
                 time.sleep(0.5)
