@@ -44,7 +44,7 @@ class NodeConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     min_peers: int = 1  # wait until this many peers (self included) are visible before the first round
     peer_wait: float = 60.0  # seconds to wait for min_peers
-    max_rounds: int = 0  # stop after this many local rounds (0 = manifest's max_rounds / forever)
+    max_rounds: int = 0  # stop after this node trained this many rounds in this run (0 = no limit; the manifest's max_rounds still ends the swarm)
     checkpoint_every: int = 1  # rounds between checkpoints
     metrics_port: int = 0  # Prometheus endpoint on 127.0.0.1:<port>; 0 disables
     socket: str = ""  # control socket; default <home>/node.sock
