@@ -41,13 +41,18 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Python (only if the base lacks it) and the unprivileged user. The uid is 1000 where free, so that a
+# Python (only if the base lacks it), iproute2's ss (the network byte metrics read p2pd's socket counters
+# with it) and the unprivileged user. The uid is 1000 where free, so that a
 # bind-mounted host folder can be chowned to it (`chown -R 1000:1000 ./data`). /data holds the private
 # key and the control socket: owner only.
 RUN set -eux; \
+    need="$(command -v ss >/dev/null || echo iproute2)"; \
     if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+        need="$need python3 python3-venv ca-certificates"; \
+    fi; \
+    if [ -n "$need" ]; then \
         apt-get update; \
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $need; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     python3 -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 12), "swarmtune needs Python 3.10-3.12, base has " + sys.version'; \
