@@ -3,7 +3,7 @@
 The unit of work is a *round*: the swarm's global batch of `target_batch_size` samples,
 split among the peers. Each node computes the gradient of the summed token loss over
 its share (`local_gradients`), turns it into fixed-point integers per shard
-(`to_fixed_point`), the swarm sums those exactly, and every trainer of a shard applies
+(`node.swarm.exact.to_fixed_point`, applied by node.rounds), the swarm sums those exactly, and every trainer of a shard applies
 the same update with the same AdamW (`apply`). The loss a round optimises is
 sum(token CE) / sum(tokens) over the global batch, so a swarm and a single process that
 sees the same global batch follow the same curve.
@@ -104,20 +104,6 @@ class Trainer:
             total += float(loss)
             tokens += n_tok
         return total, tokens
-
-    # ------------------------------------------------------------------ fixed point
-
-    @staticmethod
-    def to_fixed_point(grad_sum: torch.Tensor, *, bits: int, norm: int, limit: int) -> tuple[torch.Tensor, int]:
-        """round(grad_sum / norm * 2**bits) as int64, clipped to |x| < limit; returns (ints, n_clipped)."""
-        scaled = torch.round(grad_sum.double() / norm * (2.0**bits))
-        clipped = int((scaled.abs() >= limit).sum())
-        return scaled.clamp_(-(limit - 1), limit - 1).to(torch.int64), clipped
-
-    @staticmethod
-    def from_fixed_point(total: torch.Tensor, *, bits: int, norm: int, tokens: int) -> torch.Tensor:
-        """The averaged gradient (per trained token) from the group's exact integer sum."""
-        return (total.double() * (norm / (2.0**bits)) / max(tokens, 1)).float()
 
     # ------------------------------------------------------------------ updates
 
