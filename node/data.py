@@ -10,7 +10,9 @@ Sources (`load_examples(source, tokenizer, max_length=...)`):
     `Dataset.save_to_disk` / holding data files. Rows use the same two shapes.
 
 Every record is validated before any training starts; a bad one raises
-`DataError("file:line: reason")`.
+`DataError("file:line: reason")`. A JSONL line (and an `hf:` row, as canonical JSON)
+may hold at most MAX_RECORD_BYTES (1 MiB); a longer one is refused in bounded memory,
+without reading the rest of it.
 
 Token layout. prompt/completion: [bos] + prompt + completion + [eos], where
 prompt and completion are tokenized separately (no merge across the seam).
@@ -48,6 +50,11 @@ from typing import Any, Iterable, Iterator
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 DATA_COMMIT_TAG = b"swarmtune/data/v1\0"
+HF_DIGEST_TAG = b"swarmtune/hf-rows/v1\0"
+# Most bytes one record may take: a JSONL line without its newline, or an hf: row as canonical JSON.
+# Far above any sane example (max_length truncates to a few thousand tokens anyway); it bounds the
+# memory and time one line can cost before anything is tokenized.
+MAX_RECORD_BYTES = 1 << 20
 
 
 BUILTIN_DATA = "builtin:task"  # the demo's parity task, shipped in node/builtin
@@ -116,18 +123,72 @@ def _load_hf(source: str):
     return ds
 
 
+def _canonical_row(where: str, row: dict[str, Any]) -> bytes:
+    """A row as canonical JSON (sorted keys, no whitespace, ASCII): the bytes the `hf:` digest hashes."""
+    try:
+        return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True,
+                          default=_json_value).encode("ascii")
+    except TypeError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _json_value(value: Any) -> Any:
+    """JSON for the non-JSON values a `datasets` row can hold (bytes, dates, decimals)."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": bytes(value).hex()}
+    if hasattr(value, "isoformat"):
+        return {"$time": value.isoformat()}
+    if type(value).__name__ == "Decimal":
+        return {"$decimal": str(value)}
+    raise TypeError(f"a value of type {type(value).__name__} has no canonical encoding; convert the column to "
+                    "strings or numbers")
+
+
+def _iter_hf_rows(source: str) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """(location, row, canonical bytes) for every row of an `hf:` source, in order."""
+    ds = _load_hf(source)
+    i = 0
+    for batch in ds.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            where = f"{source} row {i}"
+            row = dict(zip(columns, values))
+            raw = _canonical_row(where, row)
+            if len(raw) > MAX_RECORD_BYTES:
+                raise DataError(f"{where}: the row is {len(raw)} bytes as JSON, over the limit of "
+                                f"{MAX_RECORD_BYTES} bytes (node.data.MAX_RECORD_BYTES); split or shorten it")
+            yield where, row, raw
+            i += 1
+
+
+def _read_line(fh, where: str) -> bytes | None:
+    """One line of a JSONL file without its line ending, reading at most MAX_RECORD_BYTES + 1 bytes
+    of it (a longer line is refused before the rest of it is read); None at the end of the file."""
+    raw = fh.readline(MAX_RECORD_BYTES + 2)  # the content, then "\r\n" at most
+    if not raw:
+        return None
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    body = body[:-1] if body.endswith(b"\r") else body
+    if len(body) > MAX_RECORD_BYTES:  # also when readline stopped at its limit: the line goes on
+        raise DataError(f"{where}: line longer than {MAX_RECORD_BYTES} bytes (node.data.MAX_RECORD_BYTES, 1 MiB); "
+                        "one record per line, split or shorten it")
+    return body
+
+
 def iter_records(source: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location, record) for every record of a source; location is 'file:line'."""
     source = str(source)
     if _is_hf(source):
-        for i, row in enumerate(_load_hf(source)):
-            yield f"{source} row {i}", dict(row)
+        for where, row, _ in _iter_hf_rows(source):
+            yield where, row
         return
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: no such data file (pass a .jsonl path or hf:<dataset id>)")
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        lineno = 0
+        while (raw := _read_line(fh, f"{path}:{lineno + 1}")) is not None:
+            lineno += 1
             where = f"{path}:{lineno}"
             try:
                 text = raw.decode("utf-8")
@@ -138,7 +199,9 @@ def iter_records(source: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                # json's messages for a position that starts a token end in "at" ("...string starting at")
+                at = " " if e.msg.endswith(" at") else " at "
+                raise DataError(f"{where}: invalid JSON ({e.msg}{at}column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
@@ -334,10 +397,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
 
 
 def dataset_digest(source: str | Path) -> str:
-    """sha256 hex of a local file's bytes; for `hf:` sources, the dataset's fingerprint."""
+    """sha256 hex of what a source holds.
+
+    A local file: sha256 of its bytes. An `hf:` source (hub id or local folder): sha256 over
+    b"swarmtune/hf-rows/v1\\0" then, for every row in order, its canonical JSON (sorted keys,
+    separators "," ":", ASCII escapes, bytes as {"$bytes": hex}) and b"\\n". So it changes when
+    any value of any row does, and not when the same rows are stored in other files or by
+    another `datasets` version (its own `_fingerprint` is neither: it hashes how the data was made).
+    """
     source = str(source)
     if _is_hf(source):
-        return _load_hf(source)._fingerprint
+        h = hashlib.sha256(HF_DIGEST_TAG)
+        for _, _, raw in _iter_hf_rows(source):
+            h.update(raw + b"\n")
+        return h.hexdigest()
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")

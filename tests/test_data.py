@@ -352,3 +352,100 @@ def test_builtin_files_match_their_generator():
     train, evals = gen.generate()
     assert BUILTIN_TRAIN.read_text() == "\n".join(train) + "\n"
     assert BUILTIN_EVAL.read_text() == "\n".join(evals) + "\n"
+
+
+# ---------------------------------------------------------------- bounds, JSON positions, hf: content digests
+
+
+def test_a_line_over_the_limit_is_refused_quickly_in_bounded_memory(tmp_path):
+    import time
+    import tracemalloc
+
+    from node.data import MAX_RECORD_BYTES
+
+    huge = json.dumps({"prompt": "x" * (2 * MAX_RECORD_BYTES), "completion": "y"})  # a 2 MiB line
+    src = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, huge, GOOD])
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_records(str(src))
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    msg = str(err.value)
+    assert msg.startswith(f"{src}:3: ") and str(MAX_RECORD_BYTES) in msg and "1 MiB" in msg, msg
+    assert seconds < 1.0, seconds
+    assert peak < 2.5 * MAX_RECORD_BYTES, peak  # one bounded read, never the whole 2 MiB line decoded and parsed
+
+
+def test_a_line_at_the_limit_is_accepted(tmp_path):
+    from node.data import MAX_RECORD_BYTES
+
+    head = json.dumps({"prompt": "", "completion": "y"})[:-1] + ', "pad": "'
+    line = head + "p" * (MAX_RECORD_BYTES - len(head) - 2) + '"}'
+    assert len(line) == MAX_RECORD_BYTES
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(line.encode() + b"\r\n" + line.encode())  # CRLF, and a last line without a newline
+    assert len(load_records(str(src))) == 2
+    src.write_bytes(line.encode() + b"z\n")
+    with pytest.raises(DataError, match=rf"^{src}:1: line longer than"):
+        load_records(str(src))
+
+
+def test_invalid_json_names_the_column_on_the_line(tmp_path):
+    truncated = '{"prompt": "2+2=", "completion": '
+    unterminated = '{"prompt": "abc'
+    src = write_jsonl(tmp_path / "d.jsonl", [GOOD, truncated])
+    with pytest.raises(DataError) as err:
+        load_records(str(src))
+    # the parser sees the line without its newline: the error is at the line's end, not "column 1" of the next
+    assert str(err.value) == f"{src}:2: invalid JSON (Expecting value at column {len(truncated) + 1})"
+    src = write_jsonl(tmp_path / "e.jsonl", [unterminated])
+    with pytest.raises(DataError) as err:
+        load_records(str(src))
+    assert str(err.value) == f"{src}:1: invalid JSON (Unterminated string starting at column 12)"
+    assert "at at" not in str(err.value)
+
+
+def _save(tmp_path, name, rows):
+    import datasets
+
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / name))
+    return f"hf:{tmp_path / name}"
+
+
+def test_hf_digest_hashes_the_rows_not_the_datasets_fingerprint(tmp_path):
+    rows = {"prompt": ["a", "b", "c"], "completion": ["1", "2", "3"], "score": [0.5, 1.0, 2.0]}
+    src = _save(tmp_path, "ds", rows)
+    # the documented encoding: tag, then canonical JSON of every row in order, each followed by a newline
+    expected = hashlib.sha256(b"swarmtune/hf-rows/v1\0")
+    for i in range(3):
+        row = {k: v[i] for k, v in rows.items()}
+        expected.update(json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode() + b"\n")
+    assert dataset_digest(src) == expected.hexdigest()
+    assert dataset_digest(_save(tmp_path, "copy", rows)) == dataset_digest(src)  # same rows, other files
+    changed = dict(rows, completion=["1", "2", "4"])
+    assert dataset_digest(_save(tmp_path, "changed", changed)) != dataset_digest(src)  # one value
+    reordered = {k: list(reversed(v)) for k, v in rows.items()}
+    assert dataset_digest(_save(tmp_path, "reordered", reordered)) != dataset_digest(src)  # order counts
+
+
+def test_hf_digest_sees_a_changed_byte_in_the_arrow_file(tmp_path):
+    """The user's case: one byte of the saved arrow data changed, `datasets`' fingerprint did not."""
+    import datasets
+
+    src = _save(tmp_path, "ds", {"prompt": ["abc", "def"], "completion": ["xyz", "uvw"]})
+    before, fingerprint = dataset_digest(src), datasets.load_from_disk(str(tmp_path / "ds"))._fingerprint
+    (arrow,) = (tmp_path / "ds").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes().replace(b"uvw", b"uvX"))
+    after = datasets.load_from_disk(str(tmp_path / "ds"))
+    assert after[1]["completion"] == "uvX" and after._fingerprint == fingerprint  # what the old digest used
+    assert dataset_digest(src) != before
+
+
+def test_hf_row_over_the_limit_is_refused(tmp_path):
+    from node.data import MAX_RECORD_BYTES
+
+    src = _save(tmp_path, "big", {"prompt": ["a", "b" * (MAX_RECORD_BYTES + 1)], "completion": ["1", "2"]})
+    with pytest.raises(DataError, match=rf"row 1: the row is \d+ bytes as JSON, over the limit of {MAX_RECORD_BYTES}"):
+        load_records(src)
