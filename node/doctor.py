@@ -296,21 +296,22 @@ def check_identity(key_path: Path) -> Check:
     return Check(name, PASS, f"{key_path}: peer id {identity.peer_id}")
 
 
-def _locate_base(spec: str) -> Path:
+def _locate_base(spec: str, revision: str = "") -> Path:
     """resolve_base, except that a hub id is only looked up in the local cache (doctor downloads nothing)."""
-    from node.model import BUILTIN_BASE, ModelError, resolve_base
+    from node.manifest import looks_like_hub_id
+    from node.model import BUILTIN_BASE, HUB_FILES, ModelError, resolve_base
 
-    p = Path(spec).expanduser()
-    hub_like = spec != BUILTIN_BASE and not p.exists() and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+    hub_like = spec != BUILTIN_BASE and not Path(spec).expanduser().exists() and looks_like_hub_id(spec)
     if not hub_like:
         return resolve_base(spec)
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec, local_files_only=True))
+        return Path(snapshot_download(spec, revision=revision or None, local_files_only=True, allow_patterns=list(HUB_FILES)))
     except Exception as e:  # huggingface_hub raises its own errors (offline, missing) and OSError
         logger.info("hub lookup of %s in the local cache failed: %r", spec, e)
-        raise ModelError(f"base model '{spec}' is not in the local Hugging Face cache") from None
+        at = f" at revision {revision!r}" if revision else ""
+        raise ModelError(f"base model '{spec}'{at} is not in the local Hugging Face cache") from None
 
 
 def load_manifest_check(manifest_path: str):
@@ -329,12 +330,14 @@ def check_base_model(manifest, base_model: str = "") -> Check:
 
     name = "base model"
     spec = base_model or manifest.resolve_path(manifest.base.model)
+    revision = "" if base_model else manifest.base.revision
     try:
-        model_dir = _locate_base(spec)
+        model_dir = _locate_base(spec, revision)
     except ModelError as e:
         text = str(e)
         if "not in the local Hugging Face cache" in text:
-            fix = f"download it once: huggingface-cli download {spec}   (or pass a local folder with --base-model PATH)"
+            rev = f" --revision {revision}" if revision else ""
+            fix = f"download it once: hf download {spec}{rev}   (or pass a local folder with --base-model PATH)"
         else:
             fix = "point --base-model at the folder holding the manifest's base model (config.json + *.safetensors)"
         detail = text if "not found" in text or "cache" in text else f"not usable: {text}"

@@ -10,6 +10,11 @@ every hivemind key the node uses).
 
 Hashing is over a canonical JSON rendering of the parsed manifest (sorted keys, no
 whitespace), so comments and formatting do not change the id, while any value does.
+
+Where things live: `[base] model` is a local folder or a Hugging Face hub id. A value
+that is an existing path (beside the manifest, else from the current folder) is a
+path; one that is not and looks like `org/name` is a hub id and stays one (never
+joined to the manifest's folder); `[base] revision` pins its commit.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +34,28 @@ FORMAT_VERSION = 1
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file, the field and the fix."""
+    """A manifest that cannot be used; the message names the file, the field and the fix.
+    `field` is "section.name" when one value is at fault (so `swarm init` can name its flag)."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+# a Hugging Face repo id: "org/name", letters, digits, "_", "-", "."; no "--" or ".." (the Hub's own rules)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`org/name` in the Hub's syntax. Whether it *is* one also needs it not to be an existing path."""
+    return bool(_HUB_ID.fullmatch(value)) and "--" not in value and ".." not in value and not value.endswith((".", "-"))
 
 
 @dataclass(frozen=True)
 class BaseSection:
-    model: str  # hub id or local folder of a Hugging Face causal LM
+    model: str  # hub id (org/name) or local folder of a Hugging Face causal LM
     fingerprint: str  # sha256 over config + weights (node.model.base_fingerprint)
+    revision: str = ""  # commit (or tag/branch) pinning a hub id base; default "": whatever the cache or the Hub resolves
     dtype: str = "float32"  # float32 | bfloat16: compute dtype of the frozen base
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes; nf4 also runs on CPU, slowly)
 
@@ -112,25 +133,40 @@ class Manifest:
     def swarm_id(self) -> str:
         """sha256 hex of the canonical manifest: the swarm's identity on the network.
 
-        Where the base model and the data *live* (base.model, data.source) is left out:
-        peers keep them in different folders, and the fingerprint and digest already
-        pin their content.
+        Where the base model and the data *live* (base.model, base.revision, data.source)
+        is left out: peers keep them in different folders (or fetch them by another
+        revision name), and the fingerprint and digest already pin their content.
         """
         d = self.to_dict()
         del d["base"]["model"], d["data"]["source"]
+        d["base"].pop("revision", None)
         return hashlib.sha256(canonical_json(d).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as plain data. An empty `[base] revision` is left out, so manifests written
+        before the field existed render (and hash, and compare on the wire) exactly as they did."""
         d = dataclasses.asdict(self)
         d.pop("source_path")
+        if not d["base"]["revision"]:
+            del d["base"]["revision"]
         return _lists(d)
 
     def resolve_path(self, value: str) -> str:
-        """Relative local paths in a manifest are relative to the manifest's folder."""
-        if self.source_path is None or value.startswith(("builtin:", "hf:")) or os.path.isabs(value):
+        """Where a manifest value points: a relative path beside the manifest (else from the current
+        folder) when it exists there; a hub id (`org/name`, not an existing path) unchanged;
+        `builtin:` and `hf:` sources unchanged."""
+        if value.startswith(("builtin:", "hf:")):
+            return value
+        if value.startswith("~"):
+            return os.path.expanduser(value)
+        if self.source_path is None or os.path.isabs(value):
             return value
         candidate = self.source_path.parent / value
-        return str(candidate) if candidate.exists() or not Path(value).exists() else value
+        if candidate.exists():
+            return str(candidate)
+        if Path(value).exists() or looks_like_hub_id(value):
+            return value
+        return str(candidate)  # not found anywhere: name the place a relative path means
 
 
 def _lists(obj: Any) -> Any:
@@ -228,40 +264,79 @@ def parse_manifest(raw: dict[str, Any], where: str = "manifest") -> Manifest:
     return m
 
 
+# (section, field, allowed range as shown to the user, predicate) for every bounded number
+_RANGES: tuple[tuple[str, str, str, Any], ...] = (
+    ("lora", "rank", ">= 1", lambda v: v >= 1),
+    ("lora", "alpha", ">= 1", lambda v: v >= 1),
+    ("lora", "dropout", "[0, 1)", lambda v: 0.0 <= v < 1.0),
+    ("lora", "init_seed", "[0, 2**63)", lambda v: 0 <= v < 2**63),
+    ("data", "max_length", ">= 1", lambda v: v >= 1),
+    ("optim", "lr", "> 0", lambda v: v > 0),
+    ("optim", "weight_decay", ">= 0", lambda v: v >= 0),
+    ("optim", "eps", "> 0", lambda v: v > 0),
+    ("optim", "warmup_rounds", ">= 0", lambda v: v >= 0),
+    ("optim", "max_grad_norm", ">= 0 (0 disables clipping)", lambda v: v >= 0),
+    ("rounds", "target_batch_size", ">= 1", lambda v: v >= 1),
+    ("rounds", "microbatch_size", ">= 1", lambda v: v >= 1),
+    ("rounds", "max_rounds", ">= 0 (0 = until stopped)", lambda v: v >= 0),
+    ("averaging", "matchmaking_time", "> 0 seconds", lambda v: v > 0),
+    ("averaging", "timeout", "> 0 seconds", lambda v: v > 0),
+    ("averaging", "fixed_point_bits", "[8, 36]", lambda v: 8 <= v <= 36),
+    ("averaging", "peer_ttl", "> 0 seconds", lambda v: v > 0),
+    ("credit", "max_samples_per_round", ">= 1", lambda v: v >= 1),
+)
+# (section, field, allowed values) for every choice
+_CHOICES = (
+    ("base", "dtype", ("float32", "bfloat16")),
+    ("base", "quantization", ("none", "nf4", "int8")),
+    ("optim", "schedule", ("constant", "cosine")),
+    ("averaging", "on_split", ("train", "wait")),
+)
+
+
 def validate(m: Manifest, where: str = "manifest") -> None:
-    def bad(msg: str):
-        raise ManifestError(f"{where}: {msg}")
+    """Every value in its allowed range; the first that is not raises ManifestError naming
+    `where` (the file), the field, the bad value and the range."""
+
+    def bad(msg: str, field: str = ""):
+        raise ManifestError(f"{where}: {msg}", field)
+
+    def out_of_range(section: str, name: str, value: Any, allowed: str):
+        bad(f"[{section}] {name} = {value!r} is out of range (allowed: {allowed})", f"{section}.{name}")
 
     if m.objective != "sft":
-        bad(f"objective '{m.objective}' is not supported yet; use 'sft'")
-    if m.base.dtype not in ("float32", "bfloat16"):
-        bad(f"[base] dtype '{m.base.dtype}' must be float32 or bfloat16")
-    if m.base.quantization not in ("none", "nf4", "int8"):
-        bad(f"[base] quantization '{m.base.quantization}' must be none, nf4 or int8")
+        bad(f"objective '{m.objective}' is not supported yet; use 'sft'", "swarm.objective")
+    for section, name, allowed in _CHOICES:
+        value = getattr(getattr(m, section), name)
+        if value not in allowed:
+            bad(f"[{section}] {name} = {value!r} must be one of {', '.join(allowed)}", f"{section}.{name}")
     if len(m.base.fingerprint) != 64:
-        bad("[base] fingerprint must be 64 hex chars; compute it with `swarmtune swarm init`")
-    if m.lora.rank < 1 or m.lora.alpha < 1 or not 0.0 <= m.lora.dropout < 1.0:
-        bad("[lora] rank and alpha must be >= 1 and dropout in [0, 1)")
-    if not m.lora.target_modules:
-        bad("[lora] target_modules must name at least one module (or 'all-linear')")
-    if m.rounds.target_batch_size < 1 or m.rounds.microbatch_size < 1:
-        bad("[rounds] target_batch_size and microbatch_size must be >= 1")
-    if m.optim.schedule not in ("constant", "cosine"):
-        bad(f"[optim] schedule '{m.optim.schedule}' must be constant or cosine")
+        bad("[base] fingerprint must be 64 hex chars; compute it with `swarmtune swarm init`", "base.fingerprint")
+    if m.base.revision and (m.base.model.startswith(("builtin:", ".", "/", "~")) or not looks_like_hub_id(m.base.model)):
+        bad(f"[base] revision = {m.base.revision!r} applies only to a hub id (org/name), but model = {m.base.model!r}; "
+            "remove revision, or set model to the hub id", "base.revision")
+    if m.base.revision and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_./-]*", m.base.revision):
+        bad(f"[base] revision = {m.base.revision!r} is not a commit, tag or branch name", "base.revision")
+    for section, name, allowed, ok in _RANGES:
+        value = getattr(getattr(m, section), name)
+        if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
+            out_of_range(section, name, value, allowed)
+    betas = m.optim.betas
+    if len(betas) != 2 or not all(type(b) in (int, float) and 0.0 <= b < 1.0 for b in betas):  # NaN fails too
+        out_of_range("optim", "betas", list(betas), "two numbers, each in [0, 1)")
+    targets = m.lora.target_modules
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        bad(f"[lora] target_modules = {list(targets)!r} must name at least one module (or 'all-linear')", "lora.target_modules")
     if m.optim.schedule == "cosine" and m.rounds.max_rounds < 1:
-        bad("[optim] schedule = 'cosine' needs [rounds] max_rounds >= 1")
-    if not 8 <= m.averaging.fixed_point_bits <= 36:
-        bad("[averaging] fixed_point_bits must be between 8 and 36")
-    if m.averaging.matchmaking_time <= 0 or m.averaging.timeout <= m.averaging.matchmaking_time:
-        bad("[averaging] needs 0 < matchmaking_time < timeout")
-    if m.averaging.on_split not in ("wait", "train"):
-        bad(f"[averaging] on_split '{m.averaging.on_split}' must be wait or train")
-    if m.credit.max_samples_per_round < 1:
-        bad("[credit] max_samples_per_round must be >= 1")
+        bad("[optim] schedule = 'cosine' needs [rounds] max_rounds >= 1", "rounds.max_rounds")
+    if m.averaging.timeout <= m.averaging.matchmaking_time:
+        bad(f"[averaging] timeout = {m.averaging.timeout!r} must be greater than matchmaking_time = "
+            f"{m.averaging.matchmaking_time!r} (the all-reduce starts after matchmaking)", "averaging.timeout")
     prev_end = 0
     for i, (a, b) in enumerate(m.shards.plan):
         if a != prev_end or b <= a:
-            bad(f"[shards] plan entry {i} = [{a}, {b}] must start at {prev_end} and be non-empty (contiguous layer ranges from 0)")
+            bad(f"[shards] plan entry {i} = [{a}, {b}] must start at {prev_end} and be non-empty (contiguous layer ranges from 0)",
+                "shards.plan")
         prev_end = b
 
 
@@ -303,10 +378,10 @@ def write_manifest(m: Manifest, path: str | os.PathLike) -> Path:
 
 def manifest_diff(theirs: dict, mine: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """(field, theirs, mine) for every field where two manifests (as `Manifest.to_dict()`) differ,
-    leaving out where the base model and the data live locally (fingerprint and digest compare them)."""
+    leaving out where the base model and the data live (fingerprint and digest compare them)."""
     out = []
     for key in sorted(set(theirs) | set(mine)):
-        if key in ("model", "source") and prefix in ("base.", "data."):
+        if (prefix, key) in (("base.", "model"), ("base.", "revision"), ("data.", "source")):
             continue
         a, b = theirs.get(key), mine.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

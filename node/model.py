@@ -1,11 +1,16 @@
 """The frozen base model, its fingerprint, and the PEFT LoRA adapter cut into layer shards.
 
+- `resolve_base(spec, revision=...)`: the folder of a base: `builtin:tiny`, a local folder,
+  or a hub id fetched into (or found in) the Hugging Face cache at a revision; a download
+  takes `HUB_FILES` only (weights, config, every tokenizer and chat template form).
 - `base_fingerprint(dir)`: sha256 over the model config and every weight tensor, read
-  straight from the safetensors files (no model load), cached beside the model.
-- `load_base(...)`: a Hugging Face causal LM from a local folder or hub id, fp32/bf16,
+  straight from the safetensors files (no model load), cached beside the model (in
+  $SWARMTUNE_CACHE for Hugging Face cache snapshots, which stay as the Hub wrote them).
+- `load_base(...)`: a Hugging Face causal LM from that folder, fp32/bf16,
   or 4-bit NF4 / 8-bit through bitsandbytes; every base weight frozen.
 - `attach_lora(...)`: PEFT LoRA with the manifest's config and a seeded init, so every
-  node starts from the same adapter bits.
+  node starts from the same adapter bits; `check_target_modules` runs the same check on
+  a weightless (meta-device) copy of the model, so `swarm init` refuses bad modules cheaply.
 - `Adapter`: the LoRA parameters grouped by shard (contiguous layer ranges), with
   hashes, flatten/unflatten for averaging and state sync, and the trainable switch.
 """
@@ -37,13 +42,36 @@ class ModelError(RuntimeError):
 BUILTIN_BASE = "builtin:tiny"  # the demo's tiny Llama, built locally (node.tiny)
 
 
-def resolve_base(spec: str) -> Path:
-    """The folder of a manifest's base: the built-in tiny model, a local folder or a hub id."""
+# What a hub download takes: weights, configs, and everything a tokenizer may need, chat templates in
+# every form transformers reads (`chat_template.jinja`, `additional_chat_templates/*.jinja`,
+# `chat_template.json`, or inside tokenizer_config.json). No `*.py`: remote code is never run, and no
+# `*.bin` / `*.pth` / `*.gguf` duplicates of the weights. ("*" also matches "/" in these patterns.)
+HUB_FILES = (
+    "*.json",  # config, generation_config, tokenizer_config, special_tokens_map, chat_template, vocab, indexes
+    "*.safetensors",
+    "*.jinja",
+    "tokenizer*",
+    "*.model",  # sentencepiece (tokenizer.model, spiece.model)
+    "*.tiktoken",
+    "*.txt",  # merges.txt, vocab.txt
+)
+
+_SNAPSHOT_RE = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
+
+
+def hub_snapshot_of(model_dir: Path) -> tuple[str, str] | None:
+    """(hub id, commit) when `model_dir` is a snapshot folder of the Hugging Face cache, else None."""
+    m = _SNAPSHOT_RE.search(Path(model_dir).as_posix())
+    return (m.group("repo").replace("--", "/", 1), m.group("commit")) if m else None
+
+
+def resolve_base(spec: str, revision: str = "") -> Path:
+    """The folder of a manifest's base: the built-in tiny model, a local folder or a hub id (at `revision`)."""
     if spec == BUILTIN_BASE:
         from node.tiny import build_tiny_base, default_tiny_dir
 
-        return build_tiny_base(default_tiny_dir())
-    return resolve_model_dir(spec)
+        return build_tiny_base(default_tiny_dir()).resolve()
+    return resolve_model_dir(spec, revision)
 
 
 def pick_device(spec: str) -> str:
@@ -55,27 +83,40 @@ def pick_device(spec: str) -> str:
     return spec
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local folder as is, or a hub id resolved through the local Hugging Face cache / the Hub."""
+def resolve_model_dir(model: str, revision: str = "") -> Path:
+    """A local folder as is, or a hub id resolved through the local Hugging Face cache / the Hub.
+    `revision` (commit, tag or branch; "" = main) applies to hub ids only."""
+    from node.manifest import looks_like_hub_id
+
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelError(f"base model folder {p} has no config.json; point --base-model at a Hugging Face model folder")
         return p.resolve()
-    looks_local = model.startswith((".", "/", "~")) or os.sep in model and model.count("/") != 1
-    if looks_local:
-        raise ModelError(f"base model folder {p} not found; check the path, or set [base] model to a Hugging Face hub id")
+    if model.startswith((".", "/", "~")) or not looks_like_hub_id(model):
+        raise ModelError(f"base model folder {p} not found; check the path, or set [base] model to a Hugging Face hub id (org/name)")
+    at = f" at revision {revision!r}" if revision else ""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
-        )
-    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        return Path(snapshot_download(model, revision=revision or None, allow_patterns=list(HUB_FILES)))
+    except Exception as e:  # network, auth, missing repo or revision, offline cache miss: all end the same way
         raise ModelError(
-            f"base model '{model}' is neither a local folder nor downloadable from the Hugging Face Hub ({type(e).__name__}: {e}); "
-            "download it once with `huggingface-cli download` or pass a local folder"
+            f"base model '{model}'{at} is neither a local folder nor in the Hugging Face cache, and could not be "
+            f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download it once with "
+            f"`hf download {model}{' --revision ' + revision if revision else ''}` (offline: HF_HUB_OFFLINE=1 then uses "
+            "the cache), or pass a local folder with --base-model PATH"
         ) from None
+
+
+def load_tokenizer(model_dir: Path):
+    """The base's tokenizer (chat template included, in whichever file the folder keeps it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"could not load the tokenizer of {model_dir}: {e}") from None
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -148,10 +189,13 @@ def _file_stamp(model_dir: Path) -> dict[str, list[int]]:
 
 
 def base_fingerprint(model_dir: Path) -> str:
-    """sha256 over config and all weight tensors; cached beside the model (or in ~/.cache when read-only)."""
+    """sha256 over config and all weight tensors; cached beside the model (or in $SWARMTUNE_CACHE when the
+    folder is read-only or a Hugging Face cache snapshot, which holds only the Hub's files)."""
     model_dir = Path(model_dir)
     stamp = _file_stamp(model_dir)
-    cache_paths = [model_dir / _CACHE_NAME, _user_cache_dir() / "fingerprints" / (hashlib.sha256(str(model_dir).encode()).hexdigest() + ".json")]
+    cache_paths = [_user_cache_dir() / "fingerprints" / (hashlib.sha256(str(model_dir).encode()).hexdigest() + ".json")]
+    if hub_snapshot_of(model_dir) is None:
+        cache_paths.insert(0, model_dir / _CACHE_NAME)
     for cp in cache_paths:
         try:
             cached = json.loads(cp.read_text())
@@ -260,6 +304,20 @@ def attach_lora(model, *, rank: int, alpha: int, dropout: float, target_modules,
         # non-reentrant checkpointing needs no input grads, so backward still stops at the lowest trained layer
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return peft_model
+
+
+def check_target_modules(model_dir: Path, target_modules) -> None:
+    """attach_lora's module check on the model built from its config on the meta device (no weights read,
+    no memory used), so a module the model lacks is refused before a manifest is written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"could not read the model config in {model_dir}: {e}") from None
+    attach_lora(skeleton, rank=1, alpha=1, dropout=0.0, target_modules=target_modules, init_seed=0)
 
 
 # --------------------------------------------------------------------------- shards

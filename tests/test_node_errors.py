@@ -93,3 +93,12 @@ def test_peer_with_another_manifest_is_refused(tmp_path, tiny_base, spawn_node, 
     err = capsys.readouterr().err
     assert "optim.lr" in err and "manifests differ" in err, err
     _assert_nothing_written(tmp_path / "home")
+
+
+def test_out_of_range_manifest_value_names_file_field_value_and_range(tmp_path, tiny_base, capsys):
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base)
+    manifest.write_text(manifest.read_text().replace("lr = 0.003", "lr = -0.5"))
+    assert _run(manifest, tmp_path / "home") == 2
+    err = capsys.readouterr().err
+    assert str(manifest) in err and "[optim] lr = -0.5" in err and "allowed: > 0" in err, err
+    _assert_nothing_written(tmp_path / "home")
