@@ -7,7 +7,10 @@ ledger, checkpoints and p2p daemon), shows their progress live, then:
 - verifies every node's signed ledger and prints the credit table,
 - loads the exported adapter with stock PEFT and compares held-out loss and accuracy
   against the base model, with a few sample generations.
-A JSON report is written to <workdir>/demo_report.json.
+A JSON report is written to <workdir>/demo_report.json. The adapter goes to <workdir>/adapter;
+its adapter_config.json names the tiny base's absolute folder, so stock tools load it alone
+(`AutoPeftModelForCausalLM.from_pretrained("<workdir>/adapter")`). A workdir that already holds
+an adapter is refused before anything starts (the demo never overwrites one).
 """
 
 from __future__ import annotations
@@ -98,8 +101,15 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     from node.ledger import compute_credit, verify_logs
     from node.manifest import load_manifest
 
+    from node.export import ExportError, check_target
+
     console = Console()
     work = Path(workdir or tempfile.mkdtemp(prefix="swarmtune-demo-"))
+    try:
+        check_target(work / "adapter")  # found now, not after minutes of training
+    except ExportError:
+        raise DemoError(f"{work / 'adapter'} already holds files (an earlier demo's adapter?) and the demo never "
+                        f"overwrites one: pass a fresh --workdir, or move {work / 'adapter'} away") from None
     work.mkdir(parents=True, exist_ok=True)
     manifest = work / "swarm.toml"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
