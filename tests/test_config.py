@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,142 @@ def test_group_commands_alone_print_their_own_help(capsys) -> None:
         assert main([group]) == 2
         out = capsys.readouterr().out
         assert f"usage: swarmtune {group}" in out and word in out
+
+
+# ---------------------------------------------------------------- value ranges
+
+
+def _raw(**sections):
+    raw = {"swarm": {"name": "x"}, "base": {"model": "m", "fingerprint": "0" * 64}, "data": {"source": "d", "digest": "e"}}
+    for name, fields in sections.items():
+        raw.setdefault(name, {}).update(fields)
+    return raw
+
+
+OUT_OF_RANGE = [
+    ("lora", "rank", 0, ">= 1"), ("lora", "alpha", 0, ">= 1"), ("lora", "dropout", 1.0, "[0, 1)"),
+    ("lora", "dropout", -0.1, "[0, 1)"), ("lora", "init_seed", -1, "[0, 2**63)"), ("data", "max_length", 0, ">= 1"),
+    ("optim", "lr", -1.0, "> 0"), ("optim", "lr", 0.0, "> 0"), ("optim", "weight_decay", -0.5, ">= 0"),
+    ("optim", "eps", 0.0, "> 0"), ("optim", "warmup_rounds", -1, ">= 0"), ("optim", "max_grad_norm", -1.0, ">= 0"),
+    ("rounds", "target_batch_size", 0, ">= 1"), ("rounds", "microbatch_size", 0, ">= 1"), ("rounds", "max_rounds", -3, ">= 0"),
+    ("averaging", "matchmaking_time", 0.0, "> 0"), ("averaging", "timeout", -1.0, "> 0"),
+    ("averaging", "fixed_point_bits", 40, "[8, 36]"), ("averaging", "peer_ttl", 0.0, "> 0"),
+    ("credit", "max_samples_per_round", 0, ">= 1"),
+]
+
+
+@pytest.mark.parametrize("section,name,value,allowed", OUT_OF_RANGE, ids=lambda x: str(x))
+def test_every_bounded_value_is_checked_and_the_error_names_file_field_value_and_range(section, name, value, allowed):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(_raw(**{section: {name: value}}), where="my.toml")
+    msg = str(err.value)
+    assert msg.startswith("my.toml: ") and f"[{section}] {name} = {value!r}" in msg and f"(allowed: {allowed}" in msg, msg
+    assert err.value.field == f"{section}.{name}"
+
+
+@pytest.mark.parametrize("betas", [[0.9], [0.9, 1.0], [-0.1, 0.9], [0.9, "x"]])
+def test_betas_are_two_numbers_in_the_unit_interval(betas):
+    with pytest.raises(ManifestError, match=r"\[optim\] betas = .*two numbers, each in \[0, 1\)"):
+        parse_manifest(_raw(optim={"betas": betas}))
+
+
+def test_choices_name_the_allowed_values():
+    with pytest.raises(ManifestError, match=r"\[base\] dtype = 'float16' must be one of float32, bfloat16"):
+        parse_manifest(_raw(base={"dtype": "float16"}))
+    with pytest.raises(ManifestError, match="timeout = 2.0 must be greater than matchmaking_time = 5.0"):
+        parse_manifest(_raw(averaging={"matchmaking_time": 5.0, "timeout": 2.0}))
+
+
+# ---------------------------------------------------------------- hub ids and revisions
+
+
+def test_revision_is_optional_left_out_when_empty_and_not_part_of_the_swarm_id(tmp_path, tiny_base):
+    path = write_test_manifest(tmp_path / "swarm.toml", tiny_base)
+    m = load_manifest(path)
+    assert m.base.revision == "" and "revision" not in m.to_dict()["base"] and "revision" not in path.read_text()
+    hub = dataclasses.replace(m, base=dataclasses.replace(m.base, model="myorg/tiny", revision="a" * 40))
+    assert hub.swarm_id == m.swarm_id  # where and at which name the base is fetched; the fingerprint pins it
+    again = tmp_path / "hub.toml"
+    again.write_text(dump_manifest(hub))
+    loaded = load_manifest(again)
+    assert (loaded.base.model, loaded.base.revision) == ("myorg/tiny", "a" * 40) and loaded.swarm_id == m.swarm_id
+    from node.manifest import manifest_diff
+
+    assert manifest_diff(hub.to_dict(), m.to_dict()) == []
+    with pytest.raises(ManifestError, match="revision = 'main' applies only to a hub id"):
+        parse_manifest(_raw(base={"model": "builtin:tiny", "revision": "main"}))
+    with pytest.raises(ManifestError, match="revision = 'a b' is not a commit"):
+        parse_manifest(_raw(base={"model": "org/name", "revision": "a b"}))
+
+
+def test_hub_ids_stay_hub_ids_and_relative_paths_resolve_beside_the_manifest(tmp_path, tiny_base, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "org"
+    folder.mkdir()
+    shutil.copytree(tiny_base, folder / "models" / "tiny")
+    m = load_manifest(write_test_manifest(folder / "swarm.toml", tiny_base))
+    monkeypatch.chdir(tmp_path)
+    assert m.resolve_path("myorg/animal-llama") == "myorg/animal-llama"
+    assert m.resolve_path("models/tiny") == str(folder / "models" / "tiny")  # looks like org/name, but exists here
+    assert m.resolve_path("./missing") == str(folder / "missing")  # named where a relative path points
+    assert m.resolve_path("data/x.jsonl") == "data/x.jsonl"  # not a path anywhere: taken as written
+    assert m.resolve_path("~/x") == str(Path.home() / "x")
+    assert m.resolve_path("builtin:tiny") == "builtin:tiny" and m.resolve_path("hf:org/ds") == "hf:org/ds"
+    from node.manifest import looks_like_hub_id
+
+    assert looks_like_hub_id("Qwen/Qwen2.5-0.5B") and looks_like_hub_id("myorg/tiny")
+    assert not any(map(looks_like_hub_id, ["tiny", "a/b/c", "./a/b", "/a/b", "a--b/c", "a/..b", "a/b-"]))
+
+
+# ---------------------------------------------------------------- swarm init checks every value before writing
+
+
+def test_swarm_init_refuses_an_out_of_range_value_before_loading_anything(tmp_path, capsys):
+    from node.cli import main
+
+    out = tmp_path / "swarm.toml"
+    assert main(["swarm", "init", "--out", str(out), "--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "lr = -1.0" in err and "(allowed: > 0)" in err and "--lr" in err and str(out) in err, err
+    assert not out.exists()
+    assert main(["swarm", "init", "--out", str(out), "--averaging-timeout", "0"]) == 2
+    assert "--averaging-timeout" in capsys.readouterr().err and not out.exists()
+
+
+def test_swarm_init_refuses_target_modules_the_model_lacks(tmp_path, st_cache, capsys):
+    from node.cli import main
+
+    out = tmp_path / "swarm.toml"
+    assert main(["swarm", "init", "--out", str(out), "--target-modules", "nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" in err and "q_proj" in err and "down_proj" in err and "Traceback" not in err, err
+    assert not out.exists()
+    assert main(["swarm", "init", "--out", str(out), "--target-modules", "q_proj", "v_proj"]) == 0
+    assert load_manifest(out).lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_swarm_init_revision_needs_a_hub_id(tmp_path, st_cache, capsys):
+    from node.cli import main
+
+    out = tmp_path / "swarm.toml"
+    assert main(["swarm", "init", "--out", str(out), "--revision", "main"]) == 2
+    assert "revision" in capsys.readouterr().err and not out.exists()
+
+
+def test_help_shows_meaning_and_default_of_every_option():
+    """export, demo and swarm init: a description, and every option's help says its default (or that it is required)."""
+    import argparse
+
+    from node.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    swarm_sub = next(a for a in sub["swarm"]._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, p in (("export", sub["export"]), ("demo", sub["demo"]), ("swarm init", swarm_sub["init"])):
+        assert p.description and len(p.description) > 40, name
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help or ""
+            assert text and ("default" in text or (action.required and "required" in text)), (name, action.option_strings, text)

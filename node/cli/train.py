@@ -52,45 +52,43 @@ def cmd_run(args) -> int:
         raise UserError(str(e)) from None
 
 
+# `swarm init` flag of each manifest field whose flag is not "--" + its name
+_INIT_FLAGS = {"averaging.timeout": "--averaging-timeout", "shards.plan": "--shard-plan", "base.model": "--base",
+               "data.source": "--data"}
+
+
+def _init_flag(field: str) -> str:
+    return _INIT_FLAGS.get(field, "--" + field.rpartition(".")[2].replace("_", "-"))
+
+
 def cmd_swarm_init(args) -> int:
-    from node.data import DataError, dataset_digest, resolve_data
+    import dataclasses
+    import json
+
+    from node.data import DataError, dataset_digest, load_examples, resolve_data
     from node.manifest import (
         AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, Manifest, ManifestError,
         OptimSection, RoundSection, ShardSection, validate, write_manifest,
     )
-    from node.model import ModelError, base_fingerprint, check_shard_plan, resolve_base
+    from node.model import (
+        ModelError, base_fingerprint, check_shard_plan, check_target_modules, hub_snapshot_of, load_tokenizer, resolve_base,
+    )
 
     if os.path.exists(args.out) and not args.force:
         raise UserError(f"{args.out} exists; pass --force to overwrite it")
-    try:
-        model_dir = resolve_base(args.base)
-        fingerprint = base_fingerprint(model_dir)
-        digest = dataset_digest(resolve_data(args.data))
-        # read every example once now, so a malformed line is reported before anyone joins the swarm
-        from transformers import AutoTokenizer
-
-        from node.data import load_examples
-
-        load_examples(resolve_data(args.data), AutoTokenizer.from_pretrained(str(model_dir)), max_length=args.max_length, packing=args.packing)
-    except (ModelError, DataError) as e:
-        raise UserError(str(e)) from None
     plan = ()
     if args.shard_plan:
         try:
             plan = tuple(tuple(int(x) for x in part.split("-")) for part in args.shard_plan.split(","))
         except ValueError:
             raise UserError(f"--shard-plan {args.shard_plan!r}: expected ranges like 0-2,2-4") from None
-    import json
-
-    n_layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
-    try:
-        plan = check_shard_plan(plan, n_layers)
-    except ModelError as e:
-        raise UserError(str(e)) from None
+        if any(len(r) != 2 for r in plan):
+            raise UserError(f"--shard-plan {args.shard_plan!r}: expected ranges like 0-2,2-4")
     m = Manifest(
         name=args.name,
-        base=BaseSection(model=args.base, fingerprint=fingerprint, dtype=args.dtype, quantization=args.quantization),
-        data=DataSection(source=args.data, digest=digest, max_length=args.max_length, packing=args.packing),
+        base=BaseSection(model=args.base, fingerprint="0" * 64, revision=args.revision, dtype=args.dtype,
+                         quantization=args.quantization),
+        data=DataSection(source=args.data, digest="", max_length=args.max_length, packing=args.packing),
         lora=LoraSection(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.target_modules)),
         shards=ShardSection(plan=plan),
         optim=OptimSection(lr=args.lr, schedule=args.schedule, warmup_rounds=args.warmup_rounds),
@@ -99,12 +97,38 @@ def cmd_swarm_init(args) -> int:
                                    peer_ttl=args.peer_ttl, on_split=args.on_split),
         credit=CreditSection(max_samples_per_round=args.max_samples_per_round),
     )
+
+    def check(manifest: Manifest) -> None:
+        try:
+            validate(manifest, f"swarm init (--out {args.out})")
+        except ManifestError as e:
+            raise UserError(f"{e}; fix {_init_flag(e.field)}" if e.field else str(e)) from None
+
+    check(m)  # every value first: a typo costs no model load
     try:
-        validate(m, args.out)
-    except ManifestError as e:
+        model_dir = resolve_base(args.base, revision=args.revision)
+        if args.revision and hub_snapshot_of(model_dir) is None:
+            raise UserError(f"--revision {args.revision} applies only to a hub id base, but {args.base} is a local folder")
+        check_target_modules(model_dir, m.lora.target_modules)
+        n_layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+        plan = check_shard_plan(plan, n_layers)
+        fingerprint = base_fingerprint(model_dir)
+        digest = dataset_digest(resolve_data(args.data))
+        # read every example once now, so a malformed line is reported before anyone joins the swarm
+        load_examples(resolve_data(args.data), load_tokenizer(model_dir), max_length=args.max_length, packing=args.packing)
+    except (ModelError, DataError) as e:
         raise UserError(str(e)) from None
+    m = dataclasses.replace(m, base=dataclasses.replace(m.base, fingerprint=fingerprint),
+                            data=dataclasses.replace(m.data, digest=digest), shards=ShardSection(plan=plan))
+    check(m)
     write_manifest(m, args.out)
-    print(f"wrote {args.out}\nswarm_id {m.swarm_id}\nbase {model_dir} (fingerprint {fingerprint[:16]}…), {len(plan)} shards {list(map(list, plan))}")
+    hub = hub_snapshot_of(model_dir)
+    where = f"{hub[0]} commit {hub[1]}" if hub else str(model_dir)
+    print(f"wrote {args.out}\nswarm_id {m.swarm_id}\nbase {where} (fingerprint {fingerprint[:16]}…), "
+          f"{len(plan)} shards {list(map(list, plan))}")
+    if hub and not args.revision:
+        print(f"the base is not pinned to a revision: peers load whatever their cache or the Hub has for {hub[0]} "
+              f"(the fingerprint check refuses another commit); pin it with --revision {hub[1]}")
     return 0
 
 
@@ -112,10 +136,12 @@ def cmd_export(args) -> int:
     from node.export import ExportError, export_from_checkpoint
 
     try:
-        out = export_from_checkpoint(args.manifest, args.out, home=args.home, base_model=args.base_model, data=None)
+        out = export_from_checkpoint(args.manifest, args.out, home=args.home, base_model=args.base_model, data=None,
+                                     force=args.force)
     except ExportError as e:
         raise UserError(str(e)) from None
-    print(f"wrote PEFT adapter to {out} (load with PeftModel.from_pretrained(base, '{out}'))")
+    print(f"wrote PEFT adapter to {out} (load with AutoPeftModelForCausalLM.from_pretrained('{out}'), "
+          "or PeftModel.from_pretrained(base, ...))")
     return 0
 
 
@@ -131,7 +157,7 @@ def cmd_demo(args) -> int:
 
 
 def register(sub) -> None:
-    from node.cli.flags import add_field_flag
+    from node.cli.flags import add_field_flag, field_help
     from node.data import BUILTIN_DATA
     from node.manifest import AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection
     from node.model import BUILTIN_BASE
@@ -148,9 +174,11 @@ def register(sub) -> None:
                       description="Write a swarm manifest: the file every node of one swarm holds. Defaults are the "
                                   "manifest's own (node/manifest.py); every value is checked before anything is written.")
     i.add_argument("--out", default="swarm.toml", help="where to write the manifest (default: swarm.toml)")
-    i.add_argument("--force", action="store_true", help="overwrite --out")
+    i.add_argument("--force", action="store_true", help="overwrite --out (default: refuse when it exists)")
     i.add_argument("--name", default="my-swarm", help="a human-readable name shown to peers (default: my-swarm)")
-    i.add_argument("--base", default=BUILTIN_BASE, help=f"base model: local folder, hub id, or {BUILTIN_BASE} (default: {BUILTIN_BASE})")
+    i.add_argument("--base", default=BUILTIN_BASE,
+                   help=f"base model: local folder, hub id (org/name), or {BUILTIN_BASE} (default: {BUILTIN_BASE})")
+    add_field_flag(i, BaseSection, "revision", metavar="REV")
     i.add_argument("--data", default=BUILTIN_DATA, help=f"JSONL file, hf:<dataset>[:split], or {BUILTIN_DATA} (default: {BUILTIN_DATA})")
     add_field_flag(i, BaseSection, "dtype", choices=["float32", "bfloat16"])
     add_field_flag(i, BaseSection, "quantization", choices=["none", "nf4", "int8"])
@@ -158,7 +186,7 @@ def register(sub) -> None:
         add_field_flag(i, LoraSection, name)
     i.add_argument("--shard-plan", default="", help="layer ranges like 0-2,2-4 (default: halves for <= 8 layers, else ~4 layers each)")
     add_field_flag(i, DataSection, "max_length")
-    add_field_flag(i, DataSection, "packing")
+    add_field_flag(i, DataSection, "packing", help=field_help(DataSection, "packing") + " (default: --no-packing)")
     add_field_flag(i, OptimSection, "lr")
     add_field_flag(i, OptimSection, "schedule", choices=["constant", "cosine"])
     add_field_flag(i, OptimSection, "warmup_rounds")
@@ -171,18 +199,32 @@ def register(sub) -> None:
     add_field_flag(i, CreditSection, "max_samples_per_round")
     i.set_defaults(func=cmd_swarm_init)
 
-    e = sub.add_parser("export", help="write the node's latest adapter in standard PEFT format")
-    e.add_argument("--manifest", required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--home", default=None, help="the node's state folder (default $SWARMTUNE_HOME or ~/.swarmtune)")
-    e.add_argument("--base-model", default=None, help="local base folder overriding the manifest's")
+    e = sub.add_parser("export", help="write the node's latest adapter in standard PEFT format",
+                       description="Rebuild the manifest's base + LoRA, load this node's newest checkpoint and write it as "
+                                   "a standard PEFT adapter (adapter_config.json + adapter_model.safetensors) that "
+                                   "AutoPeftModelForCausalLM / PeftModel load. Never deletes anything: a non-empty --out "
+                                   "is refused unless --force, which replaces only the adapter's own files.")
+    e.add_argument("--manifest", required=True, metavar="FILE", help="the swarm manifest the node trained (required)")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder to write the adapter to; missing or empty (required)")
+    e.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out: replace adapter_config.json and adapter_model.safetensors "
+                        "there, keep every other file (default: refuse)")
+    e.add_argument("--home", default=None, help="the node's state folder (default: $SWARMTUNE_HOME or ~/.swarmtune)")
+    e.add_argument("--base-model", default=None, metavar="PATH",
+                   help="local base folder overriding the manifest's (fingerprint still checked; default: the manifest's "
+                        "[base] model at its revision)")
     e.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("demo", help="train a 3-node swarm on 127.0.0.1 with the built-in tiny model and task")
-    d.add_argument("--nodes", type=int, default=3)
-    d.add_argument("--rounds", type=int, default=150, help="rounds of 48 samples (150 take about 3 minutes on 2 CPU cores)")
+    d = sub.add_parser("demo", help="train a 3-node swarm on 127.0.0.1 with the built-in tiny model and task",
+                       description="A whole swarm on this machine, nothing to download: builds the tiny base model, starts "
+                                   "the nodes on 127.0.0.1, shows their progress, then checks the adapters are "
+                                   "bit-identical, verifies the ledgers, and compares the exported adapter with the base "
+                                   "model on held-out examples. Writes <workdir>/demo_report.json.")
+    d.add_argument("--nodes", type=int, default=3, help="node processes to start (default: 3)")
+    d.add_argument("--rounds", type=int, default=150,
+                   help="rounds of 48 samples (default: 150, about 3 minutes on 2 CPU cores)")
     d.add_argument("--workdir", default=None, help="where the demo keeps its files (default: a fresh temp folder)")
-    d.add_argument("--port", type=int, default=0, help="first TCP port on 127.0.0.1 (default: any free)")
-    d.add_argument("--threads", type=int, default=1, help="torch threads per node")
-    d.add_argument("--quiet", action="store_true", help="no live display, just the final report")
+    d.add_argument("--port", type=int, default=0, help="first TCP port on 127.0.0.1 (default: 0, any free port)")
+    d.add_argument("--threads", type=int, default=1, help="torch threads per node (default: 1)")
+    d.add_argument("--quiet", action="store_true", help="no live display, just the final report (default: live display)")
     d.set_defaults(func=cmd_demo)
