@@ -54,7 +54,8 @@ def load_stack(cfg: NodeConfig, *, load_data: bool) -> Stack:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        model_dir = resolve_base(cfg.base_model or m.resolve_path(m.base.model))
+        # a --base-model override is a folder; the manifest's revision pins its own hub id only
+        model_dir = resolve_base(cfg.base_model or m.resolve_path(m.base.model), revision="" if cfg.base_model else m.base.revision)
         check_fingerprint(model_dir, m.base.fingerprint, manifest_path=f"manifest {cfg.manifest}")
     except ModelError as e:
         raise StackError(str(e)) from None

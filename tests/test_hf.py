@@ -278,3 +278,25 @@ def test_run_with_a_hub_id_missing_from_the_cache_names_the_id_and_the_fix(tmp_p
     assert "'myorg/animal-llama'" in out.stderr and "hf download myorg/animal-llama" in out.stderr, out.stderr
     assert str(folder / "myorg") not in out.stderr  # never a folder beside the manifest
     assert not home.exists() or not any(home.rglob("*"))
+
+
+@pytest.mark.timeout(300)
+def test_run_loads_the_pinned_commit_not_main(tmp_path, tiny_base, hf_env):
+    """`[base] revision` pins the commit `run` loads even when the cache's main points elsewhere."""
+    from node.tiny import build_tiny_base
+
+    other = build_tiny_base(tmp_path / "seed1", seed=1)
+    hub = Path(hf_env["HF_HUB_CACHE"])
+    cache_repo(hub, "myorg/pinned", tiny_base, COMMIT_A, ref=None)
+    cache_repo(hub, "myorg/pinned", other, COMMIT_B)
+    m = tmp_path / "swarm.toml"
+    out = swarmtune(hf_env, "swarm", "init", "--base", "myorg/pinned", "--revision", COMMIT_A, "--out", str(m),
+                    "--max-rounds", "1", "--target-batch-size", "8")
+    assert out.returncode == 0, out.stderr
+    run = swarmtune(hf_env, "run", "--manifest", str(m), "--home", str(tmp_path / "h"), "--create-key",
+                    "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ex = swarmtune(hf_env, "export", "--manifest", str(m), "--home", str(tmp_path / "h"), "--out", str(tmp_path / "ad"))
+    assert ex.returncode == 0, ex.stderr
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert (cfg["base_model_name_or_path"], cfg["revision"]) == ("myorg/pinned", COMMIT_A)

@@ -45,7 +45,11 @@ def register(sub) -> None:
     export.add_argument("--out", metavar="FILE", help="output file (default: stdout)")
     export.set_defaults(func=_export)
 
-    credit = sub.add_parser("credit", help="per-peer credit from verified records (capped per round)")
+    credit = sub.add_parser("credit", help="per-peer credit from verified records (capped per round)",
+                            description="Count each peer's credit from verified contribution records only: samples and "
+                                        "tokens per peer, capped per round at the manifest's [credit] "
+                                        "max_samples_per_round (or --max-samples). Offline: reads ledger files and, with "
+                                        "--dht-peer, the records published in the swarm's DHT.")
     _add_sources(credit, required=False)
     _add_swarm(credit)
     credit.add_argument("--json", action="store_true", help="JSON lines instead of a table")

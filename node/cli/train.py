@@ -45,6 +45,13 @@ def cmd_run(args) -> int:
         cfg = load_node_config(args.config, overrides=overrides)
     except ConfigError as e:
         raise UserError(str(e)) from None
+    if args.export:  # refuse a folder the export would have to clobber before training, not after
+        from node.export import ExportError, check_target
+
+        try:
+            check_target(args.export)
+        except ExportError as e:
+            raise UserError(str(e)) from None
     setup_logging(cfg.log_level, json=cfg.log_format == "json")
     try:
         return run_node(cfg, export_dir=args.export, stop=stop)
