@@ -31,7 +31,7 @@ def default_home() -> Path:
 class NodeConfig:
     manifest: str = ""  # path of the swarm manifest (TOML) to join
     home: str = ""  # state folder: key, ledgers, checkpoints, control socket; default $SWARMTUNE_HOME or ~/.swarmtune
-    key: str = ""  # identity key file; default <home>/identity.key (created on first run only with create_key)
+    key: str = ""  # identity key file; default <home>/identity.key (created on first run only with --create-key / create_key = true)
     create_key: bool = False  # create the identity key when it is missing (never overwrites)
     initial_peers: tuple[str, ...] = ()  # multiaddrs of any running peers; empty = this node starts the swarm
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)  # where p2pd listens
