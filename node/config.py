@@ -49,7 +49,7 @@ class NodeConfig:
     metrics_port: int = 0  # Prometheus endpoint on 127.0.0.1:<port>; 0 disables
     socket: str = ""  # control socket; default <home>/node.sock
     log_format: str = "human"  # human | json
-    log_level: str = "info"  # debug | info | warning
+    log_level: str = "info"  # debug | info | warning | error
     threads: int = 0  # torch CPU threads; 0 = torch default
 
     @property
@@ -83,7 +83,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return value.lower() in ("1", "true", "yes", "on")
             raise ValueError("expected true/false")
         if isinstance(default, int):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
             return int(value)
         if isinstance(default, float):
@@ -103,6 +103,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def load_node_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # field -> where its value came from (file, variable or flag), for errors
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -116,15 +117,40 @@ def load_node_config(path: str | os.PathLike | None = None, *, env: Mapping[str,
         if unknown:
             raise ConfigError(f"{p}: unknown key(s) {unknown}; allowed: {sorted(FIELDS)}")
         values.update({k: _coerce(k, v, str(p)) for k, v in raw.items()})
+        sources.update(dict.fromkeys(raw, str(p)))
     env = os.environ if env is None else env
     for name in FIELDS:
         var = f"SWARMTUNE_{name.upper()}"
         if var in env and env[var] != "":
-            values[name] = _coerce(name, env[var], f"environment {var}")
+            sources[name] = f"environment {var}"
+            values[name] = _coerce(name, env[var], sources[name])
     for name, v in (overrides or {}).items():
         if v is not None:
-            values[name] = _coerce(name, v, f"--{name.replace('_', '-')}")
-    cfg = NodeConfig(**values)
-    if cfg.log_format not in ("human", "json"):
-        raise ConfigError(f"log_format must be human or json, got {cfg.log_format!r}")
-    return cfg
+            sources[name] = f"--{name.replace('_', '-')}"
+            values[name] = _coerce(name, v, sources[name])
+    for name, value in values.items():
+        values[name] = _check(name, value, sources[name])
+    return NodeConfig(**values)
+
+
+# Allowed values of the fields a typo would break later (deep in a run, or as a traceback);
+# checked where the config is read, so the error names where the bad value came from.
+CHOICES = {"log_level": ("debug", "info", "warning", "error"), "log_format": ("human", "json")}
+RANGES = {  # field: (lowest, highest or None)
+    "min_peers": (1, None), "peer_wait": (0, None), "checkpoint_every": (0, None), "max_rounds": (0, None),
+    "metrics_port": (0, 65535), "threads": (0, None),
+}
+
+
+def _check(name: str, value: Any, source: str) -> Any:
+    if name in CHOICES:
+        allowed = CHOICES[name]
+        if value.lower() not in allowed:
+            raise ConfigError(f"{source}: {name} = {value!r} is not allowed (allowed: {', '.join(allowed)})")
+        return value.lower()
+    if name in RANGES:
+        low, high = RANGES[name]
+        if value < low or (high is not None and value > high) or value != value:  # value != value: NaN
+            allowed = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{source}: {name} = {value!r} is out of range (allowed: {allowed})")
+    return value

@@ -242,3 +242,16 @@ def test_help_shows_meaning_and_default_of_every_option():
                 continue
             text = action.help or ""
             assert text and ("default" in text or (action.required and "required" in text)), (name, action.option_strings, text)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("log_level", "shouty", "allowed: debug, info, warning, error"),
+    ("min_peers", "0", "allowed: >= 1"),
+    ("metrics_port", "70000", "allowed: 0..65535"),
+    ("log_format", "xml", "allowed: human, json"),
+])
+def test_config_values_are_checked_where_read(field, value, words) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_node_config(env={}, overrides={field: value})
+    text = str(err.value)
+    assert f"--{field.replace('_', '-')}" in text and f"{field} = " in text and value in text and words in text
