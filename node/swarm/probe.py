@@ -60,9 +60,21 @@ async def pull_bandwidth(_dht, node, peer_id: str, total: int, chunk: int, time_
     return got, time.perf_counter() - t0, None
 
 
-def serve_bandwidth_probe(dht) -> None:
-    """Let `swarmtune doctor` on other machines measure their bandwidth from this DHT's peer (bounded streams)."""
-    dht.run_coroutine(_serve_bandwidth)
+def serve_bandwidth_probe(dht, timeout: float = 10.0) -> bool:
+    """Let `swarmtune doctor` on other machines measure their bandwidth from this DHT's peer (bounded streams).
+
+    Bounded: a coroutine hivemind's DHT process drops (seen under load: "Task was destroyed but it is
+    pending") would otherwise leave this call, and the node's start, waiting forever. Returns whether
+    the probe is served."""
+    import logging
+
+    try:
+        dht.run_coroutine(_serve_bandwidth, return_future=True).result(timeout=timeout)
+        return True
+    except Exception as e:  # a timeout, or the DHT process is gone: the probe is optional
+        logging.getLogger(__name__).warning("not serving the bandwidth probe to peers' `swarmtune doctor` (%s: %s)",
+                                            type(e).__name__, e)
+        return False
 
 
 def measure_bandwidth(dht, peer_id: str, *, total: int, chunk: int, time_limit: float) -> tuple[int, float, str | None]:
