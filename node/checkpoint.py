@@ -105,12 +105,16 @@ def load_latest(directory: Path, swarm_id: str) -> Checkpoint | None:
 
 
 # ---------------------------------------------------------------- what a node's checkpoint holds
-# tensors are keyed param/<name> (every shard) and exp_avg/<name>, exp_avg_sq/<name> (trained shards)
+# tensors are keyed param/<name> (every shard), <key>/<name> for the shared optimizer state of trained
+# shards (exp_avg, exp_avg_sq in per-step mode; momentum_buffer in diloco), and what only this node
+# holds (node.trainer.Trainer.local_tensors: residual/<shard>, inner_exp_avg/<name>, ...)
 
 
 def training_tensors(trainer, adapter, trained) -> dict[str, torch.Tensor]:
-    """Every shard's adapter tensors, and AdamW's moments for the shards this node trains."""
+    """Every shard's adapter tensors, the shared optimizer state of the shards this node trains, and the
+    trainer's own state (error-feedback residuals, diloco's inner moments)."""
     out = {}
+    keys = trainer._shared_keys
     for k in range(adapter.num_shards):
         names = adapter.shard_names(k)
         state = trainer.shard_state(k)
@@ -118,22 +122,25 @@ def training_tensors(trainer, adapter, trained) -> dict[str, torch.Tensor]:
         for i, name in enumerate(names):
             out[f"param/{name}"] = state[i]
             if k in trained:
-                out[f"exp_avg/{name}"] = state[n + i]
-                out[f"exp_avg_sq/{name}"] = state[2 * n + i]
+                for j, key in enumerate(keys):
+                    out[f"{key}/{name}"] = state[(j + 1) * n + i]
+    out.update(trainer.local_tensors())
     return out
 
 
 def restore_training(ckpt: Checkpoint, trainer, adapter, trained) -> None:
-    """Load a checkpoint written by `training_tensors` into the trainer (adapter + moments + step)."""
+    """Load a checkpoint written by `training_tensors` into the trainer (adapter + optimizer state + step)."""
+    keys = trainer._shared_keys
     for k in range(adapter.num_shards):
         names = adapter.shard_names(k)
         params = [ckpt.tensors[f"param/{n}"] for n in names]
-        if k in trained and all(f"exp_avg/{n}" in ckpt.tensors for n in names):
-            moments = [ckpt.tensors[f"exp_avg/{n}"] for n in names] + [ckpt.tensors[f"exp_avg_sq/{n}"] for n in names]
-            trainer.load_shard_state(k, params + moments, ckpt.opt_step)
+        if k in trained and all(f"{key}/{n}" in ckpt.tensors for key in keys for n in names):
+            shared = [ckpt.tensors[f"{key}/{n}"] for key in keys for n in names]
+            trainer.load_shard_state(k, params + shared, ckpt.opt_step)
         else:
             adapter.load_shard(k, params)
     trainer.opt_step = ckpt.opt_step
+    trainer.load_local_tensors(ckpt.tensors)
 
 
 def restore_adapter(ckpt: Checkpoint, adapter) -> None:

@@ -112,11 +112,11 @@ class Node:
             self.round = ckpt.round
             logger.info("resumed from checkpoint %s (round %d)", ckpt.path.name, ckpt.round)
 
-        sizes = [self.adapter.shard_numel(k) for k in range(self.adapter.num_shards)]
+        layouts = [[p.numel() for p in self.adapter.shard_params(k)] for k in range(self.adapter.num_shards)]
         self.swarm = swarm = Swarm(
-            self._dht, swarm_id=self.swarm_id, shard_sizes=sizes, trained_shards=self.trained,
+            self._dht, swarm_id=self.swarm_id, shard_layouts=layouts, trained_shards=self.trained,
             matchmaking_time=m.averaging.matchmaking_time, allreduce_timeout=m.averaging.timeout,
-            peer_ttl=m.averaging.peer_ttl, initial_peers=cfg.initial_peers,
+            peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, initial_peers=cfg.initial_peers,
         )
         if swarm.peer_id != self.peer_id:
             logger.warning("p2p peer id %s differs from the identity key's %s", swarm.peer_id, self.peer_id)
@@ -144,7 +144,7 @@ class Node:
                                   examples=self.stack.examples, data_digest=self.stack.data_digest, peer_id=self.peer_id,
                                   ledger=self.ledger, private_key=self.identity.private_key, on_record=self._on_record)
         self.credit = CreditCache(ledger=self.ledger, read_dht_records=swarm.read_records, swarm_id=self.swarm_id,
-                                  max_samples_per_round=m.credit.max_samples_per_round)
+                                  max_samples_per_round=m.credit_cap)
         self.board.update(round=self.round, adapter_hash=self.adapter.state_hash(), coverage=self._coverage({}))
         from node.control import ControlServer
 

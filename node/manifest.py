@@ -103,15 +103,23 @@ class RoundSection:
 @dataclass(frozen=True)
 class AveragingSection:
     matchmaking_time: float = 2.0  # seconds a leader waits for groupmates (hivemind default 15 s is for big swarms)
-    timeout: float = 30.0  # all-reduce deadline before the link is measured, and its floor (node/swarm/deadline.py)
-    fixed_point_bits: int = 30  # gradients are summed as exact integers scaled by 2**bits (bit-identical peers)
+    timeout: float = 30.0  # all-reduce deadline before the link is measured (then it follows the link: node/swarm/deadline.py)
     peer_ttl: float = 30.0  # seconds a peer stays listed in the DHT after its last heartbeat
     on_split: str = "train"  # when this node sees under half the peers it recently saw: train (with whoever is visible) | wait
 
 
 @dataclass(frozen=True)
+class SyncSection:
+    mode: str = "per-step"  # per-step: each round sums the round's gradients, one AdamW step | diloco: inner_steps local AdamW steps, then one exact outer step
+    wire: str = "int8"  # int8 | int32: the grid contributions are summed on, exactly (int8: ~1/4 of fp32's bytes, with error feedback)
+    inner_steps: int = 1  # diloco: local AdamW steps per round (each on this node's share of one global batch)
+    outer_lr: float = 0.7  # diloco: outer Nesterov SGD learning rate (OpenDiLoCo / INTELLECT-1: 0.7)
+    outer_momentum: float = 0.9  # diloco: outer momentum (0 = plain SGD)
+
+
+@dataclass(frozen=True)
 class CreditSection:
-    max_samples_per_round: int = 48  # most samples one peer is credited for in one round (the default target batch)
+    max_samples_per_round: int = 0  # most samples one peer is credited for in one round; 0 = the round's whole batch (target_batch_size x inner_steps)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,7 @@ class Manifest:
     optim: OptimSection = field(default_factory=OptimSection)
     rounds: RoundSection = field(default_factory=RoundSection)
     averaging: AveragingSection = field(default_factory=AveragingSection)
+    sync: SyncSection = field(default_factory=SyncSection)
     credit: CreditSection = field(default_factory=CreditSection)
     format: int = FORMAT_VERSION
     source_path: Path | None = field(default=None, compare=False)
@@ -141,6 +150,12 @@ class Manifest:
         del d["base"]["model"], d["data"]["source"]
         d["base"].pop("revision", None)
         return hashlib.sha256(canonical_json(d).encode()).hexdigest()
+
+    @property
+    def credit_cap(self) -> int:
+        """Most samples one peer is credited for in one round: [credit] max_samples_per_round, or the
+        round's whole batch (one global batch per step, inner_steps steps in diloco)."""
+        return self.credit.max_samples_per_round or self.rounds.target_batch_size * self.sync.inner_steps
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain data. An empty `[base] revision` is left out, so manifests written
@@ -189,7 +204,13 @@ _SECTIONS = {
     "optim": OptimSection,
     "rounds": RoundSection,
     "averaging": AveragingSection,
+    "sync": SyncSection,
     "credit": CreditSection,
+}
+# keys older manifests may hold, and what to do about them
+_REMOVED = {
+    ("averaging", "fixed_point_bits"): "gradients are now summed on a grid each round derives from the values "
+                                       "([sync] wire = \"int8\" or \"int32\"); delete the line",
 }
 
 
@@ -198,6 +219,10 @@ def _build(cls, raw: Any, where: str):
         raise ManifestError(f"{where}: expected a table, got {type(raw).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(known))
+    section = where.rsplit("[", 1)[-1].rstrip("]")
+    for name in unknown:
+        if (section, name) in _REMOVED:
+            raise ManifestError(f"{where}: '{name}' is no longer used: {_REMOVED[section, name]}", f"{section}.{name}")
     if unknown:
         raise ManifestError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     kwargs = {}
@@ -281,9 +306,11 @@ _RANGES: tuple[tuple[str, str, str, Any], ...] = (
     ("rounds", "max_rounds", ">= 0 (0 = until stopped)", lambda v: v >= 0),
     ("averaging", "matchmaking_time", "> 0 seconds", lambda v: v > 0),
     ("averaging", "timeout", "> 0 seconds", lambda v: v > 0),
-    ("averaging", "fixed_point_bits", "[8, 36]", lambda v: 8 <= v <= 36),
     ("averaging", "peer_ttl", "> 0 seconds", lambda v: v > 0),
-    ("credit", "max_samples_per_round", ">= 1", lambda v: v >= 1),
+    ("sync", "inner_steps", "[1, 100000]", lambda v: 1 <= v <= 100000),
+    ("sync", "outer_lr", "> 0", lambda v: v > 0),
+    ("sync", "outer_momentum", "[0, 1)", lambda v: 0.0 <= v < 1.0),
+    ("credit", "max_samples_per_round", ">= 0 (0 = the round's whole batch)", lambda v: v >= 0),
 )
 # (section, field, allowed values) for every choice
 _CHOICES = (
@@ -291,6 +318,8 @@ _CHOICES = (
     ("base", "quantization", ("none", "nf4", "int8")),
     ("optim", "schedule", ("constant", "cosine")),
     ("averaging", "on_split", ("train", "wait")),
+    ("sync", "mode", ("per-step", "diloco")),
+    ("sync", "wire", ("int8", "int32")),
 )
 
 
@@ -329,6 +358,9 @@ def validate(m: Manifest, where: str = "manifest") -> None:
         bad(f"[lora] target_modules = {list(targets)!r} must name at least one module (or 'all-linear')", "lora.target_modules")
     if m.optim.schedule == "cosine" and m.rounds.max_rounds < 1:
         bad("[optim] schedule = 'cosine' needs [rounds] max_rounds >= 1", "rounds.max_rounds")
+    if m.sync.mode == "per-step" and m.sync.inner_steps != 1:
+        bad(f"[sync] inner_steps = {m.sync.inner_steps} needs mode = \"diloco\" (per-step mode takes one step per round)",
+            "sync.inner_steps")
     if m.averaging.timeout <= m.averaging.matchmaking_time:
         bad(f"[averaging] timeout = {m.averaging.timeout!r} must be greater than matchmaking_time = "
             f"{m.averaging.matchmaking_time!r} (the all-reduce starts after matchmaking)", "averaging.timeout")

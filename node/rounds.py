@@ -1,16 +1,24 @@
-"""One round: train my slice of the round's global batch, sum exactly with each shard's group,
-apply the same AdamW step as every groupmate, and record what this node contributed.
+"""One round: train, sum exactly with each shard's group, apply the same step as every groupmate,
+and record what this node contributed.
 
     runner = RoundRunner(manifest=..., swarm=..., trainer=..., ...)
     result = runner.run(round_, view)        # result.applied: the shards updated (all or none)
 
+per-step mode: my slice of the round's global batch -> its gradient -> summed -> one AdamW step.
+diloco mode: `inner_steps` local AdamW steps, one slice of one global batch each -> the pseudo-gradient
+(start - end) -> summed -> one outer step from the start (node.trainer).
+
+A contribution goes on the wire grid (node/swarm/exact.py) with this node's error-feedback residual
+added; what the grid could not carry becomes the next residual, once the round is applied.
+
 A round is all or nothing: when any trained shard failed (no group, a lost part, a groupmate
-that started from another state) nothing is applied and nothing recorded; the daemon then
-resyncs with the peers that completed it.
+that started from another state) nothing is applied and nothing recorded (diloco puts the
+round's start weights back); the daemon then resyncs with the peers that completed it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +27,6 @@ import torch
 
 from node.data import assign_examples, data_commitment
 from node.swarm import quorum
-from node.swarm.exact import from_fixed_point, to_fixed_point
 from node.swarm.swarm import Failed, RoundClaim
 from node.trainer import LocalResult, grad_commitment, lr_at
 from protocol.record import to_fixed
@@ -64,6 +71,37 @@ class RoundRunner:
         self.private_key = private_key
         self.on_record = on_record
 
+    def _local_work(self, r: int, members) -> tuple[LocalResult, dict[int, torch.Tensor], list[int], dict]:
+        """This node's part of round r: (what it computed, its contribution per trained shard before the
+        residual, the example indices it used, the round's start weights (diloco))."""
+        m, total = self.m, self.m.rounds.target_batch_size
+        if not self.trainer.diloco:
+            indices = assign_examples(len(self.examples), swarm_id=self.swarm_id, round=r, total=total,
+                                      members=members, me=self.peer_id)
+            local = self._gradients(indices)
+            return local, {k: local.grad_sums[k] / total for k in self.trained}, indices, {}
+        steps = m.sync.inner_steps
+        start = {k: self.trainer.flat_shard(k) for k in self.trained}
+        all_indices, samples, tokens, loss_sum = [], 0, 0, 0.0
+        for h in range(steps):  # inner step h trains on my slice of global batch r * steps + h
+            step = r * steps + h
+            indices = assign_examples(len(self.examples), swarm_id=self.swarm_id, round=step, total=total,
+                                      members=members, me=self.peer_id)
+            local = self._gradients(indices)
+            if local.tokens:
+                lr = lr_at(step, _per_step(m.optim, steps), m.rounds.max_rounds * steps)
+                self.trainer.inner_step(local, lr)
+            all_indices += indices
+            samples, tokens, loss_sum = samples + local.samples, tokens + local.tokens, loss_sum + local.loss_sum
+        # the pseudo-gradient, weighted by my samples (the group's sum / its samples is the weighted mean)
+        weight = samples / (steps * total)
+        contribution = {k: (start[k] - self.trainer.flat_shard(k)) * weight for k in self.trained}
+        return LocalResult({}, samples, tokens, loss_sum), contribution, all_indices, start
+
+    def _gradients(self, indices) -> LocalResult:
+        examples = [self.examples[i] for i in indices]
+        return self.trainer.local_gradients(examples) if examples else self._empty_local()
+
     def run(self, r: int, view: dict) -> RoundResult:
         m = self.m
         t0 = time.time()
@@ -72,25 +110,16 @@ class RoundRunner:
         peers = quorum.others(view, self.peer_id)
         members = quorum.round_members(peers, self.peer_id, r)
         total = m.rounds.target_batch_size
-        indices = assign_examples(len(self.examples), swarm_id=self.swarm_id, round=r, total=total, members=members, me=self.peer_id)
-        examples = [self.examples[i] for i in indices]
 
-        local = self.trainer.local_gradients(examples) if examples else self._empty_local()
+        local, contribution, indices, start = self._local_work(r, members)
+        x = {k: contribution[k] + self.trainer.residual[k] for k in self.trained}
         t_compute = time.time() - t0
-        bits = m.averaging.fixed_point_bits
-        ints, clipped = {}, 0
-        for k in self.trained:
-            ints[k], c = to_fixed_point(local.grad_sums[k], bits=bits, norm=total)
-            clipped += c
-        if clipped:
-            logger.warning("round %d: %d gradient values exceeded the fixed-point range and were clipped; lower [averaging] fixed_point_bits", r, clipped)
         claim = RoundClaim(round=r, hashes=shard_hashes, samples=local.samples, tokens=local.tokens, loss_sum=local.loss_sum)
         expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
 
         t1 = time.time()
-        solo = {k: (ints[k], {self.peer_id: claim}) for k in self.trained if expected[k] <= 1}
-        to_average = {k: v for k, v in ints.items() if k not in solo}
-        results = dict(solo)
+        results = {k: self.swarm.local_sum(k, x[k], claim) for k in self.trained if expected[k] <= 1}
+        to_average = {k: v for k, v in x.items() if k not in results}
         if to_average:
             results.update(self.swarm.allreduce_sums(to_average, claim, expected, round_=r))
         for attempt in range(1, RETRIES + 1):  # a lost part is retried within the round, by the whole group
@@ -99,49 +128,60 @@ class RoundRunner:
                 break
             logger.info("round %d: retrying the all-reduce of shard(s) %s with the same group (attempt %d)", r,
                         sorted(lost), attempt + 1)
-            results.update(self.swarm.allreduce_sums({k: ints[k] for k in lost}, claim, expected, round_=r,
+            results.update(self.swarm.allreduce_sums({k: x[k] for k in lost}, claim, expected, round_=r,
                                                      attempt=attempt, exact_groups=lost))
         t_avg = time.time() - t1
 
-        grads, groups, resync, loss_num, loss_den = {}, {}, [], 0.0, 0
+        updates, groups, resync, loss_num, loss_den = {}, {}, [], 0.0, 0
         for k in self.trained:
             res = results.get(k)
             if res is None or isinstance(res, Failed):
                 resync.append(k)
                 continue
-            total_ints, claims = res
-            groups[k] = len(claims)
-            canonical = quorum.group_claim({p: c.to_wire() for p, c in claims.items()}, k)
+            groups[k] = len(res.claims)
+            canonical = quorum.group_claim({p: c.to_wire() for p, c in res.claims.items()}, k)
             if canonical != (r, shard_hashes[k]):
                 logger.warning("shard %d: my state (round %d) differs from the group's (round %d); resyncing", k, r, canonical[0])
                 resync.append(k)
                 continue
-            group_tokens = sum(c.tokens for c in claims.values())
-            grads[k] = from_fixed_point(total_ints, bits=bits, norm=total, tokens=group_tokens)
+            group_tokens = sum(c.tokens for c in res.claims.values())
+            group_samples = sum(c.samples for c in res.claims.values())
+            if self.trainer.diloco:  # the samples-weighted mean pseudo-gradient
+                updates[k] = res.value() * (m.sync.inner_steps * total / max(group_samples, 1))
+            else:  # the gradient of the group's mean token loss
+                updates[k] = res.value() * (total / max(group_tokens, 1))
             if not loss_den:
-                loss_num = sum(c.loss_sum for c in claims.values())
+                loss_num = sum(c.loss_sum for c in res.claims.values())
                 loss_den = group_tokens
-        if grads and not resync:
-            self.trainer.apply(grads, lr_at(r, m.optim, m.rounds.max_rounds))
+        if updates and not resync:
+            if self.trainer.diloco:
+                self.trainer.outer_apply(start, updates)
+            else:
+                self.trainer.apply(updates, lr_at(r, m.optim, m.rounds.max_rounds))
+            sent = {k: results[k].sent for k in self.trained}
+            for k in self.trained:  # what the grid did not carry joins the next contribution
+                self.trainer.residual[k] = x[k] - sent[k]
         else:
             resync = sorted(self.trained)
-            grads = {}
+            updates, sent = {}, {}
+            for k, flat in start.items():  # diloco: back to the round's start (the swarm's state at r)
+                self.trainer.load_flat_shard(k, flat)
         t_end = time.time()
 
         result = RoundResult(
             round=r, start_hash=start_hash, shard_hashes=shard_hashes, loss=(loss_num / loss_den) if loss_den else None,
             local_loss=(local.loss_sum / local.tokens) if local.tokens else None,
-            samples=local.samples, tokens=local.tokens, groups=groups, applied=sorted(grads), resync=resync,
+            samples=local.samples, tokens=local.tokens, groups=groups, applied=sorted(updates), resync=resync,
             seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg,
         )
         if result.applied:
-            self._record(result, indices, ints, t0, t_end)
+            self._record(result, indices, sent, t0, t_end)
         return result
 
     def _empty_local(self) -> LocalResult:
         return LocalResult({k: torch.zeros(self.adapter.shard_numel(k)) for k in self.trained}, 0, 0, 0.0)
 
-    def _record(self, res: RoundResult, indices, ints, t0: float, t1: float) -> None:
+    def _record(self, res: RoundResult, indices, sent, t0: float, t1: float) -> None:
         """Sign, append and publish this node's contribution record for a completed round."""
         head = self.ledger.head()
         if head is not None and head.round >= res.round:
@@ -155,10 +195,15 @@ class RoundRunner:
             samples=res.samples, tokens=res.tokens, loss_before=to_fixed(loss_before),
             loss_after=to_fixed(res.loss if res.loss is not None else loss_before),
             adapter_hash=res.start_hash, data_commitment=data_commitment(indices, self.data_digest),
-            grad_commitment=grad_commitment(ints), start_ms=int(t0 * 1000), end_ms=int(t1 * 1000),
+            grad_commitment=grad_commitment(sent), start_ms=int(t0 * 1000), end_ms=int(t1 * 1000),
         )
         self.on_record()
         try:
             self.swarm.publish_record(blob)
         except Exception as e:  # best effort (a DHT store can fail many ways); the local ledger is the source of truth
             logger.warning("could not publish record %d to the DHT: %s", self.ledger.next_seq - 1, e)
+
+
+def _per_step(optim, steps: int):
+    """diloco's inner schedule counts inner steps: warmup_rounds rounds are warmup_rounds * steps of them."""
+    return dataclasses.replace(optim, warmup_rounds=optim.warmup_rounds * steps)

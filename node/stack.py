@@ -88,6 +88,7 @@ def load_stack(cfg: NodeConfig, *, load_data: bool) -> Stack:
     except (ModelError, ShardChoiceError) as e:
         raise StackError(str(e)) from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    trainer = Trainer(model, adapter, trained, m.optim, microbatch_size=m.rounds.microbatch_size, device=device, pad_id=pad)
+    trainer = Trainer(model, adapter, trained, m.optim, microbatch_size=m.rounds.microbatch_size, device=device, pad_id=pad,
+                      sync=m.sync)
     return Stack(manifest=m, model_dir=model_dir, data_digest=digest, tokenizer=tokenizer, examples=examples, device=device,
                  model=model, adapter=adapter, trained=trained, trainer=trainer, workdir=cfg.swarm_dir(m.swarm_id))

@@ -1,12 +1,22 @@
-"""Local training: forward/backward on this node's examples, and applying the swarm's gradient.
+"""Local training: forward/backward on this node's examples, the optimizer steps, and the state they keep.
 
-The unit of work is a *round*: the swarm's global batch of `target_batch_size` samples,
-split among the peers. Each node computes the gradient of the summed token loss over
-its share (`local_gradients`), turns it into fixed-point integers per shard
-(`node.swarm.exact.to_fixed_point`, applied by node.rounds), the swarm sums those exactly, and every trainer of a shard applies
-the same update with the same AdamW (`apply`). The loss a round optimises is
-sum(token CE) / sum(tokens) over the global batch, so a swarm and a single process that
-sees the same global batch follow the same curve.
+The unit of work is a *round*: the swarm's global batch of `target_batch_size` samples, split
+among the peers ([sync] mode = "per-step"), or `inner_steps` such batches ("diloco").
+
+- per-step: each node computes the gradient of the summed token loss over its share
+  (`local_gradients`); node.rounds sums the shares exactly across the shard's group, and every
+  trainer applies the same AdamW step to the same bits (`apply`). The loss a round optimises is
+  sum(token CE) / sum(tokens) over the global batch, so a swarm and a single process that sees the
+  same global batch follow the same curve.
+- diloco: each node takes `inner_steps` local AdamW steps on its own shares (`inner_step`, the
+  inner optimizer and its moments are this node's alone), node.rounds sums the pseudo-gradients
+  (start - end) exactly, and every trainer applies the same outer Nesterov SGD step from the same
+  start (`outer_apply`): the outer state (weights, momentum) is bit-identical after every round.
+
+State peers share (`shard_state`): a shard's weights and the moments of the optimizer every
+trainer runs identically (AdamW's in per-step, the outer momentum in diloco). State only this
+node has (`local_tensors`, checkpointed): the inner AdamW moments and the error-feedback residual
+(what the wire grid could not carry yet; node.rounds adds it to the next contribution).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from node.manifest import OptimSection
+from node.manifest import OptimSection, SyncSection
 from node.model import Adapter
 
 
@@ -51,21 +61,38 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 class Trainer:
-    def __init__(self, model, adapter: Adapter, trained_shards, optim: OptimSection, *, microbatch_size: int, device: str, pad_id: int):
+    def __init__(self, model, adapter: Adapter, trained_shards, optim: OptimSection, *, microbatch_size: int, device: str,
+                 pad_id: int, sync: SyncSection | None = None):
         self.model = model
         self.adapter = adapter
         self.trained = tuple(sorted(trained_shards))
         self.optim_cfg = optim
+        self.sync = sync or SyncSection()
+        self.diloco = self.sync.mode == "diloco"
         self.microbatch_size = microbatch_size
         self.device = device
         self.pad_id = pad_id
         adapter.set_trainable(self.trained)
         self.params = [p for k in self.trained for p in adapter.shard_params(k)]
+
         # foreach=False: the same per-tensor kernels on every node, so identical inputs give identical bits
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay, foreach=False
-        )
-        self.opt_step = 0
+        def adamw():
+            return torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                     weight_decay=optim.weight_decay, foreach=False)
+
+        if self.diloco:
+            self.inner = adamw()  # this node's own: never shared, checkpointed
+            momentum = self.sync.outer_momentum
+            self.optimizer = torch.optim.SGD(self.params, lr=self.sync.outer_lr, momentum=momentum, nesterov=momentum > 0,
+                                             foreach=False)
+        else:
+            self.inner = None
+            self.optimizer = adamw()
+        self._shared_keys = ("momentum_buffer",) if self.diloco else ("exp_avg", "exp_avg_sq")
+        self.opt_step = 0  # steps of the shared optimizer (the swarm's rounds this state has seen)
+        self.inner_steps_done = 0
+        # error feedback: per trained shard, what the wire grid could not carry yet
+        self.residual = {k: torch.zeros(adapter.shard_numel(k)) for k in self.trained}
 
     # ------------------------------------------------------------------ local work
 
@@ -107,17 +134,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ updates
 
+    def _set_grads(self, k: int, flat: torch.Tensor) -> list[torch.nn.Parameter]:
+        params = self.adapter.shard_params(k)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device, p.dtype).clone()
+            offset += n
+        return params
+
     def apply(self, shard_grads: dict[int, torch.Tensor], lr: float) -> None:
-        """One AdamW step on the given shards (their grads already averaged); others untouched."""
+        """per-step: one AdamW step on the given shards (their grads already summed and scaled); others untouched."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for k, flat in shard_grads.items():
-            params = self.adapter.shard_params(k)
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p).to(p.device, p.dtype).clone()
-                offset += n
+            params = self._set_grads(k, flat)
             if self.optim_cfg.max_grad_norm > 0:
                 # per shard: every trainer of shard k computes the same norm from the same bits
                 torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm, foreach=False)
@@ -126,16 +157,55 @@ class Trainer:
             p.grad = None
         self.opt_step += 1
 
+    def inner_step(self, local: LocalResult, lr: float) -> None:
+        """diloco: one local AdamW step on this node's own gradient (mean token loss over its share)."""
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        scale = 1.0 / max(local.tokens, 1)
+        for k in self.trained:
+            params = self._set_grads(k, local.grad_sums[k] * scale)
+            if self.optim_cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm, foreach=False)
+        self.inner.step()
+        for p in self.params:
+            p.grad = None
+        self.inner_steps_done += 1
+
+    def flat_shard(self, k: int) -> torch.Tensor:
+        """Shard k's weights as one float32 vector (a copy, on the CPU)."""
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.adapter.shard_params(k)])
+
+    @torch.no_grad()
+    def load_flat_shard(self, k: int, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.adapter.shard_params(k):
+            n = p.numel()
+            p.copy_(flat[offset : offset + n].view_as(p).to(p.device, p.dtype))
+            offset += n
+
+    def outer_apply(self, start: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor]) -> None:
+        """diloco: from the round's start weights, one outer Nesterov SGD step along the group's mean
+        pseudo-gradient (start - end). Same start, same sum, same kernels: the same bits on every trainer."""
+        for k, flat in start.items():
+            self.load_flat_shard(k, flat)
+        for k, delta in deltas.items():
+            self._set_grads(k, delta)
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        self.opt_step += 1
+
     # ------------------------------------------------------------------ state sharing
 
     def shard_state(self, k: int) -> list[torch.Tensor]:
-        """Adapter tensors of shard k, then AdamW exp_avg and exp_avg_sq (zeros before the first step)."""
+        """Adapter tensors of shard k, then the shared optimizer's state for them (zeros before its first
+        step): AdamW's exp_avg and exp_avg_sq (per-step), or the outer momentum (diloco)."""
         params = self.adapter.shard_params(k)
         out = [p.detach().cpu().clone() for p in params]
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in self._shared_keys:
             for p in params:
                 st = self.optimizer.state.get(p, {})
-                out.append(st[key].detach().cpu().clone() if key in st else torch.zeros_like(p, device="cpu"))
+                out.append(st[key].detach().cpu().clone() if st.get(key) is not None else torch.zeros_like(p, device="cpu"))
         return out
 
     def shard_step(self, k: int) -> int:
@@ -148,8 +218,9 @@ class Trainer:
     def load_shard_state(self, k: int, tensors: list[torch.Tensor], step: int) -> None:
         params = self.adapter.shard_params(k)
         n = len(params)
-        if len(tensors) != 3 * n:
-            raise ValueError(f"shard {k} state has {len(tensors)} tensors, expected {3 * n}")
+        width = 1 + len(self._shared_keys)
+        if len(tensors) != width * n:
+            raise ValueError(f"shard {k} state has {len(tensors)} tensors, expected {width * n}")
         self.adapter.load_shard(k, tensors[:n])
         if k not in self.trained:
             return
@@ -157,16 +228,45 @@ class Trainer:
             if step == 0:
                 self.optimizer.state.pop(p, None)
                 continue
-            self.optimizer.state[p] = {
-                "step": torch.tensor(float(step)),
-                "exp_avg": tensors[n + i].to(p.device, torch.float32).clone().view_as(p),
-                "exp_avg_sq": tensors[2 * n + i].to(p.device, torch.float32).clone().view_as(p),
-            }
+            state = {key: tensors[(j + 1) * n + i].to(p.device, torch.float32).clone().view_as(p)
+                     for j, key in enumerate(self._shared_keys)}
+            if not self.diloco:
+                state["step"] = torch.tensor(float(step))
+            self.optimizer.state[p] = state
+
+    # ------------------------------------------------------------------ this node's own state (checkpointed)
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """What only this node holds: residuals per trained shard, and (diloco) the inner AdamW moments."""
+        out = {f"residual/{k}": r.clone() for k, r in self.residual.items()}
+        if self.inner is not None:
+            for name, p in zip(self.adapter.names, self.adapter.params):
+                st = self.inner.state.get(p)
+                if st and "exp_avg" in st:
+                    out[f"inner_exp_avg/{name}"] = st["exp_avg"].detach().cpu().clone()
+                    out[f"inner_exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().cpu().clone()
+                    out[f"inner_step/{name}"] = torch.tensor([float(st["step"])])
+        return out
+
+    def load_local_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k in self.trained:
+            r = tensors.get(f"residual/{k}")
+            if r is not None and r.numel() == self.residual[k].numel():
+                self.residual[k] = r.float().clone()
+        if self.inner is None:
+            return
+        for name, p in zip(self.adapter.names, self.adapter.params):
+            if p.requires_grad and f"inner_exp_avg/{name}" in tensors:
+                self.inner.state[p] = {
+                    "step": torch.tensor(float(tensors[f"inner_step/{name}"][0])),
+                    "exp_avg": tensors[f"inner_exp_avg/{name}"].to(p.device, torch.float32).clone().view_as(p),
+                    "exp_avg_sq": tensors[f"inner_exp_avg_sq/{name}"].to(p.device, torch.float32).clone().view_as(p),
+                }
 
 
-def grad_commitment(ints: dict[int, torch.Tensor]) -> str:
-    """sha256 over the exact fixed-point gradient a node sent, shard by shard."""
+def grad_commitment(sent: dict[int, torch.Tensor]) -> str:
+    """sha256 over the contribution a node sent (on the group's grid), shard by shard."""
     h = hashlib.sha256(b"swarmtune/grad/v1\0")
-    for k in sorted(ints):
-        h.update(k.to_bytes(4, "big") + ints[k].numpy().tobytes())
+    for k in sorted(sent):
+        h.update(k.to_bytes(4, "big") + sent[k].numpy().tobytes())
     return h.hexdigest()

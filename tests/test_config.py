@@ -83,13 +83,15 @@ def test_swarm_init_defaults_are_the_manifests_own(tmp_path, st_cache) -> None:
     import dataclasses
 
     from node.cli import main
-    from node.manifest import AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection
+    from node.manifest import (
+        AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection, SyncSection,
+    )
 
     out = tmp_path / "swarm.toml"
     assert main(["swarm", "init", "--out", str(out)]) == 0
     m = load_manifest(out)
-    assert (m.lora, m.optim, m.rounds, m.averaging, m.credit) == (
-        LoraSection(), OptimSection(), RoundSection(), AveragingSection(), CreditSection())
+    assert (m.lora, m.optim, m.rounds, m.averaging, m.sync, m.credit) == (
+        LoraSection(), OptimSection(), RoundSection(), AveragingSection(), SyncSection(), CreditSection())
     defaults = {f.name: f.default for f in dataclasses.fields(DataSection)}
     assert (m.data.max_length, m.data.packing) == (defaults["max_length"], defaults["packing"])
     defaults = {f.name: f.default for f in dataclasses.fields(BaseSection)}
@@ -122,8 +124,9 @@ OUT_OF_RANGE = [
     ("optim", "eps", 0.0, "> 0"), ("optim", "warmup_rounds", -1, ">= 0"), ("optim", "max_grad_norm", -1.0, ">= 0"),
     ("rounds", "target_batch_size", 0, ">= 1"), ("rounds", "microbatch_size", 0, ">= 1"), ("rounds", "max_rounds", -3, ">= 0"),
     ("averaging", "matchmaking_time", 0.0, "> 0"), ("averaging", "timeout", -1.0, "> 0"),
-    ("averaging", "fixed_point_bits", 40, "[8, 36]"), ("averaging", "peer_ttl", 0.0, "> 0"),
-    ("credit", "max_samples_per_round", 0, ">= 1"),
+    ("averaging", "peer_ttl", 0.0, "> 0"), ("sync", "inner_steps", 0, "[1, 100000]"), ("sync", "outer_lr", 0.0, "> 0"),
+    ("sync", "outer_momentum", 1.0, "[0, 1)"),
+    ("credit", "max_samples_per_round", -1, ">= 0"),
 ]
 
 
@@ -140,6 +143,18 @@ def test_every_bounded_value_is_checked_and_the_error_names_file_field_value_and
 def test_betas_are_two_numbers_in_the_unit_interval(betas):
     with pytest.raises(ManifestError, match=r"\[optim\] betas = .*two numbers, each in \[0, 1\)"):
         parse_manifest(_raw(optim={"betas": betas}))
+
+
+def test_sync_modes_and_the_removed_fixed_point_bits():
+    m = parse_manifest(_raw(sync={"mode": "diloco", "inner_steps": 20, "wire": "int32"}))
+    assert (m.sync.mode, m.sync.inner_steps, m.sync.wire) == ("diloco", 20, "int32")
+    with pytest.raises(ManifestError, match=r"\[sync\] wire = 'int4' must be one of int8, int32"):
+        parse_manifest(_raw(sync={"wire": "int4"}))
+    with pytest.raises(ManifestError, match=r"inner_steps = 5 needs mode = \"diloco\""):
+        parse_manifest(_raw(sync={"inner_steps": 5}))
+    # a manifest from before the wire grids names the line to delete instead of listing allowed keys
+    with pytest.raises(ManifestError, match=r"'fixed_point_bits' is no longer used: .*\[sync\] wire.*delete the line"):
+        parse_manifest(_raw(averaging={"fixed_point_bits": 30}))
 
 
 def test_choices_name_the_allowed_values():

@@ -128,7 +128,7 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int]:
         except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
         swarm_id = swarm_id or manifest.swarm_id
-        cap = cap if cap is not None else manifest.credit.max_samples_per_round
+        cap = cap if cap is not None else manifest.credit_cap
     if not swarm_id or cap is None:
         raise UserError("need the swarm: pass --manifest M, or both --swarm-id HEX and --max-samples N")
     if len(swarm_id) != 64 or not all(c in "0123456789abcdef" for c in swarm_id):

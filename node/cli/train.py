@@ -61,7 +61,7 @@ def cmd_run(args) -> int:
 
 # `swarm init` flag of each manifest field whose flag is not "--" + its name
 _INIT_FLAGS = {"averaging.timeout": "--averaging-timeout", "shards.plan": "--shard-plan", "base.model": "--base",
-               "data.source": "--data"}
+               "data.source": "--data", "sync.mode": "--sync"}
 
 
 def _init_flag(field: str) -> str:
@@ -75,7 +75,7 @@ def cmd_swarm_init(args) -> int:
     from node.data import DataError, dataset_digest, load_examples, resolve_data
     from node.manifest import (
         AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, Manifest, ManifestError,
-        OptimSection, RoundSection, ShardSection, validate, write_manifest,
+        OptimSection, RoundSection, ShardSection, SyncSection, validate, write_manifest,
     )
     from node.model import (
         ModelError, base_fingerprint, check_shard_plan, check_target_modules, hub_snapshot_of, load_tokenizer, resolve_base,
@@ -102,6 +102,8 @@ def cmd_swarm_init(args) -> int:
         rounds=RoundSection(target_batch_size=args.target_batch_size, microbatch_size=args.microbatch_size, max_rounds=args.max_rounds),
         averaging=AveragingSection(matchmaking_time=args.matchmaking_time, timeout=args.averaging_timeout,
                                    peer_ttl=args.peer_ttl, on_split=args.on_split),
+        sync=SyncSection(mode=args.sync, wire=args.wire, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
+                         outer_momentum=args.outer_momentum),
         credit=CreditSection(max_samples_per_round=args.max_samples_per_round),
     )
 
@@ -166,7 +168,9 @@ def cmd_demo(args) -> int:
 def register(sub) -> None:
     from node.cli.flags import add_field_flag, field_help
     from node.data import BUILTIN_DATA
-    from node.manifest import AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection
+    from node.manifest import (
+        AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection, SyncSection,
+    )
     from node.model import BUILTIN_BASE
 
     p = sub.add_parser("run", help="run a node: join (or start) a swarm and train", description="Run the swarmtune node daemon.")
@@ -203,6 +207,10 @@ def register(sub) -> None:
     add_field_flag(i, AveragingSection, "timeout", flag="--averaging-timeout", dest="averaging_timeout")
     add_field_flag(i, AveragingSection, "peer_ttl")
     add_field_flag(i, AveragingSection, "on_split", choices=["train", "wait"])
+    add_field_flag(i, SyncSection, "mode", flag="--sync", dest="sync", choices=["per-step", "diloco"])
+    add_field_flag(i, SyncSection, "wire", choices=["int8", "int32"])
+    for name in ("inner_steps", "outer_lr", "outer_momentum"):
+        add_field_flag(i, SyncSection, name)
     add_field_flag(i, CreditSection, "max_samples_per_round")
     i.set_defaults(func=cmd_swarm_init)
 

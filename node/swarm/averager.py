@@ -1,9 +1,11 @@
 """Every private hivemind hook in one place: the shard averager and what it changes inside hivemind.
 
-hivemind 1.1.12's public API cannot do four things swarmtune needs, so this module reaches in,
+hivemind 1.1.12's public API cannot do five things swarmtune needs, so this module reaches in,
 and nothing else does:
-- a part averaged without every sender must poison the round (`_StrictPartReducer`, installed
-  by `install_strict_reducer()` before the averager processes fork);
+- the all-reduce must sum integers exactly and send the sums back in the few bits they need, not
+  hivemind's float32 difference from each peer's own part (`_ExactSumRunner`, `_ExactPartReducer`,
+  over the grid and wire format of node/swarm/exact.py); a part summed without every sender comes
+  back INCOMPLETE to every sender, so the whole group retries and nobody applies a partial sum;
 - the all-reduce must report the values it gave up on and how long it took
   (`_run_allreduce_inplace_`, `_aggregate_with_group`);
 - the deadline and the group size change per round, inside the running averager process
@@ -19,59 +21,157 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import torch
 
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging import allreduce as hivemind_allreduce
-from hivemind.averaging.partition import TensorPartReducer
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
 
-from node.swarm.exact import NUM_LIMBS
+from node.swarm.exact import Grid, Layout, check_part, decode_sum, encode_sum, group_exponents, quantize
 
 logger = logging.getLogger(__name__)
 
-FAILED_KEY = "__swarmtune_failed_values__"
+FAILED_KEY = "__swarmtune_failed_values__"  # values a reducer never sent back (this peer alone may miss them)
+INCOMPLETE_KEY = "__swarmtune_incomplete_values__"  # values summed without every sender (the whole group saw it)
 ELAPSED_KEY = "__swarmtune_allreduce_seconds__"
+EXPONENTS_KEY = "e"  # in each member's gathered metadata: its block exponents for this shard
+SUM_DTYPE = "swarmtune-sum"  # marks a reducer's reply (node.swarm.exact.encode_sum) on the wire
 CONNECT_TIMEOUT_S = 5.0  # opening a connection or a stream to a peer (latency-bound, not size-bound)
 
 
-class _StrictPartReducer(TensorPartReducer):
-    """hivemind's reducer, except that a part averaged without every sender comes out as NaN.
+class _ExactPartReducer(TensorPartReducer):
+    """hivemind's reducer, summing integers exactly (int64) instead of averaging floats. A part's result
+    is its sum, or None when some sender's piece is missing: hivemind would quietly divide by the weight
+    that did arrive (with two peers, one peer's own gradient passing for the group's)."""
 
-    hivemind divides each part by the weight it actually received, so a sender that dropped out
-    mid all-reduce silently turns that part into the mean of the others (with two peers: one
-    peer's own gradient), and no in-band count can notice: the mean of the count sentinels is
-    still exactly one. A NaN part reaches every groupmate, each discards the round, and the
-    swarm retries it without the dead peer: nothing it half-sent is counted or credited."""
+    def reset_accumulators(self):
+        assert self.current_part_accumulated_from == self.num_current_senders or self.current_part_index == -1
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(self.current_part_index < failed for failed in self.sender_failed_after)
+        self.accumulator = torch.zeros(self.part_shapes[self.current_part_index], dtype=torch.int64)
+        self.denominator = 0.0
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0):
+        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=1)  # a sum: no weights
 
     def check_current_part_finished(self):
-        if self.current_part_accumulated_from == self.num_current_senders < self.num_senders:
-            self.accumulator.fill_(float("nan"))
-            self.denominator = 1.0
-        super().check_current_part_finished()
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            complete = self.current_part_accumulated_from == self.num_senders
+            self.current_part_future.set_result(self.accumulator if complete else None)
+            self.reset_accumulators()
 
 
-def install_strict_reducer() -> None:
-    """Make hivemind's all-reduce use `_StrictPartReducer`. AllReduceRunner builds its reducer from
-    this module-level name, and averager processes inherit it when they fork: call it before the
-    first averager starts (`Swarm` does)."""
-    hivemind_allreduce.TensorPartReducer = _StrictPartReducer
+class _ExactSumRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce over integer parts on a shared grid (node/swarm/exact.py).
+
+    Senders' parts travel as hivemind serialises them (raw int8/int32); each reducer sums them exactly
+    and sends every sender the same reply: the part's sum in `sum_bits` bits, or INCOMPLETE. The runner
+    yields the sums (int32), never a float average, so every member ends with the same integers."""
+
+    def __init__(self, *, grid: Grid, **kwargs):
+        super().__init__(**kwargs)
+        self.grid = grid
+        self.group = len(self.sender_peer_ids)
+        self.incomplete_values = 0
+        self._part_sizes = [[part.numel() for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer]
+        self._replies: dict[int, bytes] = {}  # part index -> the encoded sum every sender gets
+        self.tensor_part_reducer.finished.set()  # the float reducer hivemind made is never used
+        self.tensor_part_reducer = _ExactPartReducer(tuple(p.shape for p in self.parts_for_local_averaging), self.group)
+
+    def _register(self, peer_index: int, part_index: int, total: torch.Tensor | None) -> None:
+        numel = self._part_sizes[peer_index][part_index]
+        if total is None:
+            self.incomplete_values += numel
+            total = torch.zeros(numel, dtype=torch.int32)
+        self.tensor_part_container.register_processed_part(peer_index, part_index, total.to(torch.int32))
+
+    async def _communicate_with_peer(self, peer_id):
+        """Send my parts to one reducer and take the sums it sends back (hivemind's loop, our format)."""
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, part in enumerate(self.parts_for_local_averaging):
+                total = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part)
+                self._register(peer_index, part_index, total)
+            return
+        try:
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            expected = self.tensor_part_container.num_parts_by_peer[peer_index]
+            part_index = 0
+            async for msg in aiter_with_timeout(stream, self.reducer_timeout):
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                if part_index >= expected or msg.tensor_part.dtype != SUM_DTYPE:
+                    raise AllreduceException(f"{peer_id} sent an unexpected part")
+                total = decode_sum(msg.tensor_part.buffer, self.grid, self.group, self._part_sizes[peer_index][part_index])
+                self._register(peer_index, part_index, total)
+                part_index += 1
+            if part_index != expected:
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, but we expected {expected}")
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug("all-reduce with %s failed: %r", peer_id, e)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        """As a reducer: check and add one sender's parts, and send back each part's sum once complete."""
+        part_index = 0
+        my_index = self.ordered_peer_ids.index(self.peer_id)
+        try:
+            async for msg in stream:
+                if part_index >= self.tensor_part_reducer.num_parts:
+                    raise AllreduceException("a sender sent more parts than it has")
+                numel = self._part_sizes[my_index][part_index]
+                part = deserialize_torch_tensor(msg.tensor_part).reshape(-1)
+                check_part(part, self.grid, numel)  # WireError: the sender is banned, its part is never summed
+                try:
+                    total = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part)
+                except BannedException:
+                    break
+                if part_index not in self._replies:  # every sender gets the same bytes: encode once
+                    self._replies[part_index] = encode_sum(total, self.grid, self.group, numel)
+                reply = runtime_pb2.Tensor(buffer=self._replies[part_index], size=[numel], dtype=SUM_DTYPE)
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=reply)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
 class ShardAverager(DecentralizedAverager):
-    """A hivemind averager over one float32 buffer: a shard's fixed-point gradient in limbs.
+    """A hivemind averager that sums one shard's contributions exactly on the group's grid.
 
-    Its state-sharing RPC serves whatever the node last published for this shard
+    Two shared buffers: `values`, where the node puts its float32 contribution before a step (and
+    finds, after a successful one, what it actually sent: q * 2**e), and `sums`, the group's exact
+    integer sum. Its state-sharing RPC serves whatever the node last published for this shard
     (adapter tensors + optimizer state + round), captured at a round boundary.
     """
 
-    def __init__(self, numel: int, **kwargs):
-        self.buffer = torch.zeros(NUM_LIMBS * numel, dtype=torch.float32)
+    def __init__(self, sizes: Sequence[int], grid: Grid, **kwargs):
+        self.layout = Layout(sizes)
+        self.grid = grid
+        self.values = torch.zeros(self.layout.numel, dtype=torch.float32)
+        self.sums = torch.zeros(self.layout.numel, dtype=torch.int32)
         self._published: tuple[Any, list[torch.Tensor]] | None = None
         self._published_lock = threading.Lock()
-        super().__init__([self.buffer], **kwargs)
+        super().__init__([self.values, self.sums], **kwargs)
 
     def _call(self, method: str, timeout: float | None, **kwargs):
         """Run `method` in the averager process (through hivemind's pipe) and wait for its result."""
@@ -80,21 +180,33 @@ class ShardAverager(DecentralizedAverager):
         return future.result(timeout=timeout)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        """Runs in the averager process; remembers how many values came back un-averaged."""
-        gid = group_info.group_id if group_id is None else group_id
-        await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
-        runner = self._running_groups[gid].result()
+        """Runs in the averager process: quantize on the group's grid, sum exactly, leave the sums."""
+        values, sums = tensors
+        group_id = group_info.group_id if group_id is None else group_id
+        claims = [self.serializer.loads(self.serializer.loads(raw)[2]) for raw in group_info.gathered]
+        exps = group_exponents([c.get(EXPONENTS_KEY) if isinstance(c, dict) else None for c in claims], self.layout)
+        q, sent = quantize(values, exps, self.layout, self.grid)
+        runner = _ExactSumRunner(grid=self.grid, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
+                                 tensors=[q], group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        assert group_id in self._running_groups, "the group was not registered"
+        self._running_groups[group_id].set_result(runner)
+        async for total in runner:
+            sums.copy_(total.view(-1))
+            values.copy_(sent)
         self._failed_values = int(runner.tensor_part_container.failed_size)
+        self._incomplete_values = runner.incomplete_values
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
-        # hivemind returns success even when parts were lost; pass the count back with the gathered data,
+        # hivemind returns success even when parts were lost; pass the counts back with the gathered data,
         # and how long the all-reduce itself took (matchmaking excluded), which measures the links
-        self._failed_values = 0
+        self._failed_values = self._incomplete_values = 0
         started = time.perf_counter()
         gathered = dict(await super()._aggregate_with_group(group_info, min_vector_size, **kwargs))
         gathered[ELAPSED_KEY] = time.perf_counter() - started
         if self._failed_values:
             gathered[FAILED_KEY] = self._failed_values
+        if self._incomplete_values:
+            gathered[INCOMPLETE_KEY] = self._incomplete_values
         return gathered
 
     async def _set_deadline(self, seconds: float, future) -> None:

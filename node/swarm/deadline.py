@@ -2,11 +2,12 @@
 
 A fixed timeout is wrong twice: too short on a slow home uplink (every round fails and is
 retried forever), too long on a LAN (a crashed peer holds the group for the whole timeout).
-The deadline here is `margin × bytes ÷ throughput + slack`, where throughput is the median of
-what recent all-reduces achieved, never below the manifest's `[averaging] timeout` (the
-deadline before anything was measured). A round that timed out doubles the next deadline
-(up to `cap`), so even the first round on a link slower than the manifest assumed gets
-through on a retry; a success measures the link and resets the backoff.
+Before anything was measured the deadline is the manifest's `[averaging] timeout`; after, it is
+`margin × bytes ÷ throughput + slack` (at least MIN_S), where throughput is the median of what
+recent all-reduces achieved. A sender that stalls for half of it is dropped, so a peer lost mid
+all-reduce costs about 1.5× the measured all-reduce time before its group retries, not a
+fixed timeout. A round that timed out doubles the next deadline (up to `cap`), so even the
+first round on a link slower than assumed gets through on a retry; a success resets it.
 """
 
 from __future__ import annotations
@@ -17,20 +18,14 @@ from collections import deque
 MARGIN = 3.0  # a group is as slow as its slowest link, and CPU load varies round to round
 SLACK_S = 2.0  # connection set-up and per-part latency that does not scale with size
 HISTORY = 8  # recent rounds in the throughput median
-
-
-def allreduce_bytes(payload_bytes: int, group_size: int) -> int:
-    """Bytes one peer sends (and, symmetrically, receives) in a butterfly all-reduce of `payload_bytes`:
-    its share of the reduce-scatter plus its share of the all-gather, 2 (n-1)/n of the payload."""
-    n = max(1, group_size)
-    return int(2 * payload_bytes * (n - 1) / n)
+MIN_S = 5.0  # the measured deadline's floor: a sender may pause 2.5 s (a busy CPU) before it counts as lost
 
 
 class AveragingDeadline:
     def __init__(self, floor_s: float, cap_s: float | None = None):
         if floor_s <= 0:
             raise ValueError("the averaging timeout must be positive")
-        self.floor_s = float(floor_s)
+        self.floor_s = float(floor_s)  # the deadline until the link is measured
         self.cap_s = float(cap_s) if cap_s is not None else max(600.0, 20 * self.floor_s)
         self._throughput: deque[float] = deque(maxlen=HISTORY)  # bytes/s of recent all-reduces
         self._backoff = 1.0
@@ -54,5 +49,5 @@ class AveragingDeadline:
         """The deadline for an all-reduce that moves `bytes_moved` per peer."""
         base = self.floor_s
         if self.throughput:
-            base = max(base, MARGIN * bytes_moved / self.throughput + SLACK_S)
+            base = max(MIN_S, MARGIN * bytes_moved / self.throughput + SLACK_S)
         return min(self.cap_s, base * self._backoff)

@@ -1,54 +1,226 @@
-"""Exact sums on float32 wires: the fixed-point grid and the limb codec (no hivemind here).
+"""Exact sums on integer wires: the group's shared grid and the sum's wire format (pure torch/numpy).
 
-hivemind's reducer sums parts in a float32 accumulator and hands every peer
-`local + (average - local)`, which is not bit-identical across peers for arbitrary floats.
-Peers therefore contribute fixed-point integers (a gradient scaled by 2**bits, `to_fixed_point`),
-split into four 10-bit limbs; each limb travels as the float32 `limb * 64 + 1`. Sums of up to
-`MAX_GROUP` peers stay below 2**21, where float32 is exact in any order, and the rounding of
-`average` stays far below 1/group_size, so `round(average * group_size)` recovers the exact
-integer sum on every peer: same inputs, same bits out, whatever the reduction order. The `+ 1`
-counts contributors: its sum's low 6 bits must equal the group size.
+Each peer contributes a float32 vector x: its gradient (or DiLoCo pseudo-gradient) plus what it could not
+send last time (error feedback, kept by node.rounds). The vector is cut into blocks (a LoRA tensor, or
+`BLOCK` values of a larger one). Per block, each peer says which power of two its values need
+(`block_exponents`, sent with the round metadata); the group takes the largest (`group_exponents`), so
+every member puts the block on the same grid and nothing is clipped:
+
+    q = round(x / 2**e),  |q| <= grid.q_max        (quantize)
+    S = sum of every member's q                     (integers: exact in any order, on every reducer)
+    update = S * 2**e                               (dequantize: the same float on every peer)
+
+The grid (`[sync] wire`) sets the bytes: `int8` sends one byte per value and gets the sum back in
+`sum_bits(N)` = 9..16 bits; `int32` sends and gets four bytes (q < 2**23, so the sum of up to MAX_GROUP
+peers fits 32 bits). What a peer could not send, x - q * 2**e, stays with it and joins its next
+contribution, so nothing is lost over time. `encode_sum`/`decode_sum` are the reducer's reply format:
+a header (status, group size, count) and the bits the sum needs.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-LIMB_BITS = 10
-NUM_LIMBS = 4
-COUNT_BITS = 6  # low bits of each transmitted limb count the peers that contributed
-# a peer's integers must satisfy |x| < MAX_PEER_INT (offset binary in four 10-bit limbs)
-MAX_PEER_INT = 2 ** (LIMB_BITS * NUM_LIMBS - 1)
-MAX_GROUP = 32  # keeps limb sums < 2**21 and the recovery error < 0.5
-BYTES_PER_VALUE = 4 * NUM_LIMBS  # on the wire: NUM_LIMBS float32 per gradient value
+BLOCK = 4096  # values per grid block (a tensor smaller than this is one block)
+MAX_GROUP = 256  # peers whose sum the wire formats below hold exactly
+E_MIN, E_MAX = -100, 100  # block exponents; 2**-100 and 2**100 are normal float32 numbers
 
 
-def to_fixed_point(grad_sum: torch.Tensor, *, bits: int, norm: int, limit: int = MAX_PEER_INT) -> tuple[torch.Tensor, int]:
-    """round(grad_sum / norm * 2**bits) as int64, clipped to |x| < limit; returns (ints, n_clipped)."""
-    scaled = torch.round(grad_sum.double() / norm * (2.0**bits))
-    clipped = int((scaled.abs() >= limit).sum())
-    return scaled.clamp_(-(limit - 1), limit - 1).to(torch.int64), clipped
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    q_max: int  # |q| <= q_max
+    dtype: torch.dtype  # what a peer sends
+    wire_dtype: str  # hivemind's name for it on the wire
 
 
-def from_fixed_point(total: torch.Tensor, *, bits: int, norm: int, tokens: int) -> torch.Tensor:
-    """The averaged gradient (per trained token) from the group's exact integer sum."""
-    return (total.double() * (norm / (2.0**bits)) / max(tokens, 1)).float()
+GRIDS = {
+    "int8": Grid("int8", 127, torch.int8, "int8"),
+    "int32": Grid("int32", (1 << 31) // MAX_GROUP - 1, torch.int32, "int32"),
+}
 
 
-def encode_limbs(x: torch.Tensor) -> torch.Tensor:
-    """int64 vector (|x| < MAX_PEER_INT) -> float32 vector of NUM_LIMBS * len(x) exact small integers."""
-    if x.numel() and int(x.abs().max()) >= MAX_PEER_INT:
-        raise ValueError("fixed-point value out of range; lower [averaging] fixed_point_bits")
-    u = x.to(torch.int64) + MAX_PEER_INT
-    mask = (1 << LIMB_BITS) - 1
-    limbs = [(((u >> (LIMB_BITS * j)) & mask) << COUNT_BITS) + 1 for j in range(NUM_LIMBS)]
-    return torch.cat(limbs).to(torch.float32)
+class WireError(ValueError):
+    """Bytes from a peer that are not a valid part or sum."""
 
 
-def decode_limb_average(avg: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
-    """The group's average of encoded vectors -> (exact int64 sum of the integers, #values short of contributors)."""
-    sums = torch.round(avg.to(torch.float64) * group_size).to(torch.int64)
-    short = int(((sums & ((1 << COUNT_BITS) - 1)) != group_size).sum())
-    parts = (sums >> COUNT_BITS).view(NUM_LIMBS, -1)
-    total = sum(parts[j] << (LIMB_BITS * j) for j in range(NUM_LIMBS))
-    return total - group_size * MAX_PEER_INT, short
+class Layout:
+    """How a shard's flat vector is cut into blocks: each tensor on its own, in runs of `block` values."""
+
+    def __init__(self, sizes, block: int = BLOCK):
+        self.sizes = tuple(int(s) for s in sizes)
+        self.numel = sum(self.sizes)
+        runs, offset = [], 0  # (offset, number of blocks, block length)
+        for size in self.sizes:
+            full, rest = divmod(size, block)
+            if full:
+                runs.append((offset, full, block))
+            if rest:
+                runs.append((offset + full * block, 1, rest))
+            offset += size
+        self.runs = tuple(runs)
+        self.num_blocks = sum(count for _, count, _ in runs)
+
+    def blocks(self, vec: torch.Tensor):
+        """(first block index, a (count, length) view of those blocks of `vec`) per run of equal blocks."""
+        b = 0
+        for offset, count, length in self.runs:
+            yield b, vec[offset : offset + count * length].view(count, length)
+            b += count
+
+
+def block_exponents(x: torch.Tensor, layout: Layout, grid: Grid) -> torch.Tensor:
+    """Per block, the least e with max|x| <= q_max * 2**e (int8 tensor, E_MIN for an all-zero block)."""
+    if x.numel() != layout.numel:
+        raise ValueError(f"vector of {x.numel()} values for a layout of {layout.numel}")
+    peaks = torch.empty(layout.num_blocks, dtype=torch.float64)
+    for b, blocks in layout.blocks(x):
+        peaks[b : b + blocks.shape[0]] = blocks.abs().amax(dim=1).double()
+    if not torch.isfinite(peaks).all():
+        raise FloatingPointError("non-finite value in a contribution; lower [optim] lr")
+    mantissa, exp = torch.frexp(peaks / grid.q_max)  # peak/q_max = mantissa * 2**exp, mantissa in [0.5, 1)
+    e = exp.to(torch.int64) - (mantissa == 0.5).to(torch.int64)  # ceil(log2) of that quotient
+    # the quotient was rounded; settle it exactly: peak <= q_max * 2**e (both sides exact in float64)
+    e += (peaks > torch.ldexp(torch.full_like(peaks, grid.q_max), e.double())).to(torch.int64)
+    e = torch.where(peaks == 0, torch.full_like(e, E_MIN), e)
+    if int(e.max()) > E_MAX:
+        raise FloatingPointError("a contribution too large for the wire grid; lower [optim] lr")
+    return e.clamp_(E_MIN, E_MAX).to(torch.int8)
+
+
+def group_exponents(per_peer: list, layout: Layout) -> torch.Tensor:
+    """The group's grid: the largest exponent any member needs, per block (the same on every member).
+    Raises WireError for a member's exponents that are malformed."""
+    if not per_peer:
+        raise WireError("no block exponents")
+    out = None
+    for raw in per_peer:
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) != layout.num_blocks:
+            size = len(raw) if isinstance(raw, (bytes, bytearray)) else type(raw).__name__
+            raise WireError(f"block exponents of {size} bytes for {layout.num_blocks} blocks")
+        e = torch.frombuffer(bytearray(raw), dtype=torch.int8)
+        if layout.num_blocks and (int(e.min()) < E_MIN or int(e.max()) > E_MAX):
+            raise WireError("block exponent out of range")
+        out = e if out is None else torch.maximum(out, e)
+    return out
+
+
+def _scales(exps: torch.Tensor, b: int, count: int, sign: int) -> torch.Tensor:
+    """2**(sign * e) for blocks b .. b+count, as a (count, 1) float32 column."""
+    return torch.ldexp(torch.ones(count, 1), sign * exps[b : b + count].to(torch.int32).view(count, 1))
+
+
+def quantize(x: torch.Tensor, exps: torch.Tensor, layout: Layout, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q on the group's grid, q * 2**e as float32): what a peer sends, and what that is worth (its
+    residual is x minus the second)."""
+    q = torch.empty(layout.numel, dtype=grid.dtype)
+    sent = torch.empty(layout.numel, dtype=torch.float32)
+    for (b, blocks), (_, q_blocks), (_, sent_blocks) in zip(layout.blocks(x), layout.blocks(q), layout.blocks(sent)):
+        count = blocks.shape[0]
+        torch.mul(blocks, _scales(exps, b, count, -1), out=sent_blocks)  # exact: a power of two
+        sent_blocks.round_().clamp_(-grid.q_max, grid.q_max)
+        q_blocks.copy_(sent_blocks)
+        sent_blocks.mul_(_scales(exps, b, count, 1))
+    return q, sent
+
+
+def dequantize(total: torch.Tensor, exps: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The group's sum as float32: S * 2**e per block (the same bits on every peer)."""
+    out = total.to(torch.float32)
+    for b, blocks in layout.blocks(out):
+        blocks.mul_(_scales(exps, b, blocks.shape[0], 1))
+    return out
+
+
+def check_part(part: torch.Tensor, grid: Grid, numel: int) -> None:
+    """A part a sender sent: the grid's dtype, the expected size, every value within q_max."""
+    if part.dtype != grid.dtype or part.numel() != numel:
+        raise WireError(f"part of {part.numel()} {part.dtype} values, expected {numel} {grid.dtype}")
+    if numel and int(part.abs().max()) > grid.q_max:  # |int8 -128| is 128 (int8 abs wraps; see below)
+        raise WireError("part value outside the grid")
+    if grid.dtype == torch.int8 and numel and bool((part == -128).any()):
+        raise WireError("part value outside the grid")
+
+
+# ---------------------------------------------------------------- the reducer's reply: a part's sum
+
+_HEADER = struct.Struct("<BBHI")  # version, status, group size, values
+_VERSION = 1
+OK, INCOMPLETE = 0, 1  # INCOMPLETE: the reducer did not get this part from every sender (never applied)
+
+
+def sum_bits(grid: Grid, group: int) -> int:
+    """Bits one value of a group's sum takes on the wire: 8 low bits plus the high bits padded to 0, 1, 2,
+    4 or 8 (so they pack whole values per byte), or 32 for the int32 grid."""
+    if grid.name == "int32":
+        return 32
+    need = max(0, math.ceil(math.log2(2 * grid.q_max * group + 1)) - 8)
+    return 8 + next(w for w in (0, 1, 2, 4, 8) if w >= need)
+
+
+def encode_sum(total: torch.Tensor | None, grid: Grid, group: int, numel: int) -> bytes:
+    """A part's sum as the reducer sends it back; `total` None: the part is INCOMPLETE (no payload)."""
+    if total is None:
+        return _HEADER.pack(_VERSION, INCOMPLETE, group, numel)
+    head = _HEADER.pack(_VERSION, OK, group, numel)
+    if grid.name == "int32":
+        return head + total.to(torch.int32).numpy().astype("<i4", copy=False).tobytes()
+    u = total.to(torch.int32).numpy() + grid.q_max * group  # offset binary: 0 <= u < 2**sum_bits
+    width = sum_bits(grid, group) - 8
+    out = head + u.astype(np.uint8).tobytes()
+    if width:
+        per_byte = 8 // width
+        high = np.zeros(-(-numel // per_byte) * per_byte, dtype=np.uint8)
+        high[:numel] = u >> 8
+        high = high.reshape(-1, per_byte)
+        packed = high[:, 0].copy()
+        for j in range(1, per_byte):
+            packed |= high[:, j] << (width * j)
+        out += packed.tobytes()
+    return out
+
+
+def decode_sum(data: bytes, grid: Grid, group: int, numel: int) -> torch.Tensor | None:
+    """The int32 sum in a reducer's reply, or None for an INCOMPLETE part. Raises WireError on bad bytes."""
+    if len(data) < _HEADER.size:
+        raise WireError("truncated sum")
+    version, status, their_group, n = _HEADER.unpack_from(data)
+    if version != _VERSION or their_group != group or n != numel or status not in (OK, INCOMPLETE):
+        raise WireError(f"sum header (v{version}, status {status}, group {their_group}, {n} values) does not match "
+                        f"this part (group {group}, {numel} values)")
+    if status == INCOMPLETE:
+        return None
+    body = memoryview(data)[_HEADER.size :]
+    if grid.name == "int32":
+        if len(body) != 4 * n:
+            raise WireError("sum payload size")
+        return torch.from_numpy(np.frombuffer(body, dtype="<i4").astype(np.int32))
+    width = sum_bits(grid, group) - 8
+    per_byte = 8 // width if width else 0
+    if len(body) != n + (-(-n // per_byte) if width else 0):
+        raise WireError("sum payload size")
+    u = np.frombuffer(body[:n], dtype=np.uint8).astype(np.int32)
+    if width:
+        packed = np.frombuffer(body[n:], dtype=np.uint8)
+        high = np.empty((len(packed), per_byte), dtype=np.uint8)
+        mask = (1 << width) - 1
+        for j in range(per_byte):
+            np.bitwise_and(packed >> (width * j), mask, out=high[:, j])
+        u |= high.reshape(-1)[:n].astype(np.int32) << 8
+    u -= grid.q_max * group
+    total = torch.from_numpy(u)
+    if n and int(total.abs().max()) > grid.q_max * group:
+        raise WireError("sum value outside what the group can add up to")
+    return total
+
+
+def wire_bytes_per_value(grid: Grid, group: int) -> float:
+    """Bytes one peer moves per value of a shard in one all-reduce, both legs together, for a group of
+    `group`: (n-1)/n of its part out, (n-1)/n of the sums back."""
+    n = max(1, group)
+    return (n - 1) / n * (grid.dtype.itemsize + sum_bits(grid, n) / 8)

@@ -1,8 +1,8 @@
 """The swarm as the node sees it: the façade over the DHT, membership and one averager per shard.
 
     dht = start_network(identity, manifest, initial_peers=..., host_maddrs=...)
-    swarm = Swarm(dht, swarm_id=..., shard_sizes=..., trained_shards=..., ...)
-    results = swarm.allreduce_sums({shard: int64 vector}, RoundClaim(...), expected, round_=r)
+    swarm = Swarm(dht, swarm_id=..., shard_layouts=..., trained_shards=..., wire="int8", ...)
+    results = swarm.allreduce_sums({shard: float32 vector}, RoundClaim(...), expected, round_=r)
 
 It owns the two formats peers exchange besides records and heartbeats:
 - the round metadata every group member sends with its part (`RoundClaim`: the round, the
@@ -13,9 +13,11 @@ Each shard averages under the hivemind prefix `<swarm_id>/shard-<k>`, so only th
 shard k ever average shard k, and the round number is part of the matchmaking key, so peers
 in different rounds never average together.
 
-hivemind reports success even when parts were lost, so three checks catch them: a part this
-peer never got back (the runner's failure count), a part some reducer averaged without one of
-its senders (`_StrictPartReducer` turns it into NaN for everyone), and the limbs' count bits.
+Contributions are summed exactly on the group's shared grid (node/swarm/exact.py, in the wire
+grid the manifest names); each member gets the same integer sum and the grid it is on. hivemind
+reports success even when parts were lost, so two checks catch them: a part this peer never got
+back (the runner's failure count: only this peer may miss it), and a part some reducer summed
+without one of its senders (INCOMPLETE to every sender: the whole group retries the round).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from typing import Sequence
 
 import torch
 
-from node.swarm.averager import ELAPSED_KEY, FAILED_KEY, ShardAverager, install_strict_reducer
-from node.swarm.deadline import AveragingDeadline, allreduce_bytes
+from node.swarm.averager import ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, ShardAverager
+from node.swarm.deadline import AveragingDeadline
 from node.swarm.dht import dht_time, start_dht
-from node.swarm.exact import BYTES_PER_VALUE, MAX_GROUP, decode_limb_average, encode_limbs
+from node.swarm.exact import (
+    GRIDS, MAX_GROUP, Layout, WireError, block_exponents, dequantize, group_exponents, quantize, wire_bytes_per_value,
+)
 from node.swarm.membership import Membership, PeerInfo, check_membership
 from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
 from node.swarm.validator import RecordsValidator, collect_records, publish_record
@@ -42,7 +46,7 @@ logger = logging.getLogger(__name__)
 KEY_BITS = 16  # matchmaking key bits: the round's low ROUND_BITS, then the attempt within the round
 ATTEMPT_BITS = 2
 ROUND_BITS = KEY_BITS - ATTEMPT_BITS
-STATE_BYTES_PER_VALUE = 12  # a state download: the adapter and AdamW's two moments, float32
+STATE_BYTES_PER_VALUE = 12  # a state download, at most: the adapter and two optimizer moments, float32
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
 MAX_DONORS = 4  # donors tried per state download
@@ -69,6 +73,24 @@ class RoundClaim:
         """Raises TypeError/KeyError/ValueError/AttributeError on a malformed claim."""
         return cls(round=int(value["r"]), hashes={int(k): str(h) for k, h in dict(value["h"]).items()},
                    samples=int(value["s"]), tokens=int(value["t"]), loss_sum=float(value["l"]))
+
+
+@dataclass(frozen=True)
+class Summed:
+    """A shard's exact sum over its group: the integers, the grid they are on, what this node's own
+    contribution was worth on that grid (its error-feedback residual is what it meant minus this), and
+    every member's claim."""
+
+    total: torch.Tensor  # int32: the sum of every member's q
+    exps: torch.Tensor  # int8 per block: the group's grid
+    sent: torch.Tensor  # float32: q * 2**e of this node's contribution
+    claims: dict  # {peer_id: RoundClaim}
+    layout: Layout
+    seconds: float = 0.0  # the all-reduce itself (matchmaking excluded)
+
+    def value(self) -> torch.Tensor:
+        """The sum as float32, the same bits on every member."""
+        return dequantize(self.total, self.exps, self.layout)
 
 
 @dataclass(frozen=True)
@@ -134,11 +156,12 @@ class Swarm:
         dht,
         *,
         swarm_id: str,
-        shard_sizes: Sequence[int],
+        shard_layouts: Sequence[Sequence[int]],
         trained_shards: Sequence[int],
         matchmaking_time: float,
         allreduce_timeout: float,
         peer_ttl: float,
+        wire: str = "int8",
         initial_peers: Sequence[str] = (),
     ):
         self.dht = dht
@@ -148,15 +171,17 @@ class Swarm:
         self.matchmaking_time = matchmaking_time
         self.allreduce_timeout = allreduce_timeout  # the deadline now in force (see node/swarm/deadline.py)
         self.deadline = AveragingDeadline(allreduce_timeout)
-        self.shard_sizes = list(shard_sizes)
+        self.grid = GRIDS[wire]
+        self.layouts = [Layout(sizes) for sizes in shard_layouts]
+        self.shard_sizes = [layout.numel for layout in self.layouts]
         # a group forms within ~one matchmaking window once peers are there; waiting longer only delays the resync
         self.find_group_timeout = 2 * matchmaking_time + 2.0
         self.peer_ttl = peer_ttl
-        install_strict_reducer()  # before the averager processes fork
         self.averagers: dict[int, ShardAverager] = {}
-        for k, numel in enumerate(shard_sizes):
+        for k, sizes in enumerate(shard_layouts):
             self.averagers[k] = ShardAverager(
-                numel,
+                sizes,
+                self.grid,
                 dht=dht,
                 prefix=f"{swarm_id}/shard-{k}",
                 start=True,
@@ -202,36 +227,44 @@ class Swarm:
 
     # ------------------------------------------------------------------ averaging
 
+    def local_sum(self, shard: int, x: torch.Tensor, claim: "RoundClaim") -> Summed:
+        """A group of one (this node trains the shard alone): the same grid and rounding as a group's sum."""
+        layout = self.layouts[shard]
+        exps = block_exponents(x, layout, self.grid)
+        q, sent = quantize(x, exps, layout, self.grid)
+        return Summed(q.to(torch.int32), exps, sent, {self.peer_id: claim}, layout)
+
     def allreduce_sums(
         self, contributions: dict[int, torch.Tensor], claim: RoundClaim, expected: dict[int, int], *, round_: int,
         attempt: int = 0, exact_groups: dict[int, int] | None = None,
-    ) -> dict[int, "tuple[torch.Tensor, dict[str, RoundClaim]] | Failed"]:
-        """Sum each shard's int64 vector over the shard's group, exactly and identically on every member.
+    ) -> dict[int, "Summed | Failed"]:
+        """Sum each shard's float32 contribution over the shard's group, exactly and identically on every member.
 
         `expected[k]` is how many trainers of shard k this node sees: the group assembles as
         soon as that many joined (else after the matchmaking time, with whoever came).
-        Returns, per shard, (exact int64 sum, {peer_id: its RoundClaim}), or `Failed` when no group
-        formed in time or a part was lost. `attempt` (0..3) is part of the matchmaking key, so a retry
-        of the same round meets only the peers retrying it; `exact_groups[k]`: the retry of shard k
-        runs only with exactly that many peers (the group that lost the part).
+        Returns, per shard, a `Summed`, or `Failed` when no group formed in time or a part was lost.
+        `attempt` (0..3) is part of the matchmaking key, so a retry of the same round meets only the
+        peers retrying it; `exact_groups[k]`: the retry of shard k runs only with exactly that many peers
+        (the group that lost the part).
         """
         planned = self.allreduce_bytes({k: expected.get(k, 2) for k in contributions})
         self._apply_deadline(self.deadline.seconds_for(planned))
-        gather = claim.to_wire()
+        wire_claim = claim.to_wire()
         # a retry's group is known and waits for nobody else: one matchmaking window is enough
         find = self.matchmaking_time + 1.0 if exact_groups else self.find_group_timeout
         controls = {}
-        for k, vec in contributions.items():
+        for k, x in contributions.items():
             avg = self.averagers[k]
-            encoded = encode_limbs(vec)
-            with avg.get_tensors() as (buf,):
-                buf.copy_(encoded)
+            exps = block_exponents(x, self.layouts[k], self.grid)
+            with avg.get_tensors() as (values, _sums):
+                values.copy_(x)
             if exact_groups and k in exact_groups:
                 avg.set_target_group_size(exact_groups[k], min_size=exact_groups[k])
             else:
                 avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
             key = ((round_ % (1 << ROUND_BITS)) << ATTEMPT_BITS) | (attempt % (1 << ATTEMPT_BITS))
             avg.set_group_bits(format(key, f"0{KEY_BITS}b"))
+            gather = dict(wire_claim, **{EXPONENTS_KEY: exps.numpy().tobytes()})
             controls[k] = avg.step(gather=gather, weight=1.0, timeout=find, wait=False, allow_retries=not exact_groups)
         results: dict = {}
         moved, elapsed, slow = 0, 0.0, False
@@ -246,6 +279,7 @@ class Swarm:
             gathered = dict(gathered or {})
             took = float(gathered.pop(ELAPSED_KEY, 0.0))
             lost = gathered.pop(FAILED_KEY, 0)
+            incomplete = gathered.pop(INCOMPLETE_KEY, 0)
             if not gathered:
                 continue
             if exact_groups and k in exact_groups and len(gathered) != exact_groups[k]:
@@ -254,33 +288,30 @@ class Swarm:
                 continue
             if lost:
                 # only this node may have missed them (the others may have completed the round): take their state
-                logger.warning("shard %d: %d values came back un-averaged (a part was lost mid all-reduce); round "
+                logger.warning("shard %d: %d values came back un-summed (a reducer was lost mid all-reduce); round "
                                "discarded", k, lost)
                 slow = True  # parts given up on: a deadline too short for the link, or a peer gone (one doubling)
                 results[k] = Failed("part not returned", retry=False, group=len(gathered))
                 continue
-            moved += self.allreduce_bytes({k: len(gathered)})
-            elapsed = max(elapsed, took)
-            if len(gathered) > MAX_GROUP:
-                logger.warning("shard %d: group of %d exceeds %d peers; round discarded", k, len(gathered), MAX_GROUP)
-                continue
-            with self.averagers[k].get_tensors() as (buf,):
-                poisoned = int((~torch.isfinite(buf)).sum())
-                total, short = decode_limb_average(torch.nan_to_num(buf), len(gathered))
-            if poisoned or short:
-                # every groupmate got this same poisoned average (the reducer sent it to all): all of them
-                # retry the round together, and nothing was applied anywhere
-                logger.warning("shard %d: %d values were averaged without every groupmate (a part was lost mid "
-                               "all-reduce); the group retries the round", k, poisoned or short)
-                slow = slow or bool(poisoned)
+            if incomplete:
+                # every groupmate got the same INCOMPLETE reply from that reducer: all of them retry the round
+                # together, and nothing was applied anywhere
+                logger.warning("shard %d: %d values were summed without every groupmate (a part was lost mid "
+                               "all-reduce); the group retries the round", k, incomplete)
+                slow = True
                 results[k] = Failed("part lost", retry=True, group=len(gathered))
                 continue
+            moved += self.allreduce_bytes({k: len(gathered)})
+            elapsed = max(elapsed, took)
             try:
+                exps = group_exponents([meta.get(EXPONENTS_KEY) if isinstance(meta, dict) else None
+                                        for meta in gathered.values()], self.layouts[k])
                 claims = {str(pid): RoundClaim.from_wire(meta) for pid, meta in gathered.items()}
-            except (TypeError, KeyError, ValueError, AttributeError) as e:
+            except (WireError, TypeError, KeyError, ValueError, AttributeError) as e:
                 logger.warning("shard %d: a groupmate sent malformed round metadata (%s); round discarded", k, e)
                 continue
-            results[k] = (total, claims)
+            with self.averagers[k].get_tensors() as (values, sums):
+                results[k] = Summed(sums.clone(), exps, values.clone(), claims, self.layouts[k], took)
         if slow:
             self.deadline.timed_out()
             logger.warning("averaging ran out of time or lost parts (deadline %.1f s); the next round gets %.1f s",
@@ -290,8 +321,8 @@ class Swarm:
         return results
 
     def allreduce_bytes(self, group_sizes: dict[int, int]) -> int:
-        """Bytes each way one peer moves to all-reduce these shards ({shard: group size}) in limbs."""
-        return sum(allreduce_bytes(BYTES_PER_VALUE * self.shard_sizes[k], n) for k, n in group_sizes.items())
+        """Bytes one peer sends (and, alike, receives) to sum these shards ({shard: group size}) on the wire grid."""
+        return int(sum(self.shard_sizes[k] * wire_bytes_per_value(self.grid, n) for k, n in group_sizes.items()))
 
     def _apply_deadline(self, seconds: float) -> None:
         """Give every shard's averager this deadline (only when it changed by more than 5%)."""

@@ -1,0 +1,113 @@
+"""DiLoCo on real node processes (127.0.0.1, real p2pd, the tiny Llama, real PEFT).
+
+- with one inner step, outer SGD lr 1 and no momentum, a diloco node follows a per-step node's loss
+  curve (the outer step just re-applies the inner one, through the wire grid);
+- a 3-node diloco swarm, one node SIGKILLed in the middle of an inner phase and a late joiner: after
+  every round every trainer holds the same outer state (hashes), the killed node's partial work is in
+  nobody's update, the joiner starts from the swarm's exact state, and every ledger verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from node.control import ControlClient
+
+from tests.conftest import verify_ledgers, write_test_manifest
+
+pytestmark = pytest.mark.swarm
+
+
+def _applied(node):
+    return {r["round"]: r for r in node.rounds() if r["applied"]}
+
+
+@pytest.mark.timeout(300)
+def test_one_inner_step_with_plain_outer_sgd_equals_per_step(tmp_path, tiny_base, spawn_node):
+    """A solo diloco node (H = 1, outer SGD lr 1, no momentum) against per-step training of the same
+    global batches in this process (per-step mode equals a single process: test_swarm.py)."""
+    import torch
+
+    from node.data import assign_examples, load_examples, resolve_data
+    from node.manifest import SyncSection, load_manifest
+    from node.model import build_lora_model
+    from node.trainer import Trainer, lr_at
+
+    rounds, batch = 6, 16
+    path = write_test_manifest(tmp_path / "diloco.toml", tiny_base, rounds={"max_rounds": rounds, "target_batch_size": batch},
+                               sync={"mode": "diloco", "inner_steps": 1, "outer_lr": 1.0, "outer_momentum": 0.0,
+                                     "wire": "int32"})
+    node = spawn_node(path, "diloco")
+    assert node.wait_exit(timeout=240) == 0, node.log.read_text()[-3000:]
+    rows = _applied(node)
+    assert sorted(rows) == list(range(rounds))
+
+    torch.set_num_threads(1)
+    m = load_manifest(path)
+    model, adapter = build_lora_model(m, tiny_base, device="cpu")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    examples = load_examples(resolve_data(m.data.source), tok, max_length=m.data.max_length, packing=m.data.packing)
+    trainer = Trainer(model, adapter, range(adapter.num_shards), m.optim, microbatch_size=m.rounds.microbatch_size,
+                      device="cpu", pad_id=tok.pad_token_id, sync=SyncSection())  # per-step
+    me = node.info()["peer_id"]
+    for r in range(rounds):
+        idx = assign_examples(len(examples), swarm_id=m.swarm_id, round=r, total=batch, members=[me], me=me)
+        local = trainer.local_gradients([examples[i] for i in idx])
+        loss = local.loss_sum / local.tokens
+        assert rows[r]["samples"] == local.samples == batch
+        # the same examples, the same AdamW step; the outer step only puts it back through the int32 grid
+        assert abs(rows[r]["loss"] - loss) <= 1e-5 * loss, (r, rows[r]["loss"], loss)
+        trainer.apply({k: g / local.tokens for k, g in local.grad_sums.items()}, lr_at(r, m.optim, rounds))
+    assert rows[rounds - 1]["loss"] < rows[0]["loss"]
+
+
+@pytest.mark.timeout(480)
+def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path, tiny_base, spawn_node):
+    rounds, steps = 8, 8
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
+                                   sync={"mode": "diloco", "inner_steps": steps, "wire": "int8"})
+    a = spawn_node(manifest, "a", "--min-peers", "3")
+    peers = a.wait_info()["maddrs"]
+    b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)
+    c = spawn_node(manifest, "c", "--min-peers", "3", "--initial-peers", *peers)
+    c.wait_round(3, timeout=240)
+    # c just finished round 2 and is computing round 3's inner steps (8 of them): kill it there
+    time.sleep(0.3)
+    os.killpg(c.popen.pid, signal.SIGKILL)
+    c.popen.wait(timeout=30)
+    killed_in = c.rounds()[-1]["next_round"]
+    a.wait_round(killed_in + 1, timeout=240)
+    # hold the survivors at a round boundary while the joiner starts (a busy 2-core machine starts slowly)
+    for node in (a, b):
+        with ControlClient(node.home / "node.sock") as client:
+            client.pause()
+    late = spawn_node(manifest, "late", "--initial-peers", *peers)
+    late.wait_log("synced adapter and optimizer state from peers", timeout=240)
+    for node in (a, b):
+        with ControlClient(node.home / "node.sock") as client:
+            client.resume()
+    for node in (a, b, late):
+        assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
+
+    runs = {"a": _applied(a), "b": _applied(b), "c": _applied(c), "late": _applied(late)}
+    for r in range(rounds):
+        hashes = {name: rows[r]["hash"] for name, rows in runs.items() if r in rows}
+        assert len(set(hashes.values())) == 1, f"round {r}: outer states differ {hashes}"
+    assert killed_in not in runs["c"], "the killed node completed no round it was killed in"
+    # the survivors completed the round c died in, without it (its partial inner work is in no update)
+    assert runs["a"][killed_in]["groups"] == {"0": 2, "1": 2} or runs["a"][killed_in + 1]["groups"] == {"0": 2, "1": 2}
+    # a round of diloco counts every inner step's samples: 8 steps of a third of 24
+    assert runs["a"][0]["samples"] == steps * 8
+    first = min(runs["late"])
+    assert first > killed_in
+    assert runs["late"][first]["start_hash"] == runs["a"][first]["start_hash"], "the joiner starts from the swarm's state"
+    assert a.rounds()[-1]["hash"] == b.rounds()[-1]["hash"] == late.rounds()[-1]["hash"]
+    losses = [runs["a"][r]["loss"] for r in sorted(runs["a"])]
+    assert losses[-1] < 0.8 * losses[0], losses
+    verify_ledgers(manifest, a, b, c, late)

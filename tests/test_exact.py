@@ -1,0 +1,199 @@
+"""The wire grid: exact sums whatever the order, the bits a sum needs, strict parts, error feedback.
+
+Pure functions of node/swarm/exact.py and the reducer of node/swarm/averager.py, on real tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.swarm.averager import _ExactPartReducer
+from node.swarm.exact import (
+    BLOCK, E_MIN, GRIDS, MAX_GROUP, Layout, WireError, block_exponents, check_part, decode_sum, dequantize,
+    encode_sum, group_exponents, quantize, sum_bits, wire_bytes_per_value,
+)
+
+SIZES = [512, 512, 3 * BLOCK + 17, 3, 1]
+
+
+def _peers(n: int, seed: int, numel: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # magnitudes differ by peer and by tensor: the grid must follow the largest, per block
+    return [torch.randn(numel, generator=g) * 10.0 ** float(torch.randint(-8, 4, (1,), generator=g)) for _ in range(n)]
+
+
+def _exps(xs, layout, grid):
+    return group_exponents([block_exponents(x, layout, grid).numpy().tobytes() for x in xs], layout)
+
+
+def test_layout_blocks_follow_tensors():
+    layout = Layout(SIZES)
+    assert layout.numel == sum(SIZES)
+    # a tensor never shares a block with another; big ones are cut every BLOCK values
+    assert layout.num_blocks == 1 + 1 + 4 + 1 + 1
+    covered = torch.zeros(layout.numel, dtype=torch.int64)
+    for _, view in layout.blocks(covered):
+        view += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+
+
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))
+def test_exponents_are_the_least_that_fit(grid):
+    layout = Layout(SIZES)
+    x = _peers(1, 3, layout.numel)[0]
+    x[:512] = 0  # an all-zero block
+    e = block_exponents(x, layout, grid)
+    assert int(e[0]) == E_MIN
+    for b, blocks in layout.blocks(x):
+        for i, row in enumerate(blocks):
+            peak = float(row.abs().max().double())
+            if peak == 0:
+                continue
+            exp = int(e[b + i])
+            assert peak <= grid.q_max * 2.0**exp  # nothing is clipped ...
+            assert peak > grid.q_max * 2.0 ** (exp - 1)  # ... and no grid is coarser than needed
+
+
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), seed=st.integers(0, 2**31))
+def test_the_sum_is_exact_in_any_order_and_on_every_member(grid, n, seed):
+    layout = Layout(SIZES)
+    xs = _peers(n, seed, layout.numel)
+    exps = _exps(xs, layout, grid)
+    qs = [quantize(x, exps, layout, grid)[0] for x in xs]
+    order = list(range(n))
+    sums = []
+    for _ in range(3):  # reducers add parts in whatever order they arrive
+        random.Random(seed).shuffle(order)
+        acc = torch.zeros(layout.numel, dtype=torch.int64)
+        for i in order:
+            acc += qs[i]
+        sums.append(acc)
+    assert all(torch.equal(s, sums[0]) for s in sums)
+    # through the reducer's wire format, every member decodes the same integers, then the same floats
+    wire = encode_sum(sums[0], grid, n, layout.numel)
+    decoded = decode_sum(wire, grid, n, layout.numel)
+    assert torch.equal(decoded.to(torch.int64), sums[0])
+    a, b = dequantize(decoded, exps, layout), dequantize(decoded.clone(), exps.clone(), layout)
+    assert a.numpy().tobytes() == b.numpy().tobytes()
+    # and that float is the true sum up to half a grid step per member
+    exact = sum(x.double() for x in xs)
+    for bi, blocks in layout.blocks(a.double() - exact):
+        half_steps = n * 0.5 * torch.ldexp(torch.ones(blocks.shape[0], 1, dtype=torch.float64),
+                                           exps[bi : bi + blocks.shape[0]].view(-1, 1).long())
+        # (dequantize rounds to float32 once more: a relative 2**-24 on top)
+        assert bool((blocks.abs() <= half_steps + a.double().abs().max() * 2**-23).all())
+
+
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))
+def test_the_sum_wire_holds_every_group_size_up_to_the_cap(grid):
+    numel = 1000
+    for group in list(range(1, 40)) + [63, 64, 65, 127, 128, 129, 255, MAX_GROUP]:
+        extreme = torch.tensor([grid.q_max * group, -grid.q_max * group, 0, 1, -1] * (numel // 5), dtype=torch.int64)
+        extreme = extreme[torch.randperm(numel, generator=torch.Generator().manual_seed(group))]
+        back = decode_sum(encode_sum(extreme, grid, group, numel), grid, group, numel)
+        assert torch.equal(back.to(torch.int64), extreme), group
+    # int8: the sum of a pair needs 9 bits, of 3-4 peers 10, up to 16 for MAX_GROUP; int32 always 32
+    if grid.name == "int8":
+        assert [sum_bits(grid, n) for n in (1, 2, 3, 4, 8, 16, 64, 256)] == [8, 9, 10, 10, 12, 12, 16, 16]
+        assert wire_bytes_per_value(grid, 2) == pytest.approx(0.5 * (1 + 9 / 8))
+    else:
+        assert sum_bits(grid, MAX_GROUP) == 32
+
+
+def test_a_sum_for_another_part_or_corrupted_bytes_is_refused():
+    grid = GRIDS["int8"]
+    total = torch.arange(-20, 20, dtype=torch.int64)
+    wire = encode_sum(total, grid, 3, 40)
+    with pytest.raises(WireError):
+        decode_sum(wire, grid, 4, 40)  # another group size
+    with pytest.raises(WireError):
+        decode_sum(wire, grid, 3, 41)  # another part
+    with pytest.raises(WireError):
+        decode_sum(wire[:-1], grid, 3, 40)  # truncated
+    with pytest.raises(WireError):
+        decode_sum(b"\x01", grid, 3, 40)
+    # a value no group of 3 can add up to (127 * 3 = 381 is the most)
+    bad = bytearray(wire)
+    bad[8] = 255  # low byte of the first value
+    bad[8 + 40] = 0xFF  # its high bits: offset value 1023
+    with pytest.raises(WireError):
+        decode_sum(bytes(bad), grid, 3, 40)
+    assert decode_sum(encode_sum(None, grid, 3, 40), grid, 3, 40) is None  # INCOMPLETE
+
+
+def test_a_part_off_the_grid_is_refused():
+    grid = GRIDS["int8"]
+    check_part(torch.tensor([127, -127, 0], dtype=torch.int8), grid, 3)
+    for bad, numel in [(torch.tensor([-128, 0, 0], dtype=torch.int8), 3), (torch.zeros(3, dtype=torch.int32), 3),
+                       (torch.zeros(4, dtype=torch.int8), 3)]:
+        with pytest.raises(WireError):
+            check_part(bad, grid, numel)
+    g32 = GRIDS["int32"]
+    with pytest.raises(WireError):
+        check_part(torch.tensor([g32.q_max + 1], dtype=torch.int32), g32, 1)
+
+
+def test_malformed_exponents_are_refused():
+    layout = Layout([100, 100])
+    with pytest.raises(WireError):
+        group_exponents([b"\x00"], layout)
+    with pytest.raises(WireError):
+        group_exponents(["xx"], layout)
+    with pytest.raises(WireError):
+        group_exponents([bytes([0, 120])], layout)  # out of range
+    with pytest.raises(WireError):
+        group_exponents([], layout)
+
+
+def test_error_feedback_loses_nothing_over_rounds():
+    """The residual carries what the int8 grid dropped: the sum of everything applied tracks the sum of
+    everything meant within one grid step, however many rounds pass."""
+    grid, layout = GRIDS["int8"], Layout([4096, 300])
+    g = torch.Generator().manual_seed(7)
+    residual = torch.zeros(layout.numel)
+    meant = torch.zeros(layout.numel, dtype=torch.float64)
+    applied = torch.zeros(layout.numel, dtype=torch.float64)
+    for _ in range(200):
+        grad = torch.randn(layout.numel, generator=g) * torch.rand(layout.numel, generator=g) ** 4  # heavy-tailed
+        x = grad + residual
+        exps = _exps([x], layout, grid)
+        q, sent = quantize(x, exps, layout, grid)
+        residual = x - sent
+        meant += grad.double()
+        applied += dequantize(q.to(torch.int32), exps, layout).double()
+    assert torch.allclose(meant - applied, residual.double(), atol=1e-5)
+    assert float(residual.abs().max()) <= 0.5 * 2.0 ** int(exps.max()) + 1e-6
+    # without feedback, small values below half a grid step would be lost every round
+    assert float((meant - applied).abs().max()) < 0.05 * float(meant.abs().max())
+
+
+def _reduce(parts, failed=()):
+    async def main():
+        reducer = _ExactPartReducer([torch.Size([len(parts[0])])], num_senders=len(parts))
+        for i in failed:
+            reducer.on_sender_failed(i)
+        tasks = [asyncio.create_task(reducer.accumulate_part(i, 0, t)) for i, t in enumerate(parts) if i not in failed]
+        return (await asyncio.gather(*tasks))[0]
+
+    return asyncio.run(main())
+
+
+def test_the_reducer_sums_exactly():
+    a = torch.tensor([127, -127, 5, 0], dtype=torch.int8)
+    b = torch.tensor([127, -127, -6, 1], dtype=torch.int8)
+    assert torch.equal(_reduce([a, b, a]), a.long() * 2 + b.long())
+
+
+def test_a_part_missing_a_sender_comes_back_incomplete_not_summed():
+    a = torch.tensor([1, 2, 3], dtype=torch.int8)
+    # hivemind's reducer would return the mean of what arrived (with two peers: one peer's own part);
+    # this one returns nothing to apply, to every sender alike
+    assert _reduce([a, a, a], failed=(1,)) is None
