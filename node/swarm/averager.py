@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any, AsyncIterator, Sequence
@@ -43,6 +44,25 @@ ELAPSED_KEY = "__swarmtune_allreduce_seconds__"
 EXPONENTS_KEY = "e"  # in each member's gathered metadata: its block exponents for this shard
 SUM_DTYPE = "swarmtune-sum"  # marks a reducer's reply (node.swarm.exact.encode_sum) on the wire
 CONNECT_TIMEOUT_S = 5.0  # opening a connection or a stream to a peer (latency-bound, not size-bound)
+KEY_BITS = 16  # matchmaking key bits: the round's low ROUND_BITS, then the attempt within the round
+ATTEMPT_BITS = 2
+ROUND_BITS = KEY_BITS - ATTEMPT_BITS
+# Fault injection for the tests: SWARMTUNE_FAULT_CUT_STREAM=R makes each averager process of this node cut
+# its first stream to a reducer in the first attempt of round R before any data went through, as a
+# connection lost mid all-reduce would (read when the process starts).
+_CUT_STREAM_ROUND = int(os.environ.get("SWARMTUNE_FAULT_CUT_STREAM", "-1") or -1)
+
+
+def group_key(round_: int, attempt: int) -> str:
+    """The matchmaking key bits of a round's attempt: peers in another round or attempt never meet."""
+    key = ((round_ % (1 << ROUND_BITS)) << ATTEMPT_BITS) | (attempt % (1 << ATTEMPT_BITS))
+    return format(key, f"0{KEY_BITS}b")
+
+
+async def _cut(messages):
+    """A stream to a reducer that ends before any of its messages went through."""
+    return
+    yield
 
 
 class _ExactPartReducer(TensorPartReducer):
@@ -80,9 +100,10 @@ class _ExactSumRunner(AllReduceRunner):
     and sends every sender the same reply: the part's sum in `sum_bits` bits, or INCOMPLETE. The runner
     yields the sums (int32), never a float average, so every member ends with the same integers."""
 
-    def __init__(self, *, grid: Grid, **kwargs):
+    def __init__(self, *, grid: Grid, cut_first_stream: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.grid = grid
+        self._cut_first_stream = cut_first_stream
         self.group = len(self.sender_peer_ids)
         self.incomplete_values = 0
         self._part_sizes = [[part.numel() for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer]
@@ -109,6 +130,10 @@ class _ExactSumRunner(AllReduceRunner):
         try:
             done_sending = asyncio.Event()
             inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            if self._cut_first_stream:
+                self._cut_first_stream = False
+                logger.warning("fault injection: cutting this all-reduce stream to %s", peer_id)
+                inputs = _cut(inputs)
             stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
@@ -186,8 +211,10 @@ class ShardAverager(DecentralizedAverager):
         claims = [self.serializer.loads(self.serializer.loads(raw)[2]) for raw in group_info.gathered]
         exps = group_exponents([c.get(EXPONENTS_KEY) if isinstance(c, dict) else None for c in claims], self.layout)
         q, sent = quantize(values, exps, self.layout, self.grid)
+        cut = _CUT_STREAM_ROUND >= 0 and self._matchmaking.group_key_manager.group_bits == group_key(_CUT_STREAM_ROUND, 0)
         runner = _ExactSumRunner(grid=self.grid, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
-                                 tensors=[q], group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+                                 tensors=[q], group_id=group_id, ordered_peer_ids=group_info.peer_ids,
+                                 cut_first_stream=cut, **kwargs)
         assert group_id in self._running_groups, "the group was not registered"
         self._running_groups[group_id].set_result(runner)
         async for total in runner:

@@ -31,7 +31,9 @@ from typing import Sequence
 
 import torch
 
-from node.swarm.averager import ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, ShardAverager
+from node.swarm.averager import (
+    ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, KEY_BITS, ShardAverager, group_key,
+)
 from node.swarm.deadline import AveragingDeadline
 from node.swarm.dht import dht_time, start_dht
 from node.swarm.exact import (
@@ -43,9 +45,6 @@ from node.swarm.validator import RecordsValidator, collect_records, publish_reco
 
 logger = logging.getLogger(__name__)
 
-KEY_BITS = 16  # matchmaking key bits: the round's low ROUND_BITS, then the attempt within the round
-ATTEMPT_BITS = 2
-ROUND_BITS = KEY_BITS - ATTEMPT_BITS
 STATE_BYTES_PER_VALUE = 12  # a state download, at most: the adapter and two optimizer moments, float32
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
@@ -95,11 +94,12 @@ class Summed:
 
 @dataclass(frozen=True)
 class Failed:
-    """A shard's all-reduce that gave no sum. `retry`: a part was poisoned (averaged without one of its
-    senders); the reducer sent the same poisoned part to every member, so none applied the round and
-    all of them retry it with the same group, which assembles only when all `group` members are back:
-    no subset ever applies a sum the others did not. Without `retry` (no group formed, or a part this
-    node alone did not get back) the node takes the state of the peers that completed the round."""
+    """A shard's all-reduce that gave no sum. `retry`: a part was lost (a reducer summed it without one of
+    its senders and told every sender so, or this node's stream to a reducer broke); nobody applied the
+    round, and the group retries it together: the retry assembles only when all `group` members are back,
+    so no subset ever applies a sum the others did not. When the retry cannot gather them (they completed
+    the round without this node), or without `retry` (no group formed), the node takes the state of the
+    peers that completed the round."""
 
     reason: str
     retry: bool
@@ -262,8 +262,7 @@ class Swarm:
                 avg.set_target_group_size(exact_groups[k], min_size=exact_groups[k])
             else:
                 avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
-            key = ((round_ % (1 << ROUND_BITS)) << ATTEMPT_BITS) | (attempt % (1 << ATTEMPT_BITS))
-            avg.set_group_bits(format(key, f"0{KEY_BITS}b"))
+            avg.set_group_bits(group_key(round_, attempt))
             gather = dict(wire_claim, **{EXPONENTS_KEY: exps.numpy().tobytes()})
             controls[k] = avg.step(gather=gather, weight=1.0, timeout=find, wait=False, allow_retries=not exact_groups)
         results: dict = {}
@@ -287,11 +286,13 @@ class Swarm:
                                len(gathered), exact_groups[k])
                 continue
             if lost:
-                # only this node may have missed them (the others may have completed the round): take their state
-                logger.warning("shard %d: %d values came back un-summed (a reducer was lost mid all-reduce); round "
-                               "discarded", k, lost)
+                # a stream to a reducer broke: that reducer dropped us, and its INCOMPLETE reply makes the others
+                # retry; or only this node missed the sums while the others completed the round (then the retry
+                # finds nobody, and the node takes their state)
+                logger.warning("shard %d: %d values came back un-summed (a stream to a reducer broke mid all-reduce); "
+                               "retrying the round with the same group", k, lost)
                 slow = True  # parts given up on: a deadline too short for the link, or a peer gone (one doubling)
-                results[k] = Failed("part not returned", retry=False, group=len(gathered))
+                results[k] = Failed("part not returned", retry=True, group=len(gathered))
                 continue
             if incomplete:
                 # every groupmate got the same INCOMPLETE reply from that reducer: all of them retry the round
