@@ -108,6 +108,9 @@ class AveragingSection:
     on_split: str = "train"  # when this node sees under half the peers it recently saw: train (with whoever is visible) | wait
 
 
+DILOCO_INNER_STEPS = 20  # what `swarm init --sync diloco` takes when --inner-steps is not given
+
+
 @dataclass(frozen=True)
 class SyncSection:
     mode: str = "per-step"  # per-step: each round sums the round's gradients, one AdamW step | diloco: inner_steps local AdamW steps, then one exact outer step

@@ -78,13 +78,15 @@ def simulate(n: int, *, values: int, rounds: int, wire: str, matchmaking_time: f
                 truth = sum(quantize(x, exps, layout, grid)[0].to(torch.int64) for x in xs)
                 done = [res for res, _ in out if isinstance(res, Summed) and len(res.claims) == n]
                 exact = len(done) == n and all(torch.equal(res.total.to(torch.int64), truth) for res in done)
+                sizes = sorted((len(res.claims) for res, _ in out if isinstance(res, Summed)), reverse=True)
                 rows.append({
-                    "round": r, "complete": len(done) == n, "exact": exact,
+                    "round": r, "complete": len(done) == n, "exact": exact, "group_sizes_seen": sizes,
+                    "failed": sum(1 for res, _ in out if not isinstance(res, Summed)),
                     "allreduce_s": statistics.median([res.seconds for res in done]) if done else None,
                     "matchmaking_s": statistics.median([s - res.seconds for res, s in out if isinstance(res, Summed)])
                     if done else None,
                 })
-                print(f"N={n} round {r}: {len(done)}/{n} complete, exact={exact}", flush=True)
+                print(f"N={n} round {r}: {len(done)}/{n} complete, exact={exact}, groups seen {sizes}", flush=True)
         rss = _rss_mb()
     finally:
         for s in swarms:
@@ -110,6 +112,10 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    from node.logs import quiet_unactionable, setup_logging
+
+    setup_logging("warning")
+    quiet_unactionable()  # p2pd streams closed at shutdown, bitsandbytes' optional kernels
     results = []
     for n in args.peers:
         # matchmaking on a 2-core machine slows with N: give the leader time to hear from everyone

@@ -184,6 +184,7 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
 
     from node.manifest import load_manifest
     from node.swarm.averager import ShardAverager
+    from node.swarm.exact import GRIDS
 
     rounds = 8
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})
@@ -196,7 +197,7 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
     a_id = a.info()["peer_id"]
 
     liar = hivemind.DHT(initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-    averagers = [ShardAverager(1, dht=liar, prefix=f"{swarm_id}/shard-{k}", start=True, allow_state_sharing=True,
+    averagers = [ShardAverager([1], GRIDS["int8"], dht=liar, prefix=f"{swarm_id}/shard-{k}", start=True, allow_state_sharing=True,
                                    min_group_size=2, declare_state_period=2.0) for k in range(2)]
     stop = threading.Event()
     try:

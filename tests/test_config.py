@@ -98,6 +98,19 @@ def test_swarm_init_defaults_are_the_manifests_own(tmp_path, st_cache) -> None:
     assert (m.base.dtype, m.base.quantization) == (defaults["dtype"], defaults["quantization"])
 
 
+def test_swarm_init_diloco_takes_its_own_inner_steps_default(tmp_path, st_cache) -> None:
+    from node.cli import main
+    from node.manifest import DILOCO_INNER_STEPS
+
+    out = tmp_path / "swarm.toml"
+    assert main(["swarm", "init", "--out", str(out), "--sync", "diloco"]) == 0
+    m = load_manifest(out)
+    assert (m.sync.mode, m.sync.inner_steps, m.sync.wire) == ("diloco", DILOCO_INNER_STEPS, "int8")
+    assert m.credit_cap == m.rounds.target_batch_size * DILOCO_INNER_STEPS
+    assert main(["swarm", "init", "--out", str(out), "--force", "--sync", "diloco", "--inner-steps", "5"]) == 0
+    assert load_manifest(out).sync.inner_steps == 5
+
+
 def test_group_commands_alone_print_their_own_help(capsys) -> None:
     from node.cli import main
 

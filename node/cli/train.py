@@ -75,7 +75,7 @@ def cmd_swarm_init(args) -> int:
     from node.data import DataError, dataset_digest, load_examples, resolve_data
     from node.manifest import (
         AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, Manifest, ManifestError,
-        OptimSection, RoundSection, ShardSection, SyncSection, validate, write_manifest,
+        DILOCO_INNER_STEPS, OptimSection, RoundSection, ShardSection, SyncSection, validate, write_manifest,
     )
     from node.model import (
         ModelError, base_fingerprint, check_shard_plan, check_target_modules, hub_snapshot_of, load_tokenizer, resolve_base,
@@ -102,8 +102,8 @@ def cmd_swarm_init(args) -> int:
         rounds=RoundSection(target_batch_size=args.target_batch_size, microbatch_size=args.microbatch_size, max_rounds=args.max_rounds),
         averaging=AveragingSection(matchmaking_time=args.matchmaking_time, timeout=args.averaging_timeout,
                                    peer_ttl=args.peer_ttl, on_split=args.on_split),
-        sync=SyncSection(mode=args.sync, wire=args.wire, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
-                         outer_momentum=args.outer_momentum),
+        sync=SyncSection(mode=args.sync, wire=args.wire, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+                         inner_steps=args.inner_steps or (DILOCO_INNER_STEPS if args.sync == "diloco" else 1)),
         credit=CreditSection(max_samples_per_round=args.max_samples_per_round),
     )
 
@@ -169,7 +169,8 @@ def register(sub) -> None:
     from node.cli.flags import add_field_flag, field_help
     from node.data import BUILTIN_DATA
     from node.manifest import (
-        AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection, RoundSection, SyncSection,
+        DILOCO_INNER_STEPS, AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection,
+        RoundSection, SyncSection,
     )
     from node.model import BUILTIN_BASE
 
@@ -209,7 +210,10 @@ def register(sub) -> None:
     add_field_flag(i, AveragingSection, "on_split", choices=["train", "wait"])
     add_field_flag(i, SyncSection, "mode", flag="--sync", dest="sync", choices=["per-step", "diloco"])
     add_field_flag(i, SyncSection, "wire", choices=["int8", "int32"])
-    for name in ("inner_steps", "outer_lr", "outer_momentum"):
+    add_field_flag(i, SyncSection, "inner_steps", default=None,
+                   help=f"{field_help(SyncSection, 'inner_steps', show_default=False)} (default: 1, or "
+                        f"{DILOCO_INNER_STEPS} with --sync diloco)")
+    for name in ("outer_lr", "outer_momentum"):
         add_field_flag(i, SyncSection, name)
     add_field_flag(i, CreditSection, "max_samples_per_round")
     i.set_defaults(func=cmd_swarm_init)
