@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import socket
 import sys
+import threading
 
 from node.cli.errors import UserError
 
@@ -38,7 +41,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        if e.errno == 98:  # EADDRINUSE
+        if e.errno == errno.EADDRINUSE:
             raise UserError(f"port {port} on {host} is in use (another server?); pick another with --port, or --port 0 "
                             "for any free port") from None
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
@@ -89,6 +92,17 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("SWARMTUNE_API_KEY") or None
     sock = _bind(args.host, args.port)
     setup_logging(args.log_level)
+    # SIGTERM / Ctrl-C: while loading, stop at once (the finally below still stops any swarm follower);
+    # while serving, uvicorn shuts down gracefully and then re-raises the signal, which lands here and
+    # must not kill the process before the followers' DHT processes are stopped
+    serving = threading.Event()
+
+    def on_signal(_sig, _frame):
+        if not serving.is_set():
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     engine = None
     try:
         try:
@@ -99,14 +113,14 @@ def cmd_serve(args) -> int:
                 engine.add_swarm(name, manifest, initial_peers=args.initial_peers, poll_s=args.poll_interval)
         except ServeError as e:
             raise UserError(str(e)) from None
-        return _run_server(engine, sock, args, api_key)
+        return _run_server(engine, sock, args, api_key, serving)
     finally:
         sock.close()
         if engine is not None:
             engine.close()
 
 
-def _run_server(engine, sock, args, api_key) -> int:
+def _run_server(engine, sock, args, api_key, serving) -> int:
     import uvicorn
 
     from node.serve_api import make_app
@@ -121,6 +135,7 @@ def _run_server(engine, sock, args, api_key) -> int:
     print(f"swarmtune serve: {', '.join(names)} on {url} (base {engine.base_source}, "
           f"{engine.parameter_bytes() / 2**20:.1f} MiB of weights, loaded once)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.log_level.lower() == "debug"))
+    serving.set()
     server.run(sockets=[sock])
     return 0
 
