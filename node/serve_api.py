@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from node.serve import BASE_ID, Engine, NotReady, Sampling, ServeError, UnknownModel
+from node.serve import Engine, NotReady, Sampling, ServeError, UnknownModel
 
 logger = logging.getLogger(__name__)
 
