@@ -14,12 +14,14 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
         membership            heartbeats, the peer view, re-dialling, the member check
         quorum                consensus rules over one peer view (pure functions)
         swarm                 the facade: exact all-reduce, state sharing, round/state metadata formats
+        follow                follow a swarm without training in it (read heartbeats, download shard state)
     stack                   everything a node loads before it joins (checked inputs -> model, trainer)
     rounds                  one round: train, exchange, apply, record
     statesync, splitguard   publish/download state and donor trust; train, wait or resync
     status, control         the snapshot the control service reads; the gRPC service
     daemon                  the composition root: wiring and sequencing only
     export, doctor, demo    standalone tools (never import the daemon)
+    serve, serve_api        one base, many LoRA adapters (folders or a followed swarm); OpenAI's HTTP API on it
     cli/                    the `swarmtune` command (the only importer of run_node)
 """
 

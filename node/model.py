@@ -283,17 +283,24 @@ def num_layers(model) -> int:
     return int(n)
 
 
-def attach_lora(model, *, rank: int, alpha: int, dropout: float, target_modules, init_seed: int, gradient_checkpointing: bool = False):
-    """Wrap the frozen base with a PEFT LoRA adapter whose initial bits depend only on the manifest."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(*, rank: int, alpha: int, dropout: float, target_modules):
+    """The PEFT LoraConfig of a manifest's [lora] section (the one place it is built)."""
+    from peft import LoraConfig
 
     targets = target_modules
     if isinstance(targets, (list, tuple)) and list(targets) == ["all-linear"]:
         targets = "all-linear"
-    config = LoraConfig(
+    return LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets if isinstance(targets, str) else list(targets),
         bias="none", task_type="CAUSAL_LM",
     )
+
+
+def attach_lora(model, *, rank: int, alpha: int, dropout: float, target_modules, init_seed: int, gradient_checkpointing: bool = False):
+    """Wrap the frozen base with a PEFT LoRA adapter whose initial bits depend only on the manifest."""
+    from peft import get_peft_model
+
+    config = lora_config(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
     torch.manual_seed(init_seed)
     try:
         peft_model = get_peft_model(model, config)
@@ -358,6 +365,15 @@ def check_shard_plan(plan, n_layers: int) -> tuple[tuple[int, int], ...]:
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
+def tensors_hash(names, tensors) -> str:
+    """sha256 over (name, bytes) of each tensor in order: a shard's hash, for a model's parameters or
+    for tensors downloaded before they are loaded (`serve --swarm` checks state before it uses it)."""
+    h = hashlib.sha256()
+    for n, t in zip(names, tensors):
+        h.update(n.encode() + b"\0" + t.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Adapter:
     """LoRA parameters of a PEFT model, grouped by shard, in a fixed order every node agrees on."""
@@ -368,11 +384,17 @@ class Adapter:
     plan: tuple[tuple[int, int], ...]
 
     @classmethod
-    def from_model(cls, peft_model, plan) -> "Adapter":
+    def from_model(cls, peft_model, plan, adapter: str = "default") -> "Adapter":
+        """`adapter`: which adapter of a multi-adapter model (`serve`); its parameters are named as PEFT
+        names the only adapter of a node's model ("default"), so both hash alike for the same bits."""
         names, params, shard_of = [], [], []
         for name, p in peft_model.named_parameters():
-            if "lora_" not in name:
+            parts = name.split(".")
+            at = [i for i in range(len(parts) - 1) if parts[i].startswith("lora_") and parts[i + 1] == adapter]
+            if not at:
                 continue
+            parts[at[0] + 1] = "default"
+            name = ".".join(parts)
             m = _LAYER_RE.search(name)
             layer = int(m.group(1)) if m else plan[-1][1] - 1  # modules above the stack belong to the top shard
             shard = next(i for i, (a, b) in enumerate(plan) if a <= layer < b)
@@ -402,10 +424,7 @@ class Adapter:
             p.requires_grad_(s in shards)
 
     def shard_hash(self, k: int) -> str:
-        h = hashlib.sha256()
-        for n, p in zip(self.shard_names(k), self.shard_params(k)):
-            h.update(n.encode() + b"\0" + p.detach().to("cpu").contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return tensors_hash(self.shard_names(k), self.shard_params(k))
 
     def state_hash(self) -> str:
         """Hash of the whole adapter: peers holding the same bits report the same value."""

@@ -48,9 +48,9 @@ LAYERS = [
     ["node.swarm.averager", "node.swarm.probe", "node.swarm.dht"],
     ["node.swarm.membership", "node.swarm.traffic"],
     ["node.swarm.quorum"],
-    ["node.swarm.swarm"],
+    ["node.swarm.swarm", "node.swarm.follow"],
     ["node.stack", "node.rounds", "node.statesync", "node.splitguard", "node.status", "node.control"],
-    ["node.daemon", "node.export", "node.doctor", "node.demo", "node.serve"],
+    ["node.daemon", "node.export", "node.doctor", "node.demo", "node.serve", "node.serve_api"],
     ["node.cli", "node.cli.*", "node.__main__"],
 ]
 

@@ -10,7 +10,8 @@ and nothing else does:
   (`_run_allreduce_inplace_`, `_aggregate_with_group`);
 - the deadline and the group size change per round, inside the running averager process
   (`_set_deadline`, `_set_target_group_size`, and moshpit re-keying switched off);
-- state downloads go to donors the node chose, in its order (`_download_state_from`);
+- state downloads go to donors the node chose, in its order (`_download_state_from`, and
+  `first_state_in_dht` for a process that follows a swarm without averaging: `serve --swarm`);
 - a peer lost in a partition is dialled again through the p2pd client (`dial_and_ping`).
 When hivemind changes, this is the file to read.
 """
@@ -253,40 +254,11 @@ class ShardAverager(DecentralizedAverager):
         the caller's order, and saying which donor sent it. (hivemind's load_state_from_peers orders
         donors by a priority each peer declares about itself: one peer declaring a huge priority would be
         every newcomer's first and only donor, and a corrupt one would keep them from ever syncing.)"""
-        from hivemind.compression import deserialize_torch_tensor
-        from hivemind.p2p import PeerID
-        from hivemind.proto import averaging_pb2
-        from hivemind.utils.asyncio import aiter_with_timeout
-        from hivemind.utils.streaming import combine_from_streaming
-
+        result = None
         try:
-            for donor in donors:
-                try:
-                    peer = PeerID.from_base58(donor)
-                    if peer == self.peer_id:
-                        continue
-                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-                    # opening the stream is latency-bound: an unreachable donor must not cost the whole deadline
-                    stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()),
-                                                    timeout=min(chunk_timeout, CONNECT_TIMEOUT_S))
-                    metadata, parts, tensors = None, [], []
-                    async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
-                        if message.metadata:
-                            metadata = self.serializer.loads(message.metadata)
-                        if message.tensor_part.dtype and parts:  # a dtype starts the next tensor
-                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                            parts = []
-                        parts.append(message.tensor_part)
-                    if parts:
-                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    if metadata is not None:
-                        future.set_result((donor, metadata, tensors))
-                        return
-                except Exception as e:  # an unreachable or misbehaving donor (any p2p/proto error): try the next
-                    logger.warning("state download from %s… failed: %r", donor[:16], e)
+            result = await first_state(self._p2p, self.prefix, [d for d in donors if d != str(self.peer_id)], chunk_timeout)
         finally:
-            if not future.done():
-                future.set_result(None)
+            future.set_result(result)
 
     def download_state_from(self, donors: Sequence[str], timeout: float):
         """(donor, metadata, tensors) from the first of `donors` that sends its state, or None."""
@@ -325,6 +297,50 @@ class ShardAverager(DecentralizedAverager):
 
     def set_target_group_size(self, size: int, min_size: int = 2) -> None:
         self._call("_set_target_group_size", None, size=size, min_size=min_size)
+
+
+async def fetch_state(p2p, prefix: str, donor: str, chunk_timeout: float) -> tuple[Any, list[torch.Tensor]]:
+    """The state a peer's ShardAverager under `prefix` serves: (metadata, tensors); metadata is None when
+    it serves nothing. Raises whatever the p2p layer raised (an unreachable or misbehaving donor)."""
+    from hivemind.compression import deserialize_torch_tensor
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.asyncio import aiter_with_timeout
+    from hivemind.utils.streaming import combine_from_streaming
+
+    # the handler's name includes the servicer class: the stub must be ShardAverager's
+    stub = ShardAverager.get_stub(p2p, PeerID.from_base58(donor), namespace=prefix)
+    # opening the stream is latency-bound: an unreachable donor must not cost the whole deadline
+    stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()),
+                                    timeout=min(chunk_timeout, CONNECT_TIMEOUT_S))
+    metadata, parts, tensors = None, [], []
+    async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+        if message.metadata:
+            metadata = ShardAverager.serializer.loads(message.metadata)
+        if message.tensor_part.dtype and parts:  # a dtype starts the next tensor
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            parts = []
+        parts.append(message.tensor_part)
+    if parts:
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+    return metadata, tensors
+
+
+async def first_state(p2p, prefix: str, donors: Sequence[str], chunk_timeout: float):
+    """(donor, metadata, tensors) from the first of `donors` that serves a state under `prefix`, or None."""
+    for donor in donors:
+        try:
+            metadata, tensors = await fetch_state(p2p, prefix, donor, chunk_timeout)
+            if metadata is not None:
+                return donor, metadata, tensors
+        except Exception as e:  # an unreachable or misbehaving donor (any p2p/proto error): try the next
+            logger.warning("state download from %s… failed: %r", donor[:16], e)
+    return None
+
+
+async def first_state_in_dht(_dht, node, *, prefix: str, donors: Sequence[str], chunk_timeout: float):
+    """`first_state` run in a DHT process (DHT.run_coroutine), for a process with no averager of its own."""
+    return await first_state(node.p2p, prefix, donors, chunk_timeout)
 
 
 async def dial_and_ping(peers: list[tuple[str, tuple[str, ...]]], timeout: float, _dht, node) -> list[str]:

@@ -54,7 +54,10 @@ def parse_heartbeat(subkey: str, value: dict, expires_at: float) -> PeerInfo:
 class Membership:
     """This node's heartbeat and its view of the others. Thread-safe; one heartbeat thread."""
 
-    def __init__(self, dht, *, swarm_id: str, trained: Sequence[int], peer_ttl: float, initial_peers: Sequence[str] = ()):
+    def __init__(self, dht, *, swarm_id: str, trained: Sequence[int], peer_ttl: float, initial_peers: Sequence[str] = (),
+                 heartbeat: bool = True):
+        """`heartbeat=False`: only read the view (a follower such as `serve --swarm`, which must not look
+        like a peer to the trainers: it neither publishes a heartbeat nor re-dials)."""
         self.dht = dht
         self.peer_id = str(dht.peer_id)
         self.peers_key = f"{swarm_id}/peers"
@@ -77,7 +80,8 @@ class Membership:
         self._lookups_failing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="swarm-heartbeat", daemon=True)
-        self._thread.start()
+        if heartbeat:
+            self._thread.start()
 
     def visible_maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]
@@ -235,17 +239,19 @@ class Membership:
             logger.info("could not announce leaving: %s", e)
 
 
-def check_membership(dht, manifest: Manifest, initial_peers: Sequence[str]) -> None:
+def check_membership(dht, manifest: Manifest, initial_peers: Sequence[str], *, announce: bool = True) -> None:
     """Announce which swarm this node is in, and refuse to join through peers of another swarm.
 
     Every node stores its swarm id and canonical manifest under `swarmtune/members`. A
     newcomer whose initial peers all train a different swarm gets the exact manifest fields
-    that differ (SwarmError), instead of silently training alone.
+    that differ (SwarmError), instead of silently training alone. `announce=False` only checks
+    (a follower is not a member).
     """
     me = str(dht.peer_id)
     mine = manifest.to_dict()
-    dht.store(MEMBERS_KEY, subkey=me, value={"swarm_id": manifest.swarm_id, "name": manifest.name, "manifest": mine},
-              expiration_time=dht_time() + 3600)
+    if announce:
+        dht.store(MEMBERS_KEY, subkey=me, value={"swarm_id": manifest.swarm_id, "name": manifest.name, "manifest": mine},
+                  expiration_time=dht_time() + 3600)
     wanted = {a.rsplit("/p2p/", 1)[-1] for a in initial_peers if "/p2p/" in a}
     if not wanted:
         return

@@ -138,3 +138,28 @@ def coverage(peers: Mapping[str, Claim], me: str, trained: Iterable[int], num_sh
                 if k in counts:
                     counts[k] += 1
     return counts
+
+
+def followed_state(peers: Mapping[str, Claim], num_shards: int) -> tuple[int, dict[int, str], dict[int, list[str]]] | None:
+    """What a follower (`serve --swarm`, which trains nothing) should hold: (round, {shard: hash},
+    {shard: donors holding that hash}), or None while the trainers are between rounds.
+
+    The round is the swarm's (the lower median of the trainers' claims: one peer claiming a round
+    far ahead cannot move it); for each shard, the hash most of its trainers at that round
+    advertise (ties to the larger hash, as everywhere). A shard nobody trains is left out: it keeps
+    the manifest's initial bits, as at every node. None when a trained shard has no trainer at the
+    round yet (it is between rounds: ask again) or nobody trains anything."""
+    trainers = {p: i for p, i in peers.items() if not i.syncing and i.shards}
+    round_ = swarm_round(trainers)
+    hashes, donors = {}, {}
+    for k in range(num_shards):
+        of_k = [(p, i) for p, i in trainers.items() if k in i.shards]
+        if not of_k:
+            continue
+        at = [(p, i.shard_hashes[k]) for p, i in of_k if i.round == round_ and k in i.shard_hashes]
+        if not at:
+            return None
+        votes = Counter(h for _, h in at)
+        hashes[k] = max(votes, key=lambda h: (votes[h], h))
+        donors[k] = sorted(p for p, h in at if h == hashes[k])
+    return (round_, hashes, donors) if hashes else None
