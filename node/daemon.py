@@ -211,6 +211,7 @@ class Node:
         last = self.manifest.rounds.max_rounds
         if last and self.round >= last:
             logger.info("reached round %d, the swarm's last: stopping", self.round)
+            self._serve_last_round(last)
             return True
         if self.cfg.max_rounds and trained_here >= self.cfg.max_rounds:
             logger.info("trained %d rounds in this run (--max-rounds): stopping at round %d", trained_here, self.round)
@@ -259,14 +260,28 @@ class Node:
                 # publish and announce first: nodes that do not train our shards wait for exactly this state
                 sync.publish(self.round)
                 swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9),
-                               hashes=sync.shard_hashes())
-                if untrained:
-                    sync.refresh_untrained(untrained, self.round, timeout=self._refresh_timeout(untrained))
+                               hashes=sync.shard_hashes(), **({} if untrained else {"complete": self.round}))
+                if untrained and not sync.refresh_untrained(untrained, self.round, timeout=self._refresh_timeout(untrained)):
+                    swarm.announce(complete=self.round)  # every shard is at this round: its trainers may stop now
                 if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
                     self.save_checkpoint()
                 self._after_round(res, view, progress)
         self._set_state("stopped")
         return 0
+
+    def _serve_last_round(self, last: int) -> None:
+        """At the swarm's end, stay (serving our shards' state) until every peer that needs them holds the
+        whole adapter at the last round: a node that trains only some shards refreshes the others from
+        their trainers after the last round, and would otherwise export stale ones. Bounded by the refresh
+        time; a peer that never says so is not waited for beyond it."""
+        deadline = time.monotonic() + self._refresh_timeout(range(self.adapter.num_shards))
+        while not self._drain.is_set() and time.monotonic() < deadline:
+            waiting = [p for p, i in quorum.others(self.swarm.view(), self.peer_id).items()
+                       if set(self.trained) - set(i.shards) and i.complete < last and i.round >= last - 1]
+            if not waiting:
+                return
+            time.sleep(0.2)
+        logger.info("stopping without every peer confirming the last round's adapter")
 
     def _refresh_timeout(self, shards) -> float:
         """How long to wait for untrained shards' state: the trainers' round end (about one matchmaking

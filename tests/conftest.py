@@ -30,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.flaky(reruns=1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_children():
+    """Tests that start hivemind in this process (a liar's DHT, a doctor's) fork children; one whose fork
+    deadlocked (p2pd's exec in a child of a threaded process can) would hold multiprocessing's exit-time
+    join forever and the run would never end. Whatever is left at the end of the session is killed."""
+    import multiprocessing
+
+    yield
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def st_cache(tmp_path_factory) -> Path:
     """A private SWARMTUNE_CACHE for the session (the tiny model is built there once)."""
@@ -48,6 +61,24 @@ def tiny_base(st_cache) -> Path:
     from node.tiny import build_tiny_base, default_tiny_dir
 
     return build_tiny_base(default_tiny_dir())
+
+
+def start_test_dht(**kwargs):
+    """A hivemind DHT in this (pytest) process, e.g. an adversary's. Its process is forked from a threaded
+    parent, and under load that child was seen stuck for good while starting p2pd: a start that is not
+    ready in 60 s is killed and tried once more."""
+    import hivemind
+
+    for attempt in range(2):
+        dht = hivemind.DHT(start=False, **kwargs)
+        try:
+            dht.run_in_background(await_ready=True, timeout=60)
+            return dht
+        except TimeoutError:
+            dht.kill()
+            dht.join(timeout=10)
+            if attempt:
+                raise
 
 
 def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task", **sections) -> Path:

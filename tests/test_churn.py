@@ -16,7 +16,7 @@ import pytest
 
 from node.cli import main
 from node.control import ControlClient
-from tests.conftest import REPO, verify_ledgers, write_test_manifest
+from tests.conftest import REPO, start_test_dht, verify_ledgers, write_test_manifest
 
 
 def _applied(node):
@@ -105,7 +105,6 @@ def test_two_late_joiners_at_once(tmp_path, tiny_base, spawn_node):
 @pytest.mark.swarm
 @pytest.mark.timeout(300)
 def test_a_peer_lying_about_its_progress_does_not_stall_the_swarm(tmp_path, tiny_base, spawn_node):
-    import hivemind
     from hivemind.utils import get_dht_time
 
     from node.manifest import load_manifest
@@ -115,7 +114,7 @@ def test_a_peer_lying_about_its_progress_does_not_stall_the_swarm(tmp_path, tiny
     swarm_id = load_manifest(manifest).swarm_id
     a = spawn_node(manifest, "a", "--min-peers", "3")
     peers = a.wait_info()["maddrs"]
-    liar = hivemind.DHT(initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    liar = start_test_dht(initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     stop = threading.Event()
 
     def lie():  # a valid peer entry claiming an epoch far ahead of everyone, with made-up hashes
@@ -179,7 +178,6 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
     """A peer advertises the swarm's round and adapter hash, declares the highest state-sharing priority
     (hivemind's own loader would always pick it first), and serves a corrupted adapter. Two late joiners
     must end up with the honest state, stop asking the liar, and train with the swarm."""
-    import hivemind
     from hivemind.utils import get_dht_time
 
     from node.manifest import load_manifest
@@ -196,7 +194,7 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
         client.pause()
     a_id = a.info()["peer_id"]
 
-    liar = hivemind.DHT(initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    liar = start_test_dht(initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     averagers = [ShardAverager([1], GRIDS["int8"], dht=liar, prefix=f"{swarm_id}/shard-{k}", start=True, allow_state_sharing=True,
                                    min_group_size=2, declare_state_period=2.0) for k in range(2)]
     stop = threading.Event()

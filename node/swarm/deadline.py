@@ -18,7 +18,7 @@ from collections import deque
 MARGIN = 3.0  # a group is as slow as its slowest link, and CPU load varies round to round
 SLACK_S = 2.0  # connection set-up and per-part latency that does not scale with size
 HISTORY = 8  # recent rounds in the throughput median
-MIN_S = 5.0  # the measured deadline's floor: a sender may pause 2.5 s (a busy CPU) before it counts as lost
+MIN_S = 8.0  # the measured deadline's floor: a sender may pause 4 s (a busy CPU) before it counts as lost
 
 
 class AveragingDeadline:

@@ -39,6 +39,7 @@ class PeerInfo:
     expires_at: float
     syncing: bool = False  # downloading state: not a trainer this round
     shard_hashes: dict = field(default_factory=dict)  # shard -> hash of its trained shards at the start of `round`
+    complete: int = -1  # the last round at which it held every shard, untrained ones too (-1: not said)
 
 
 def parse_heartbeat(subkey: str, value: dict, expires_at: float) -> PeerInfo:
@@ -48,6 +49,7 @@ def parse_heartbeat(subkey: str, value: dict, expires_at: float) -> PeerInfo:
         maddrs=tuple(str(a) for a in value.get("maddrs", ())), samples_per_s=float(value.get("sps", 0.0)),
         expires_at=float(expires_at), syncing=bool(value.get("syncing", False)),
         shard_hashes={int(k): str(h) for k, h in dict(value.get("hashes") or {}).items()},
+        complete=int(value.get("complete", -1)),
     )
 
 
