@@ -77,12 +77,16 @@ class TextFormatter(logging.Formatter):
 # Messages nobody running a node can act on: they are dropped, not printed.
 # - bitsandbytes' optional CPU 4-bit kernel from the `kernels` package (a speed-up it falls back from);
 # - asyncio's report of a p2pd stream that closed while the daemon shut down (hivemind's stream handler
-#   reads a header from a connection p2pd already dropped: IncompleteReadError, nothing was lost).
+#   reads a header from a connection p2pd already dropped: IncompleteReadError, nothing was lost);
+# - hivemind's traceback for an averaging step that found no group or lost a part: node.swarm logs the
+#   same failure as one warning with the shard, and the round loop says what it does about it.
 QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
 
 
 class _ShutdownNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "hivemind.averaging.averager":
+            return not (record.exc_info and record.funcName == "_step")
         if record.name != "asyncio" or not record.exc_info:
             return True
         import asyncio
@@ -95,9 +99,10 @@ def quiet_unactionable() -> None:
     """Drop the messages above (idempotent; forked hivemind processes inherit it)."""
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    noise = logging.getLogger("asyncio")
-    if not any(isinstance(f, _ShutdownNoise) for f in noise.filters):
-        noise.addFilter(_ShutdownNoise())
+    for name in ("asyncio", "hivemind.averaging.averager"):
+        noise = logging.getLogger(name)
+        if not any(isinstance(f, _ShutdownNoise) for f in noise.filters):
+            noise.addFilter(_ShutdownNoise())
 
 
 def setup_logging(level: str | int = "info", json: bool = False, stream: TextIO | None = None) -> logging.Handler:

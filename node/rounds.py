@@ -124,6 +124,11 @@ class RoundRunner:
             results.update(self.swarm.allreduce_sums(to_average, claim, expected, round_=r))
         for attempt in range(1, RETRIES + 1):  # a lost part is retried within the round, by the whole group
             lost = {k: res.group for k, res in results.items() if isinstance(res, Failed) and res.retry}
+            if any(not isinstance(res, Failed) for res in results.values()):
+                # other shards of this round were summed (their groups applied them): a shard whose group did
+                # not form is matched again within the round, with the trainers that missed it too
+                lost.update({k: expected[k] for k, res in results.items()
+                             if isinstance(res, Failed) and not res.retry and attempt == 1})
             if not lost:
                 break
             logger.info("round %d: retrying the all-reduce of shard(s) %s with the same group (attempt %d)", r,
@@ -132,11 +137,11 @@ class RoundRunner:
                                                      attempt=attempt, exact_groups=lost))
         t_avg = time.time() - t1
 
-        updates, groups, resync, loss_num, loss_den = {}, {}, [], 0.0, 0
+        updates, groups, resync, failed, loss_num, loss_den = {}, {}, [], [], 0.0, 0
         for k in self.trained:
             res = results.get(k)
             if res is None or isinstance(res, Failed):
-                resync.append(k)
+                failed.append(k)
                 continue
             groups[k] = len(res.claims)
             canonical = quorum.group_claim({p: c.to_wire() for p, c in res.claims.items()}, k)
@@ -154,12 +159,19 @@ class RoundRunner:
                 loss_num = sum(c.loss_sum for c in res.claims.values())
                 loss_den = group_tokens
         if updates and not resync:
+            # Shards are summed by separate groups: one whose sum came back was applied by its whole group,
+            # so it is applied here too, even when another shard's group failed; that one stays at the
+            # round's start (nobody in its group applied it) and, if its other trainers went on without
+            # this node, the next round's group check takes their state.
+            if failed:
+                logger.info("round %d: shard(s) %s got no sum and stay at the round's start; %s applied", r, failed, sorted(updates))
+                resync = failed
             if self.trainer.diloco:
                 self.trainer.outer_apply(start, updates)
             else:
                 self.trainer.apply(updates, lr_at(r, m.optim, m.rounds.max_rounds))
-            sent = {k: results[k].sent for k in self.trained}
-            for k in self.trained:  # what the grid did not carry joins the next contribution
+            sent = {k: results[k].sent for k in updates}
+            for k in updates:  # what the grid did not carry joins the next contribution
                 self.trainer.residual[k] = x[k] - sent[k]
         else:
             resync = sorted(self.trained)
