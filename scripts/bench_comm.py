@@ -1,0 +1,372 @@
+"""What crosses the wire, per sync mode (issue 14), written as JSON.
+
+    python scripts/bench_comm.py --quick --out bench_comm.json   # under 10 minutes on 2 cores
+    python scripts/bench_comm.py --out bench_comm.json           # the full run (longer)
+
+Every figure comes from real nodes (`python -m node run`, real p2pd, real PEFT) or, for the
+codec, from node.swarm.exact itself:
+
+codec   encode + decode microseconds per value on one CPU core, per grid: block exponents,
+        quantize, sum encode, sum decode, dequantize (what one peer does per round).
+B4      per mode, a 2-node swarm on 127.0.0.1: bytes each node sent per round, read from its
+        p2pd sockets' counters (`ss`, the round records' sent_bytes), ÷ the fp32 ring bound
+        2·(N−1)/N·4 bytes per value; and bytes per trained sample ÷ the removed 16-byte limbs'
+        (which sent four 32-bit words per value where the int32 grid sends one, on the same
+        transport: 4 × the int32 grid's measured bytes per sample).
+B5      the same runs' held-out loss at equal samples (exported adapter, stock PEFT, the task's
+        eval split) against per-step on the exact 32-bit grid; on the built-in task, and (full
+        run) on a second task, two-digit addition, generated here.
+B2      compute ÷ wall of each node for 2 (and, full, 3) nodes in network namespaces whose links
+        are shaped with tc tbf (50 and, full, 20 Mbit/s), with an adapter of >= 8 M values.
+scale   scripts/sim_scale.py: exact sums in one group of N averaging-only peers.
+paper   Llama-3-8B all-linear r=16 (41.9 M values) at 3,083 tok/s, 64 × 512-token rounds, a
+        50 Mbit/s uplink, from each mode's measured bytes per value: compute ÷ (compute + upload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODES = {  # name -> [sync] section
+    "per-step int32": {"mode": "per-step", "wire": "int32"},
+    "per-step int8": {"mode": "per-step", "wire": "int8"},
+    "diloco int8": {"mode": "diloco", "wire": "int8"},
+}
+REFERENCE = "per-step int32"
+
+
+# ---------------------------------------------------------------------------------------------- codec
+
+def bench_codec(values: int, repeats: int = 5) -> dict:
+    """Each stage timed on its own, best of `repeats` (the machine's other work only ever adds time)."""
+    import torch
+
+    from node.swarm.exact import GRIDS, Layout, block_exponents, decode_sum, dequantize, encode_sum, quantize
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(values, generator=gen) * 1e-3
+    layout = Layout([values])
+
+    def best(fn, *args):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            times.append(time.perf_counter() - t0)
+        return out, min(times)
+
+    out = {}
+    for name, grid in GRIDS.items():
+        exps, t_exp = best(block_exponents, x, layout, grid)
+        (q, _sent), t_q = best(quantize, x, exps, layout, grid)
+        total = q.to(torch.int32) * 2  # a 2-peer sum, as a reducer sends it back
+        data, t_enc = best(encode_sum, total, grid, 2, values)
+        got, t_dec = best(decode_sum, data, grid, 2, values)
+        _, t_deq = best(dequantize, got, exps, layout)
+        stages = {"block_exponents": t_exp, "quantize": t_q, "encode_sum": t_enc, "decode_sum": t_dec, "dequantize": t_deq}
+        out[name] = {"us_per_value": round(sum(stages.values()) / values * 1e6, 4),
+                     "stages_us_per_value": {k: round(v / values * 1e6, 5) for k, v in stages.items()}}
+    return {"values": values, "grids": out}
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+
+def _node_cmd(manifest: Path, home: Path, host: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "node", "run", "--manifest", str(manifest), "--home", str(home), "--create-key",
+            "--host-maddrs", f"/ip4/{host}/tcp/0", "--threads", "1", *extra]
+
+
+def _records(home: Path) -> list[dict]:
+    files = list((home / "swarms").glob("*/rounds.jsonl"))
+    if not files:
+        return []
+    return [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+
+
+def _info(home: Path, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        files = list((home / "swarms").glob("*/node.json")) if (home / "swarms").exists() else []
+        if files:
+            try:
+                return json.loads(files[0].read_text())
+            except ValueError:
+                pass
+        time.sleep(0.5)
+    raise RuntimeError(f"node in {home} did not start; see {home}/log.txt")
+
+
+def run_swarm(manifest: Path, work: Path, nodes: int, *, prefixes=None, hosts=None, export: bool = False,
+              timeout: float = 1500) -> list[Path]:
+    """Start `nodes` nodes on one manifest (the first is everyone's initial peer); wait for all to exit 0."""
+    prefixes = prefixes or [()] * nodes
+    hosts = hosts or ["127.0.0.1"] * nodes
+    procs, homes = [], []
+    try:
+        for i in range(nodes):
+            home = work / f"n{i}"
+            home.mkdir(parents=True, exist_ok=True)
+            extra = ["--min-peers", str(nodes)]
+            if i:
+                extra += ["--initial-peers", *_info(homes[0])["maddrs"]]
+            if export:
+                extra += ["--export", str(work / f"export{i}")]
+            log = open(home / "log.txt", "w")
+            procs.append(subprocess.Popen([*prefixes[i], *_node_cmd(manifest, home, hosts[i], *extra)], stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                          env=dict(os.environ, PYTHONUNBUFFERED="1")))
+            homes.append(home)
+        deadline = time.time() + timeout
+        for p, home in zip(procs, homes):
+            rc = p.wait(timeout=max(1.0, deadline - time.time()))
+            if rc != 0:
+                raise RuntimeError(f"node in {home} exited {rc}; see {home}/log.txt")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return homes
+
+
+def adapter_values(base: Path, rank: int) -> int:
+    from node.model import attach_lora, load_base
+
+    model = attach_lora(load_base(base), rank=rank, alpha=2 * rank, dropout=0.0, target_modules=("all-linear",), init_seed=0)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _manifest(path: Path, base: Path, *, data: str, sync: dict, rounds: int, rank: int, batch: int,
+              matchmaking: float = 1.0) -> Path:
+    from tests.conftest import write_test_manifest
+
+    return write_test_manifest(path, base, data=data, rounds={"max_rounds": rounds, "target_batch_size": batch, "microbatch_size": 8},
+                               lora={"rank": rank, "alpha": 2 * rank}, sync=sync,
+                               averaging={"matchmaking_time": matchmaking, "timeout": 30.0, "peer_ttl": 10.0})
+
+
+def _sent_per_round(homes: list[Path]) -> tuple[float, float]:
+    """Median bytes one node sent per applied round (round 0 carries the link probe and is left out),
+    and median samples it trained per round."""
+    sent, samples = [], []
+    for home in homes:
+        for r in _records(home):
+            if r["applied"] and r["round"] > 0:
+                sent.append(r["sent_bytes"])
+                samples.append(r["samples"])
+    return statistics.median(sent), statistics.median(samples)
+
+
+def held_out_loss(base: Path, adapter: Path, records: list) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from node.tiny import evaluate
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    res = evaluate(model, tok, records, max_new_tokens=4)
+    return res["loss"]
+
+
+def addition_task(folder: Path) -> tuple[str, Path]:
+    """A second task: 'What is a + b?' -> 'c', a, b < 50; eval pairs disjoint from train pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(20261202)
+    pairs = [(a, b) for a in range(50) for b in range(50)]
+    rng.shuffle(pairs)
+    forms = ("What is {a} + {b}?", "{a} plus {b} =", "Add {a} and {b}.", "Sum of {a} and {b}:")
+
+    def write(name, chosen):
+        lines = [json.dumps({"prompt": rng.choice(forms).format(a=a, b=b), "completion": f" {a + b}"}) for a, b in chosen]
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+    write("train.jsonl", pairs[:2000])
+    write("eval.jsonl", pairs[2000:2300])
+    return str(folder / "train.jsonl"), folder / "eval.jsonl"
+
+
+def bench_modes(base: Path, work: Path, *, tasks: dict, rank: int, batch: int, per_step_rounds: int, inner_steps: int) -> dict:
+    """B4 and B5: each mode's 2-node swarm on loopback, for each task; the three swarms of a task run at once."""
+    from node.data import load_records
+
+    values = adapter_values(base, rank)
+    bound = 2 * (2 - 1) / 2 * 4 * values  # fp32 ring bound, bytes per node per round, N = 2
+    rows, losses = {}, {}
+    for task, (data, eval_path) in tasks.items():
+        records = load_records(eval_path)
+        started = {}
+        for name, sync in MODES.items():
+            sync = dict(sync)
+            rounds = per_step_rounds
+            if sync["mode"] == "diloco":
+                sync.update(inner_steps=inner_steps, outer_lr=0.7, outer_momentum=0.9)
+                rounds = max(1, per_step_rounds // inner_steps)
+            folder = work / task / name.replace(" ", "-")
+            folder.mkdir(parents=True)
+            manifest = _manifest(folder / "swarm.toml", base, data=data, sync=sync, rounds=rounds, rank=rank, batch=batch)
+            started[name] = (folder, manifest)
+        # one swarm after another: their nodes would otherwise share two cores and time each other out
+        for name, (folder, manifest) in started.items():
+            t0 = time.time()
+            homes = run_swarm(manifest, folder, 2, export=True)
+            sent, samples = _sent_per_round(homes)
+            hashes = {_records(h)[-1]["hash"] for h in homes}
+            loss = held_out_loss(base, folder / "export0", records)
+            losses.setdefault(task, {})[name] = loss
+            if task == next(iter(tasks)):
+                rows[name] = {"sent_bytes_per_round": sent, "samples_per_round": samples,
+                              "bytes_over_fp32_bound": round(sent / bound, 4), "bytes_per_sample": round(sent / samples, 1),
+                              "identical_adapters": len(hashes) == 1, "seconds": round(time.time() - t0, 1)}
+    limbs_per_sample = 4 * rows[REFERENCE]["bytes_per_sample"]
+    modes = []
+    for name, row in rows.items():
+        modes.append({"name": name, **row, "bytes_per_sample_vs_limbs": round(row["bytes_per_sample"] / limbs_per_sample, 5),
+                      "samples_per_limb_byte_gain": round(limbs_per_sample / row["bytes_per_sample"], 1)})
+    loss_rows = {task: {name: {"held_out_loss": round(v, 5), "vs_reference": round(v / by_mode[REFERENCE] - 1, 5)}
+                        for name, v in by_mode.items()} for task, by_mode in losses.items()}
+    return {"adapter_values": values, "nodes": 2, "fp32_ring_bound_bytes": bound, "per_step_rounds": per_step_rounds,
+            "inner_steps": inner_steps, "target_batch_size": batch, "modes": modes, "loss_at_equal_samples": loss_rows,
+            "limbs_reference": "4 x the int32 grid's measured bytes per sample (the limbs sent four 32-bit words per value)"}
+
+
+def bench_utilisation(work: Path, *, rates: list[int], node_counts: list[int], rounds: int, inner_steps: int,
+                      hidden: int, layers: int, rank: int) -> dict:
+    """B2: compute ÷ wall per node on shaped links, adapter >= 8 M values."""
+    from node.tiny import build_tiny_base
+    from tests.conftest import NetnsLan
+
+    base = build_tiny_base(work / "base-b2", config_overrides={"hidden_size": hidden, "intermediate_size": 2 * hidden,
+                                                               "num_hidden_layers": layers})
+    values = adapter_values(base, rank)
+    out = []
+    for nodes in node_counts:
+        for rate in rates:
+            for name in ("per-step int8", "diloco int8"):
+                sync = dict(MODES[name])
+                if sync["mode"] == "diloco":
+                    sync.update(inner_steps=inner_steps)
+                folder = work / f"b2-{nodes}-{rate}-{name.replace(' ', '-')}"
+                folder.mkdir(parents=True)
+                manifest = _manifest(folder / "swarm.toml", base, data="builtin:task", sync=sync, rounds=rounds, rank=rank,
+                                     batch=8 * nodes, matchmaking=1.0)
+                lan = NetnsLan(nodes)
+                try:
+                    for i in range(nodes):
+                        lan.limit(i, f"{rate}mbit")
+                    homes = run_swarm(manifest, folder, nodes, prefixes=[lan.prefix(i) for i in range(nodes)],
+                                      hosts=[lan.ip(i) for i in range(nodes)])
+                finally:
+                    lan.close()
+                per_node = []
+                for home in homes:
+                    recs = [r for r in _records(home)]
+                    # from the end of round 0 (start-up, probe and the first matchmaking) to the end of the last
+                    wall = recs[-1]["time"] - recs[0]["time"]
+                    compute = sum(r["compute_s"] for r in recs[1:])
+                    per_node.append(compute / wall if wall > 0 else 0.0)
+                recs = _records(homes[0])
+                out.append({"mode": name, "nodes": nodes, "link_mbit": rate, "compute_over_wall": round(min(per_node), 3),
+                            "per_node": [round(v, 3) for v in per_node],
+                            "rounds_applied": sum(bool(r["applied"]) for r in recs),
+                            "identical_adapters": len({_records(h)[-1]["hash"] for h in homes}) == 1,
+                            "median_compute_s": statistics.median(r["compute_s"] for r in recs[1:]),
+                            "median_averaging_s": statistics.median(r["averaging_s"] for r in recs[1:]),
+                            "median_round_s": statistics.median(r["seconds"] for r in recs[1:]),
+                            "median_between_rounds_s": statistics.median(b["time"] - a["time"] for a, b in zip(recs, recs[1:])),
+                            "sent_bytes_per_round": statistics.median(r["sent_bytes"] for r in recs[1:])})
+    return {"adapter_values": values, "model": {"hidden": hidden, "layers": layers, "rank": rank}, "runs": out}
+
+
+def bench_scale(work: Path, peers: list[int]) -> dict:
+    out = work / "scale.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "sim_scale.py"), "--peers", *map(str, peers), "--values", "16384",
+                    "--rounds", "2", "--matchmaking-per-peer", "0.25", "--out", str(out)], check=True, cwd=REPO,
+                   start_new_session=True, timeout=3600)
+    report = json.loads(out.read_text())
+    table = [{k: r[k] for k in ("peers", "rounds", "rounds_complete", "exact", "start_s", "matchmaking_s", "allreduce_s", "memory_mb")}
+             for r in report["results"]]
+    return {"max_exact_group": report["max_exact_group"], "table": table}
+
+
+def paper_row(modes: list[dict], inner_steps: int) -> list[dict]:
+    """Llama-3-8B all-linear r=16 on a 4090 at home: compute ÷ (compute + upload), no overlap."""
+    values, tok_s, tokens, uplink = 41.9e6, 3083, 64 * 512, 50e6
+    compute = tokens / tok_s
+    rows = []
+    for m in modes:
+        per_value = m["bytes_over_fp32_bound"] * 4  # N = 2: the fp32 ring bound is 4 bytes per value
+        upload = per_value * values * 8 / uplink
+        steps = inner_steps if m["name"].startswith("diloco") else 1
+        rows.append({"mode": m["name"], "bytes_per_value": round(per_value, 3), "upload_s": round(upload, 1),
+                     "compute_s": round(steps * compute, 1), "utilisation": round(steps * compute / (steps * compute + upload), 3)})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and configurations (under 10 minutes on 2 cores)")
+    ap.add_argument("--out", default="bench_comm.json")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["codec", "modes", "utilisation", "scale"])
+    args = ap.parse_args()
+    if os.geteuid() != 0 and "utilisation" not in args.skip:
+        ap.error("the utilisation runs build network namespaces: run as root, or pass --skip utilisation")
+    work = Path(tempfile.mkdtemp(prefix="swarmtune-bench-comm-"))
+    os.environ.setdefault("SWARMTUNE_CACHE", str(work / "cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from node.data import builtin_data_path
+    from node.tiny import build_tiny_base, default_tiny_dir
+
+    report: dict = {"quick": args.quick, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.time()
+    try:
+        if "codec" not in args.skip:
+            report["codec"] = bench_codec(2_000_000 if args.quick else 8_000_000)
+        if "modes" not in args.skip:
+            base = build_tiny_base(default_tiny_dir())
+            tasks = {"builtin": ("builtin:task", builtin_data_path("eval"))}
+            if not args.quick:
+                train, evals = addition_task(work / "addition")
+                tasks["addition"] = (train, evals)
+            report["B4_B5"] = bench_modes(base, work / "modes", tasks=tasks, rank=64, batch=24,
+                                          per_step_rounds=20 if args.quick else 60, inner_steps=10 if args.quick else 20)
+            report["modes"] = [{k: m[k] for k in ("name", "bytes_over_fp32_bound", "bytes_per_sample_vs_limbs")}
+                               | {"codec_us_per_value": report.get("codec", {}).get("grids", {}).get(m["name"].split()[-1], {}).get("us_per_value")}
+                               for m in report["B4_B5"]["modes"]]
+            report["paper_llama3_8b_50mbit"] = paper_row(report["B4_B5"]["modes"], inner_steps=20)
+        if "utilisation" not in args.skip:
+            b2 = bench_utilisation(work, rates=[50] if args.quick else [50, 20], node_counts=[2] if args.quick else [2, 3],
+                                   rounds=3 if args.quick else 4, inner_steps=10 if args.quick else 20,
+                                   hidden=512, layers=8, rank=128)
+            report["B2"] = b2
+            report["utilisation"] = [{k: r[k] for k in ("mode", "nodes", "link_mbit", "compute_over_wall")} for r in b2["runs"]]
+        if "scale" not in args.skip:
+            report["scale"] = bench_scale(work, [2, 8] if args.quick else [2, 8, 16, 32, 40])
+            report["max_exact_group"] = report["scale"]["max_exact_group"]
+    finally:
+        report["seconds"] = round(time.time() - t0, 1)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
