@@ -144,7 +144,7 @@ class Node:
                                   examples=self.stack.examples, data_digest=self.stack.data_digest, peer_id=self.peer_id,
                                   ledger=self.ledger, private_key=self.identity.private_key, on_record=self._on_record)
         self.credit = CreditCache(ledger=self.ledger, read_dht_records=swarm.read_records, swarm_id=self.swarm_id,
-                                  max_samples_per_round=m.credit_cap)
+                                  max_samples_per_round=m.credit_cap, max_tokens_per_sample=m.token_cap)
         self.board.update(round=self.round, adapter_hash=self.adapter.state_hash(), coverage=self._coverage({}))
         from node.control import ControlServer
 

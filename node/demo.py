@@ -186,7 +186,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     for i, h in enumerate(homes):
         led = next((h / "swarms").glob("*/ledger.jsonl"))
         blobs[f"node-{i}"] = [line for line in led.read_bytes().splitlines() if line]
-    report = verify_logs(blobs, m.swarm_id, m.credit_cap)
+    report = verify_logs(blobs, m.swarm_id, m.credit_cap, max_tokens_per_sample=m.token_cap)
     credit = compute_credit(report)
     # 3. before/after on held-out examples, with stock PEFT
     from node.model import resolve_base

@@ -266,6 +266,7 @@ class Report:
     records: list[Verdict]
     peers: dict[str, PeerVerdict]
     rotation_errors: list[str]
+    max_tokens_per_sample: int | None = None  # tokens credited per credited sample at most (None: uncapped)
 
     @property
     def ok(self) -> bool:
@@ -283,13 +284,15 @@ def verify_logs(
     max_samples_per_round: int,
     published_heads: Mapping[str, int] | None = None,
     rotations: Iterable[bytes] = (),
+    max_tokens_per_sample: int | None = None,
 ) -> Report:
     """Verify records from several sources; a Verdict per record and a PeerVerdict per peer.
 
     Within one source a peer's records must appear in increasing seq order (a ledger file is
     in chain order; `collect_records` sorts DHT values). `published_heads` maps peer id to the
     highest seq the peer is known to have published: a chain ending below it is a truncated log.
-    `rotations` are signed KeyRotation statements.
+    `rotations` are signed KeyRotation statements. `max_tokens_per_sample` (the manifest's
+    `[data] max_length`: no sample is trained on more tokens) caps the tokens credited per record.
     """
     verdicts: list[Verdict] = []
     peers: dict[str, PeerVerdict] = {}
@@ -357,7 +360,7 @@ def verify_logs(
         peer = peers.setdefault(peer_id, PeerVerdict(peer_id))
         if peer.head_seq < head:
             peer.fail(f"log ends at seq {peer.head_seq} below the published head seq {head} (truncated tail)")
-    return Report(swarm_id, max_samples_per_round, verdicts, peers, rotation_errors)
+    return Report(swarm_id, max_samples_per_round, verdicts, peers, rotation_errors, max_tokens_per_sample)
 
 
 def _check_chain(
@@ -416,7 +419,7 @@ class Credit:
     peer_id: str
     rounds: int  # verified rounds
     samples: int  # verified samples, each round capped at max_samples_per_round
-    tokens: int  # verified tokens
+    tokens: int  # verified tokens, each record capped at its credited samples x max_tokens_per_sample
     share: float  # samples / all verified samples of the swarm
 
 
@@ -427,8 +430,10 @@ def compute_credit(report: Report) -> dict[str, Credit]:
     tokens: dict[str, int] = defaultdict(int)
     for record in report.credited():
         rounds[record.peer_id] += 1
-        samples[record.peer_id] += min(record.samples, report.max_samples_per_round)
-        tokens[record.peer_id] += record.tokens
+        credited = min(record.samples, report.max_samples_per_round)
+        samples[record.peer_id] += credited
+        cap = credited * report.max_tokens_per_sample if report.max_tokens_per_sample else record.tokens
+        tokens[record.peer_id] += min(record.tokens, cap)
     total = sum(samples.values())
     return {
         peer: Credit(peer, rounds[peer], samples[peer], tokens[peer], samples[peer] / total if total else 0.0)

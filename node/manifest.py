@@ -155,6 +155,11 @@ class Manifest:
         return hashlib.sha256(canonical_json(d).encode()).hexdigest()
 
     @property
+    def token_cap(self) -> int:
+        """Most tokens one credited sample can have taken: [data] max_length (examples are truncated to it)."""
+        return self.data.max_length
+
+    @property
     def credit_cap(self) -> int:
         """Most samples one peer is credited for in one round: [credit] max_samples_per_round, or the
         round's whole batch (one global batch per step, inner_steps steps in diloco)."""

@@ -73,11 +73,13 @@ def memory_bytes() -> tuple[int, int, int]:
 class CreditCache:
     """The swarm's verified credit, recomputed off the gRPC thread every CREDIT_REFRESH_S seconds."""
 
-    def __init__(self, *, ledger, read_dht_records, swarm_id: str, max_samples_per_round: int):
+    def __init__(self, *, ledger, read_dht_records, swarm_id: str, max_samples_per_round: int,
+                 max_tokens_per_sample: int | None = None):
         self.ledger = ledger
         self.read_dht_records = read_dht_records
         self.swarm_id = swarm_id
         self.cap = max_samples_per_round
+        self.token_cap = max_tokens_per_sample
         self._stop = threading.Event()
         self._rows: list[dict] = []
         self._lock = threading.Lock()
@@ -110,7 +112,7 @@ class CreditCache:
             blobs["dht"] = self.read_dht_records()
         except Exception as e:  # a DHT read can fail many ways; local records still verify
             logger.warning("could not read records from the DHT: %s", e)
-        report = verify_logs(blobs, self.swarm_id, self.cap)
+        report = verify_logs(blobs, self.swarm_id, self.cap, max_tokens_per_sample=self.token_cap)
         rows = [
             {"peer_id": c.peer_id, "verified_rounds": c.rounds, "samples": c.samples, "tokens": c.tokens, "share": c.share}
             for c in compute_credit(report).values()

@@ -160,6 +160,20 @@ def test_honest_logs_verify():
     assert (credit[pid(A)].rounds, credit[pid(A)].samples, credit[pid(A)].tokens) == (3, 150, 15000)
 
 
+def test_tokens_are_capped_by_credited_samples_times_max_length():
+    """A record with in-cap samples and 10^12 tokens verifies, but is credited at most samples x max_length
+    tokens (no example is trained on more than max_length tokens); honest records are untouched."""
+    inflated = [record(A, 0, ZERO_HASH, 0, samples=50, tokens=10**12)]
+    report = verify_logs({"a": inflated, "b": chain(B, 1)}, SWARM, CAP, max_tokens_per_sample=128)
+    assert report.ok, statuses(report)
+    credit = compute_credit(report)
+    assert credit[pid(A)].tokens == 50 * 128
+    assert credit[pid(B)].tokens == 5000  # 50 samples, 5000 tokens: under the cap
+    # a full round's samples: CAP x max_length tokens at most
+    over = [record(A, 0, ZERO_HASH, 0, samples=CAP, tokens=10**9)]
+    assert compute_credit(verify_logs({"a": over}, SWARM, CAP, max_tokens_per_sample=128))[pid(A)].tokens == CAP * 128
+
+
 def test_credit_shares():
     report = verify_logs({"a": chain(A, 3), "b": chain(B, 1, samples=100)}, SWARM, CAP)
     assert report.ok

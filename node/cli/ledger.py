@@ -116,10 +116,12 @@ def _read_sources(paths: list[Path]) -> dict[str, list[bytes]]:
     return sources
 
 
-def _swarm_params(args: argparse.Namespace) -> tuple[str, int]:
+def _swarm_params(args: argparse.Namespace) -> tuple[str, int, int | None]:
+    """(swarm id, samples credited per record at most, tokens per credited sample at most: the
+    manifest's max_length, or None without a manifest)"""
     from node.cli.errors import UserError
 
-    swarm_id, cap = args.swarm_id, args.max_samples
+    swarm_id, cap, token_cap = args.swarm_id, args.max_samples, None
     if args.manifest:
         from node.manifest import load_manifest  # lazy: the manifest pulls in more than we need here
 
@@ -129,13 +131,14 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int]:
             raise UserError(str(e)) from None
         swarm_id = swarm_id or manifest.swarm_id
         cap = cap if cap is not None else manifest.credit_cap
+        token_cap = manifest.token_cap
     if not swarm_id or cap is None:
         raise UserError("need the swarm: pass --manifest M, or both --swarm-id HEX and --max-samples N")
     if len(swarm_id) != 64 or not all(c in "0123456789abcdef" for c in swarm_id):
         raise UserError(f"--swarm-id must be 64 lowercase hex characters, got {swarm_id!r}")
     if cap < 1:
         raise UserError(f"--max-samples must be >= 1, got {cap}")
-    return swarm_id, cap
+    return swarm_id, cap, token_cap
 
 
 def _collect_dht(peers: list[str], swarm_id: str) -> list[bytes]:
@@ -152,7 +155,7 @@ def _report(args: argparse.Namespace):
     from node.cli.errors import UserError
     from node.ledger import verify_logs
 
-    swarm_id, cap = _swarm_params(args)
+    swarm_id, cap, token_cap = _swarm_params(args)
     sources = _read_sources(_ledger_paths(args, allow_empty=bool(args.dht_peer)))
     if args.dht_peer:
         sources["dht"] = _collect_dht(args.dht_peer, swarm_id)
@@ -162,7 +165,7 @@ def _report(args: argparse.Namespace):
             rotations = [line for line in Path(args.rotations).read_bytes().split(b"\n") if line]
         except OSError as e:
             raise UserError(f"cannot read --rotations {args.rotations}: {e.strerror}") from None
-    return verify_logs(sources, swarm_id, cap, rotations=rotations)
+    return verify_logs(sources, swarm_id, cap, rotations=rotations, max_tokens_per_sample=token_cap)
 
 
 def _record_dict(record, **extra) -> dict:
