@@ -116,7 +116,7 @@ class Node:
         self.swarm = swarm = Swarm(
             self._dht, swarm_id=self.swarm_id, shard_layouts=layouts, trained_shards=self.trained,
             matchmaking_time=m.averaging.matchmaking_time, allreduce_timeout=m.averaging.timeout,
-            peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, initial_peers=cfg.initial_peers,
+            peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, clip=m.sync.clip, initial_peers=cfg.initial_peers,
         )
         if swarm.peer_id != self.peer_id:
             logger.warning("p2p peer id %s differs from the identity key's %s", swarm.peer_id, self.peer_id)
@@ -254,6 +254,9 @@ class Node:
                 if res.applied:
                     self.round += 1
                     trained_here += 1
+                    if res.resync:  # some shards' sums did not come back here; their groups may have applied them
+                        got = sync.resync(self.round - 1, required=False)
+                        self.round = self.round if got is None else got
                 else:
                     got = sync.resync(self.round, required=False)
                     self.round = self.round if got is None else got
@@ -272,12 +275,16 @@ class Node:
     def _serve_last_round(self, last: int) -> None:
         """At the swarm's end, stay (serving our shards' state) until every peer that needs them holds the
         whole adapter at the last round: a node that trains only some shards refreshes the others from
-        their trainers after the last round, and would otherwise export stale ones. Bounded by the refresh
-        time; a peer that never says so is not waited for beyond it."""
+        their trainers after the last round, and would otherwise export stale ones; and until every
+        groupmate finished the last round (a node that exits the moment its own sums are in cuts the
+        replies its reducer still streams to slower members). Bounded by the refresh time; a peer that
+        never says so is not waited for beyond it."""
         deadline = time.monotonic() + self._refresh_timeout(range(self.adapter.num_shards))
         while not self._drain.is_set() and time.monotonic() < deadline:
-            waiting = [p for p, i in quorum.others(self.swarm.view(), self.peer_id).items()
-                       if set(self.trained) - set(i.shards) and i.complete < last and i.round >= last - 1]
+            # peers that lack some of our shards and have not said they hold the whole last-round adapter, and
+            # groupmates still in the last round (our reducer's replies to them must not die with our p2pd)
+            waiting = [p for p, i in quorum.others(self.swarm.view(), self.peer_id).items() if i.round >= last - 1 and (
+                       (set(self.trained) - set(i.shards) and i.complete < last) or (set(self.trained) & set(i.shards) and i.round < last))]
             if not waiting:
                 return
             time.sleep(0.2)
@@ -322,7 +329,7 @@ class Node:
             "averaging_s": round(res.averaging_seconds, 4), "peers": len(view), "time": time.time(),
             "deadline_s": round(self.swarm.allreduce_timeout, 2),
             "link_mbit": round(deadline.throughput * 8 / 1e6, 2) if deadline.throughput else None,
-            "sent_bytes": sent, "received_bytes": received,
+            "sent_bytes": sent, "received_bytes": received, "clipped": res.clipped,
         }
         progress.write(json.dumps(entry) + "\n")
         before = self.board.snapshot()

@@ -118,6 +118,7 @@ class SyncSection:
     inner_steps: int = 1  # diloco: local AdamW steps per round (each on this node's share of one global batch)
     outer_lr: float = 0.7  # diloco: outer Nesterov SGD learning rate (OpenDiLoCo / INTELLECT-1: 0.7)
     outer_momentum: float = 0.9  # diloco: outer momentum (0 = plain SGD)
+    clip: float = 4.0  # a peer's part more than clip x the group's median part norm is scaled down to that, and the peer flagged (0 = off)
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ _RANGES: tuple[tuple[str, str, str, Any], ...] = (
     ("sync", "inner_steps", "[1, 100000]", lambda v: 1 <= v <= 100000),
     ("sync", "outer_lr", "> 0", lambda v: v > 0),
     ("sync", "outer_momentum", "[0, 1)", lambda v: 0.0 <= v < 1.0),
+    ("sync", "clip", "0 (off) or >= 1", lambda v: v == 0 or v >= 1),
     ("credit", "max_samples_per_round", ">= 0 (0 = the round's whole batch)", lambda v: v >= 0),
 )
 # (section, field, allowed values) for every choice

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +35,9 @@ from protocol.record import to_fixed
 logger = logging.getLogger(__name__)
 
 RETRIES = 1  # all-reduce retries within a round after a lost part (a retry costs one matchmaking window at most)
+# Fault injection for tests (a poisoner, as a modified client would be): SWARMTUNE_FAULT_POISON=F sends, instead of
+# this node's contribution, seeded noise F times its norm.
+_POISON = float(os.environ.get("SWARMTUNE_FAULT_POISON", "0") or 0)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class RoundResult:
     seconds: float
     compute_seconds: float
     averaging_seconds: float
+    clipped: dict = field(default_factory=dict)  # peer id -> largest norm / median of its parts that we clipped
 
 
 class RoundRunner:
@@ -113,6 +118,11 @@ class RoundRunner:
 
         local, contribution, indices, start = self._local_work(r, members)
         x = {k: contribution[k] + self.trainer.residual[k] for k in self.trained}
+        if _POISON:
+            g = torch.Generator().manual_seed(r)
+            for k, v in x.items():
+                noise = torch.randn(v.numel(), generator=g)
+                x[k] = noise * (_POISON * float(contribution[k].norm()) / max(float(noise.norm()), 1e-30))
         t_compute = time.time() - t0
         claim = RoundClaim(round=r, hashes=shard_hashes, samples=local.samples, tokens=local.tokens, loss_sum=local.loss_sum)
         expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
@@ -137,13 +147,15 @@ class RoundRunner:
                                                      attempt=attempt, exact_groups=lost))
         t_avg = time.time() - t1
 
-        updates, groups, resync, failed, loss_num, loss_den = {}, {}, [], [], 0.0, 0
+        updates, groups, resync, failed, loss_num, loss_den, clipped = {}, {}, [], [], 0.0, 0, {}
         for k in self.trained:
             res = results.get(k)
             if res is None or isinstance(res, Failed):
                 failed.append(k)
                 continue
             groups[k] = len(res.claims)
+            for peer, ratio in res.clipped.items():
+                clipped[peer] = max(ratio, clipped.get(peer, 0.0))
             canonical = quorum.group_claim({p: c.to_wire() for p, c in res.claims.items()}, k)
             if canonical != (r, shard_hashes[k]):
                 logger.warning("shard %d: my state (round %d) differs from the group's (round %d); resyncing", k, r, canonical[0])
@@ -172,7 +184,7 @@ class RoundRunner:
                 self.trainer.apply(updates, lr_at(r, m.optim, m.rounds.max_rounds))
             sent = {k: results[k].sent for k in updates}
             for k in updates:  # what the grid did not carry joins the next contribution
-                self.trainer.residual[k] = x[k] - sent[k]
+                self.trainer.residual[k] = x[k] - sent[k] if not _POISON else torch.zeros_like(x[k])
         else:
             resync = sorted(self.trained)
             updates, sent = {}, {}
@@ -184,8 +196,11 @@ class RoundRunner:
             round=r, start_hash=start_hash, shard_hashes=shard_hashes, loss=(loss_num / loss_den) if loss_den else None,
             local_loss=(local.loss_sum / local.tokens) if local.tokens else None,
             samples=local.samples, tokens=local.tokens, groups=groups, applied=sorted(updates), resync=resync,
-            seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg,
+            seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg, clipped=clipped,
         )
+        for peer, ratio in sorted(clipped.items()):
+            logger.warning("round %d: peer %s sent a gradient part %.3g x the group's median norm; it was clipped to "
+                           "%g x (flagged)", r, peer, ratio, m.sync.clip)
         if result.applied:
             self._record(result, indices, sent, t0, t_end)
         return result

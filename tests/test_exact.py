@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from node.swarm.averager import _ExactPartReducer
 from node.swarm.exact import (
     BLOCK, E_MIN, GRIDS, MAX_GROUP, Layout, WireError, block_exponents, check_part, decode_sum, dequantize,
-    encode_sum, group_exponents, quantize, sum_bits, wire_bytes_per_value,
+    EXP_SLACK, encode_sum, group_exponents, quantize, robust_sum, sum_bits, wire_bytes_per_value,
 )
 
 SIZES = [512, 512, 3 * BLOCK + 17, 3, 1]
@@ -83,13 +83,53 @@ def test_the_sum_is_exact_in_any_order_and_on_every_member(grid, n, seed):
     assert torch.equal(decoded.to(torch.int64), sums[0])
     a, b = dequantize(decoded, exps, layout), dequantize(decoded.clone(), exps.clone(), layout)
     assert a.numpy().tobytes() == b.numpy().tobytes()
-    # and that float is the true sum up to half a grid step per member
-    exact = sum(x.double() for x in xs)
+    # and that float is the sum of what members' values were worth on the grid up to half a grid step per
+    # member (a member far above the median is clipped to the grid: test_one_member_cannot_coarsen_the_grid)
+    exact = sum(x.double().clamp(-grid.q_max * 2.0**_per_value(exps, layout), grid.q_max * 2.0**_per_value(exps, layout)) for x in xs)
     for bi, blocks in layout.blocks(a.double() - exact):
         half_steps = n * 0.5 * torch.ldexp(torch.ones(blocks.shape[0], 1, dtype=torch.float64),
                                            exps[bi : bi + blocks.shape[0]].view(-1, 1).long())
         # (dequantize rounds to float32 once more: a relative 2**-24 on top)
         assert bool((blocks.abs() <= half_steps + a.double().abs().max() * 2**-23).all())
+
+
+def _per_value(exps, layout):
+    out = torch.empty(layout.numel, dtype=torch.float64)
+    for b, blocks in layout.blocks(out):
+        blocks.copy_(exps[b : b + blocks.shape[0]].view(-1, 1).double().expand_as(blocks))
+    return out
+
+
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))
+def test_one_member_cannot_coarsen_the_grid(grid):
+    """A member 10^6 times larger than the others: the grid stays within 8x of the median member's, so the
+    honest members' values still count (they are not rounded away), and the large one is clipped to it."""
+    layout = Layout(SIZES)
+    g = torch.Generator().manual_seed(5)
+    honest = [torch.randn(layout.numel, generator=g) for _ in range(3)]
+    poison = torch.randn(layout.numel, generator=g) * 1e6
+    fair = _exps(honest, layout, grid)
+    exps = _exps([*honest, poison], layout, grid)
+    assert int((exps.to(torch.int16) - fair.to(torch.int16)).max()) <= EXP_SLACK
+    for x in honest:
+        sent = quantize(x, exps, layout, grid)[1]
+        assert float((sent - x).abs().max()) <= 0.5 * 2.0 ** int(exps.max())
+        assert bool((sent != 0).any())
+    q, sent = quantize(poison, exps, layout, grid)
+    assert int(q.abs().max()) == grid.q_max and float(sent.abs().max()) < 1e6 / 100
+
+
+def test_robust_sum_clips_a_part_far_above_the_median():
+    parts = [torch.tensor([3, -4, 0], dtype=torch.int8), torch.tensor([6, 8, 0], dtype=torch.int8),
+             torch.tensor([0, 0, 0], dtype=torch.int8), torch.tensor([120, -127, 127], dtype=torch.int8)]
+    total, clipped = robust_sum(parts, clip=4.0)
+    # norms 5, 10, 0 (left out of the median), 216.0: the lower median of the non-zero ones is 10, the bound 40
+    assert list(clipped) == [3] and clipped[3] == pytest.approx(21.6, rel=1e-3)
+    big = torch.round(parts[3].double() * (40 / parts[3].double().norm())).long()
+    assert torch.equal(total, parts[0].long() + parts[1].long() + big)
+    # clip 0: the plain exact sum
+    total, clipped = robust_sum(parts, clip=0)
+    assert not clipped and torch.equal(total, sum(p.long() for p in parts))
 
 
 @pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))

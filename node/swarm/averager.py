@@ -35,13 +35,14 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
 
-from node.swarm.exact import Grid, Layout, check_part, decode_sum, encode_sum, group_exponents, quantize
+from node.swarm.exact import Grid, Layout, check_part, decode_sum, encode_sum, group_exponents, quantize, robust_sum
 
 logger = logging.getLogger(__name__)
 
 FAILED_KEY = "__swarmtune_failed_values__"  # values a reducer never sent back (this peer alone may miss them)
 INCOMPLETE_KEY = "__swarmtune_incomplete_values__"  # values summed without every sender (the whole group saw it)
 ELAPSED_KEY = "__swarmtune_allreduce_seconds__"
+CLIPPED_KEY = "__swarmtune_clipped__"  # {peer id: its part's norm / the median} for parts this node's reducer clipped
 EXPONENTS_KEY = "e"  # in each member's gathered metadata: its block exponents for this shard
 SUM_DTYPE = "swarmtune-sum"  # marks a reducer's reply (node.swarm.exact.encode_sum) on the wire
 CONNECT_TIMEOUT_S = 5.0  # opening a connection or a stream to a peer (latency-bound, not size-bound)
@@ -66,10 +67,29 @@ async def _cut(messages):
     yield
 
 
+class _SenderParts:
+    """Stands in for hivemind's accumulator tensor: keeps each sender's part (hivemind's reducer calls
+    `accumulator.add_(part)`; we pass it (sender, part)), so the sum can clip a part far above the others."""
+
+    def __init__(self):
+        self.by_sender: dict[int, torch.Tensor] = {}
+
+    def add_(self, item, alpha=1):
+        sender, part = item
+        self.by_sender[sender] = part
+
+
 class _ExactPartReducer(TensorPartReducer):
-    """hivemind's reducer, summing integers exactly (int64) instead of averaging floats. A part's result
-    is its sum, or None when some sender's piece is missing: hivemind would quietly divide by the weight
-    that did arrive (with two peers, one peer's own gradient passing for the group's)."""
+    """hivemind's reducer, summing integers exactly (int64) instead of averaging floats, each sender's part
+    first clipped to `clip` x the median part norm (exact.robust_sum). A part's result is its sum, or None
+    when some sender's piece is missing: hivemind would quietly divide by the weight that did arrive (with
+    two peers, one peer's own gradient passing for the group's). `clipped`: {sender index: largest norm /
+    median} of the senders whose parts were clipped."""
+
+    def __init__(self, part_shapes, num_senders: int, clip: float = 0.0):
+        self.clip = clip
+        self.clipped: dict[int, float] = {}
+        super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
         assert self.current_part_accumulated_from == self.num_current_senders or self.current_part_index == -1
@@ -80,17 +100,23 @@ class _ExactPartReducer(TensorPartReducer):
         self.current_part_accumulated_from = 0
         self.current_part_future = asyncio.Future()
         self.num_current_senders = sum(self.current_part_index < failed for failed in self.sender_failed_after)
-        self.accumulator = torch.zeros(self.part_shapes[self.current_part_index], dtype=torch.int64)
+        self.accumulator = _SenderParts()
         self.denominator = 0.0
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0):
-        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=1)  # a sum: no weights
+        return await super().accumulate_part(sender_index, part_index, (sender_index, tensor_part), weight=1)  # a sum: no weights
 
     def check_current_part_finished(self):
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
             complete = self.current_part_accumulated_from == self.num_senders
-            self.current_part_future.set_result(self.accumulator if complete else None)
+            total = None
+            if complete:
+                senders = sorted(self.accumulator.by_sender)
+                total, clipped = robust_sum([self.accumulator.by_sender[i] for i in senders], self.clip)
+                for pos, ratio in clipped.items():
+                    self.clipped[senders[pos]] = max(ratio, self.clipped.get(senders[pos], 0.0))
+            self.current_part_future.set_result(total)
             self.reset_accumulators()
 
 
@@ -101,7 +127,7 @@ class _ExactSumRunner(AllReduceRunner):
     and sends every sender the same reply: the part's sum in `sum_bits` bits, or INCOMPLETE. The runner
     yields the sums (int32), never a float average, so every member ends with the same integers."""
 
-    def __init__(self, *, grid: Grid, cut_first_stream: bool = False, **kwargs):
+    def __init__(self, *, grid: Grid, clip: float = 0.0, cut_first_stream: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.grid = grid
         self._cut_first_stream = cut_first_stream
@@ -110,7 +136,11 @@ class _ExactSumRunner(AllReduceRunner):
         self._part_sizes = [[part.numel() for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer]
         self._replies: dict[int, bytes] = {}  # part index -> the encoded sum every sender gets
         self.tensor_part_reducer.finished.set()  # the float reducer hivemind made is never used
-        self.tensor_part_reducer = _ExactPartReducer(tuple(p.shape for p in self.parts_for_local_averaging), self.group)
+        self.tensor_part_reducer = _ExactPartReducer(tuple(p.shape for p in self.parts_for_local_averaging), self.group, clip)
+
+    def clipped_senders(self) -> dict[str, float]:
+        """{peer id: norm / median} of the senders whose parts this reducer clipped."""
+        return {self.sender_peer_ids[i].to_base58(): r for i, r in self.tensor_part_reducer.clipped.items()}
 
     def _register(self, peer_index: int, part_index: int, total: torch.Tensor | None) -> None:
         numel = self._part_sizes[peer_index][part_index]
@@ -190,9 +220,10 @@ class ShardAverager(DecentralizedAverager):
     (adapter tensors + optimizer state + round), captured at a round boundary.
     """
 
-    def __init__(self, sizes: Sequence[int], grid: Grid, **kwargs):
+    def __init__(self, sizes: Sequence[int], grid: Grid, clip: float = 0.0, **kwargs):
         self.layout = Layout(sizes)
         self.grid = grid
+        self.clip = clip
         self.values = torch.zeros(self.layout.numel, dtype=torch.float32)
         self.sums = torch.zeros(self.layout.numel, dtype=torch.int32)
         self._published: tuple[Any, list[torch.Tensor]] | None = None
@@ -215,7 +246,7 @@ class ShardAverager(DecentralizedAverager):
         cut = _CUT_STREAM_ROUND >= 0 and self._matchmaking.group_key_manager.group_bits == group_key(_CUT_STREAM_ROUND, 0)
         runner = _ExactSumRunner(grid=self.grid, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
                                  tensors=[q], group_id=group_id, ordered_peer_ids=group_info.peer_ids,
-                                 cut_first_stream=cut, **kwargs)
+                                 clip=self.clip, cut_first_stream=cut, **kwargs)
         assert group_id in self._running_groups, "the group was not registered"
         self._running_groups[group_id].set_result(runner)
         async for total in runner:
@@ -223,11 +254,13 @@ class ShardAverager(DecentralizedAverager):
             values.copy_(sent)
         self._failed_values = int(runner.tensor_part_container.failed_size)
         self._incomplete_values = runner.incomplete_values
+        self._clipped = runner.clipped_senders()
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         # hivemind returns success even when parts were lost; pass the counts back with the gathered data,
         # and how long the all-reduce itself took (matchmaking excluded), which measures the links
         self._failed_values = self._incomplete_values = 0
+        self._clipped = {}
         started = time.perf_counter()
         gathered = dict(await super()._aggregate_with_group(group_info, min_vector_size, **kwargs))
         gathered[ELAPSED_KEY] = time.perf_counter() - started
@@ -235,6 +268,8 @@ class ShardAverager(DecentralizedAverager):
             gathered[FAILED_KEY] = self._failed_values
         if self._incomplete_values:
             gathered[INCOMPLETE_KEY] = self._incomplete_values
+        if self._clipped:
+            gathered[CLIPPED_KEY] = self._clipped
         return gathered
 
     async def _set_deadline(self, seconds: float, future) -> None:

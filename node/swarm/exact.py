@@ -28,6 +28,7 @@ import torch
 
 BLOCK = 4096  # values per grid block (a tensor smaller than this is one block)
 MAX_GROUP = 256  # peers whose sum the wire formats below hold exactly
+EXP_SLACK = 3  # a block's grid is at most 2**3 = 8x coarser than its median member needs
 E_MIN, E_MAX = -100, 100  # block exponents; 2**-100 and 2**100 are normal float32 numbers
 
 
@@ -94,11 +95,13 @@ def block_exponents(x: torch.Tensor, layout: Layout, grid: Grid) -> torch.Tensor
 
 
 def group_exponents(per_peer: list, layout: Layout) -> torch.Tensor:
-    """The group's grid: the largest exponent any member needs, per block (the same on every member).
-    Raises WireError for a member's exponents that are malformed."""
+    """The group's grid, per block (the same on every member): the largest exponent any member needs, but
+    at most EXP_SLACK above the median of the members that have anything in the block. One member cannot
+    coarsen the grid until everyone else's values round to zero: its own values beyond the grid are clipped
+    to it (an honest node keeps that remainder as error feedback). Raises WireError for malformed exponents."""
     if not per_peer:
         raise WireError("no block exponents")
-    out = None
+    rows = []
     for raw in per_peer:
         if not isinstance(raw, (bytes, bytearray)) or len(raw) != layout.num_blocks:
             size = len(raw) if isinstance(raw, (bytes, bytearray)) else type(raw).__name__
@@ -106,8 +109,36 @@ def group_exponents(per_peer: list, layout: Layout) -> torch.Tensor:
         e = torch.frombuffer(bytearray(raw), dtype=torch.int8)
         if layout.num_blocks and (int(e.min()) < E_MIN or int(e.max()) > E_MAX):
             raise WireError("block exponent out of range")
-        out = e if out is None else torch.maximum(out, e)
-    return out
+        rows.append(e.to(torch.int16))
+    stacked = torch.stack(rows)  # (members, blocks)
+    top = stacked.max(dim=0).values
+    if len(rows) < 2:
+        return top.to(torch.int8)
+    # the lower median over members with a non-zero block: E_MIN (all zeros) sorts first and is skipped
+    present = (stacked > E_MIN).sum(dim=0)
+    ordered = stacked.sort(dim=0).values
+    idx = (len(rows) - present + (present - 1).clamp(min=0) // 2).clamp(max=len(rows) - 1)
+    median = ordered.gather(0, idx.view(1, -1)).view(-1)
+    capped = torch.where(present > 0, torch.minimum(top, median + EXP_SLACK), top)
+    return capped.clamp(E_MIN, E_MAX).to(torch.int8)
+
+
+def robust_sum(parts: list[torch.Tensor], clip: float) -> tuple[torch.Tensor, dict[int, float]]:
+    """The exact int64 sum of the senders' integer parts, each first scaled down (rounded to the grid) to at
+    most `clip` times the median L2 norm of the non-zero parts (clip 0: no clipping). Returns the sum and
+    {sender position: its norm / the median} for every part that was clipped. One reducer computes it and
+    sends every member the same sum, so members stay bit-identical whatever rounding happens here."""
+    total = torch.zeros(parts[0].numel(), dtype=torch.int64) if parts else torch.zeros(0, dtype=torch.int64)
+    clipped: dict[int, float] = {}
+    norms = [float(p.to(torch.float64).norm()) for p in parts]
+    nonzero = sorted(n for n in norms if n > 0)
+    bound = clip * nonzero[(len(nonzero) - 1) // 2] if clip > 0 and len(nonzero) >= 2 else float("inf")
+    for i, (part, norm) in enumerate(zip(parts, norms)):
+        if norm > bound:
+            clipped[i] = norm / nonzero[(len(nonzero) - 1) // 2]
+            part = torch.round(part.to(torch.float64) * (bound / norm)).to(torch.int64)  # |q| only shrinks
+        total += part.to(torch.int64)
+    return total, clipped
 
 
 def _scales(exps: torch.Tensor, b: int, count: int, sign: int) -> torch.Tensor:

@@ -26,13 +26,13 @@ import asyncio
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from node.swarm.averager import (
-    ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, KEY_BITS, ShardAverager, group_key,
+    CLIPPED_KEY, ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, KEY_BITS, ShardAverager, group_key,
 )
 from node.swarm.deadline import AveragingDeadline
 from node.swarm.dht import dht_time, start_dht
@@ -86,6 +86,7 @@ class Summed:
     claims: dict  # {peer_id: RoundClaim}
     layout: Layout
     seconds: float = 0.0  # the all-reduce itself (matchmaking excluded)
+    clipped: dict = field(default_factory=dict)  # {peer id: norm / median} of parts this node's reducer clipped
 
     def value(self) -> torch.Tensor:
         """The sum as float32, the same bits on every member."""
@@ -162,6 +163,7 @@ class Swarm:
         allreduce_timeout: float,
         peer_ttl: float,
         wire: str = "int8",
+        clip: float = 0.0,
         initial_peers: Sequence[str] = (),
     ):
         self.dht = dht
@@ -182,6 +184,7 @@ class Swarm:
             self.averagers[k] = ShardAverager(
                 sizes,
                 self.grid,
+                clip=clip,
                 dht=dht,
                 prefix=f"{swarm_id}/shard-{k}",
                 start=True,
@@ -279,6 +282,7 @@ class Swarm:
             took = float(gathered.pop(ELAPSED_KEY, 0.0))
             lost = gathered.pop(FAILED_KEY, 0)
             incomplete = gathered.pop(INCOMPLETE_KEY, 0)
+            clipped = gathered.pop(CLIPPED_KEY, {})
             if not gathered:
                 continue
             if exact_groups and k in exact_groups and len(gathered) != exact_groups[k]:
@@ -312,7 +316,8 @@ class Swarm:
                 logger.warning("shard %d: a groupmate sent malformed round metadata (%s); round discarded", k, e)
                 continue
             with self.averagers[k].get_tensors() as (values, sums):
-                results[k] = Summed(sums.clone(), exps, values.clone(), claims, self.layouts[k], took)
+                results[k] = Summed(sums.clone(), exps, values.clone(), claims, self.layouts[k], took,
+                                    dict(clipped) if isinstance(clipped, dict) else {})
         if slow:
             self.deadline.timed_out()
             logger.warning("averaging ran out of time or lost parts (deadline %.1f s); the next round gets %.1f s",

@@ -1,0 +1,44 @@
+"""A poisoner in a real 3-node swarm (127.0.0.1, real p2pd, the tiny Llama): instead of its gradient it
+sends noise 10^6 times its norm (SWARMTUNE_FAULT_POISON, node/rounds.py, as a modified client would).
+
+Two defences keep the swarm training: the group's grid is at most 8x coarser than its median member needs
+(node/swarm/exact.group_exponents), so the poisoner cannot round the others' values away; and every
+reducer scales a part above [sync] clip x the median part norm down to that bound before the exact sum
+(exact.robust_sum), and the node flags the sender. Every member still gets the same sum: adapters stay
+bit-identical, the loss still falls.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import write_test_manifest
+
+pytestmark = pytest.mark.swarm
+
+
+@pytest.mark.timeout(300)
+def test_a_poisoner_is_clipped_and_flagged_and_the_loss_still_falls(tmp_path, tiny_base, spawn_node):
+    rounds = 12
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})
+    a = spawn_node(manifest, "a", "--min-peers", "3")
+    peers = a.wait_info()["maddrs"]
+    b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)
+    p = spawn_node(manifest, "poisoner", "--min-peers", "3", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_POISON": "1e6"})
+    for node in (a, b, p):
+        assert node.wait_exit(timeout=240) == 0, node.log.read_text()[-3000:]
+    poisoner = p.info()["peer_id"]
+    rows = {n.home.name: {r["round"]: r for r in n.rounds() if r["applied"]} for n in (a, b, p)}
+    together = [r for r in range(rounds) if all(r in row for row in rows.values())]
+    assert len(together) >= rounds - 2, {n: sorted(r) for n, r in rows.items()}
+    for r in together:
+        assert len({rows[n][r]["hash"] for n in rows}) == 1, f"round {r}: adapters differ"
+    # flagged: the honest reducers clipped the poisoner's parts, and only the poisoner's
+    flagged = [r for r in together if poisoner in rows["a"][r]["clipped"] or poisoner in rows["b"][r]["clipped"]]
+    assert len(flagged) >= len(together) - 1, [rows["a"][r]["clipped"] for r in together]
+    honest = {a.info()["peer_id"], b.info()["peer_id"]}
+    assert not any(set(rows[n][r]["clipped"]) & honest for n in rows for r in together)
+    assert f"peer {poisoner} sent a gradient part" in a.log.read_text()
+    # the swarm still learns
+    first, last = rows["a"][together[0]]["loss"], rows["a"][together[-1]]["loss"]
+    assert last < 0.8 * first, [rows["a"][r]["loss"] for r in together]
