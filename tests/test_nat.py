@@ -59,11 +59,6 @@ def test_node_behind_nat_trains_with_two_public_hosts(tmp_path, tiny_base, spawn
     home = spawn_node(manifest, "home", "--min-peers", "3", "--initial-peers", *first, prefix=net.prefix(2), host=net.ip(2))
     nodes = (p0, p1, home)
     assert [n.wait_info()["reachability"] for n in nodes] == ["public", "public", "outbound-only"]
-    home.wait_round(1, timeout=150)
-    st = _status(home)
-    assert st["reachability"] == "outbound-only" and "forward TCP port" in st["reachability_fix"], st
-    seen = {p["peer_id"]: p["reachability"] for p in _status(p0)["peers"] if p["reachability"]}
-    assert seen.get(home.info()["peer_id"]) == "outbound-only", seen
     for n in nodes:
         assert n.wait_exit(timeout=150) == 0, n.log.read_text()[-3000:]
     _trained_together(nodes, 3)
@@ -98,12 +93,24 @@ def test_two_nodes_behind_two_nats_train_through_one_public_host(tmp_path, tiny_
 
 
 @pytest.mark.timeout(240)
-def test_doctor_reports_reachability_on_each_host(tmp_path, tiny_base, spawn_node, nat_net):
+def test_status_and_doctor_report_reachability_on_each_host(tmp_path, tiny_base, spawn_node, nat_net):
+    """A public node and a home node train; `status` on each says what the dial-back found, the public node
+    sees the home node as outbound-only in its heartbeat, and `doctor` on a second public host and on the home
+    host gives each its reachability and fix."""
     net = nat_net(2, 1)
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": 100000})
-    p0 = spawn_node(manifest, "p0", prefix=net.prefix(0), host=net.ip(0))
+    p0 = spawn_node(manifest, "p0", "--min-peers", "2", prefix=net.prefix(0), host=net.ip(0))
     first = p0.wait_info()["maddrs"]
-    p0.wait_round(1, timeout=120)
+    home = spawn_node(manifest, "home", "--min-peers", "2", "--initial-peers", *first, prefix=net.prefix(2), host=net.ip(2))
+    home.wait_round(2, timeout=150)
+    st = _status(home)
+    assert st["reachability"] == "outbound-only" and "forward TCP port" in st["reachability_fix"], st
+    st0 = _status(p0)
+    assert st0["reachability"] == "public" and st0["peers"] == 1, st0
+    peers = subprocess.run([sys.executable, "-m", "node", "peers", "--socket", str(p0.home / "node.sock"), "--json"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    seen = {p["peer_id"]: p["reachability"] for p in json.loads(peers.stdout)}
+    assert seen == {home.info()["peer_id"]: "outbound-only"}, seen
     reports = {}
     for i, name in ((1, "public host"), (2, "home host")):
         out = subprocess.run([*net.prefix(i), sys.executable, "-m", "node", "doctor", "--json", "--home", str(tmp_path / f"doc{i}"),
@@ -116,3 +123,7 @@ def test_doctor_reports_reachability_on_each_host(tmp_path, tiny_base, spawn_nod
     assert check["public host"]["status"] == "pass" and "nothing to do" in check["public host"]["detail"]
     assert reports["home host"]["reachability"] == "outbound-only", check
     assert check["home host"]["status"] == "warn" and "forward TCP port" in check["home host"]["fix"], check
+    # the home node kept training with p0 all along: same adapter after the same rounds
+    both = [{r["round"]: r["hash"] for r in n.rounds() if r["applied"]} for n in (p0, home)]
+    common = set(both[0]) & set(both[1])
+    assert len(common) >= 2 and all(both[0][r] == both[1][r] for r in common)

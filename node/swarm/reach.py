@@ -16,8 +16,8 @@ dials public IP addresses and needs several servers to agree, so on a LAN, in a 
 network namespaces of the tests it never leaves "unknown". Why a fresh TCP connection: a libp2p
 dial to a peer we are already connected to reuses that connection and proves nothing.
 
-The dial-back is bounded: at most MAX_ADDRS addresses per request, plain TCP connects (no data
-sent) with a short timeout, ip4/ip6 + tcp addresses only.
+The dial-back is bounded: at most MAX_ADDRS addresses per request, plain TCP connects (nothing sent;
+the answer must be a libp2p listener's multistream header) with a short timeout, ip4/ip6 + tcp only.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ DIALBACK_HANDLER = "swarmtune.reach.dialback"
 MAX_ADDRS = 8  # addresses dialled per request at most
 DIAL_TIMEOUT_S = 3.0  # one TCP connect; a NAT that drops unsolicited SYNs makes it time out
 ASK_PEERS = 3  # peers asked in turn until one answers
+MULTISTREAM = b"/multistream/1.0.0"  # what a libp2p TCP listener sends first
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,23 @@ def _dialable_endpoints(maddrs: Sequence[str]) -> list[tuple[str, int, str]]:
 
 
 async def _tcp_dial(host: str, port: int) -> bool:
+    """A TCP connection to host:port that a libp2p listener answers: p2pd's TCP transport sends the
+    multistream-select header ("\\x13/multistream/1.0.0\\n") as soon as it accepts, so another program that
+    happens to hold that port (on the dialler's own LAN, say) does not pass for us."""
     try:
-        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), DIAL_TIMEOUT_S)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), DIAL_TIMEOUT_S)
     except (OSError, asyncio.TimeoutError, ValueError):
         return False
+    try:
+        header = await asyncio.wait_for(reader.read(32), DIAL_TIMEOUT_S)
+    except (OSError, asyncio.TimeoutError):
+        header = b""
     writer.close()
     try:
         await writer.wait_closed()
     except OSError:
         pass
-    return True
+    return MULTISTREAM in header
 
 
 async def _dialback(request, _context):
