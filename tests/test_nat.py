@@ -127,3 +127,40 @@ def test_status_and_doctor_report_reachability_on_each_host(tmp_path, tiny_base,
     both = [{r["round"]: r["hash"] for r in n.rounds() if r["applied"]} for n in (p0, home)]
     common = set(both[0]) & set(both[1])
     assert len(common) >= 2 and all(both[0][r] == both[1][r] for r in common)
+
+
+@pytest.mark.timeout(300)
+def test_node_behind_nat_killed_mid_round_and_restarted(tmp_path, tiny_base, spawn_node, nat_net):
+    """As in the churn tests: the home node is SIGKILLed (with its p2pd and averagers) inside a round; the public
+    nodes finish or retry that round without it and never disagree; restarted from its home folder, it finds it
+    is still outbound-only, catches up from the public nodes and trains with them again, adapters identical."""
+    import os
+    import signal
+
+    rounds = 40
+    net = nat_net(2, 1)
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})
+    p0 = spawn_node(manifest, "p0", "--min-peers", "3", prefix=net.prefix(0), host=net.ip(0))
+    first = p0.wait_info()["maddrs"]
+    p1 = spawn_node(manifest, "p1", "--min-peers", "3", "--initial-peers", *first, prefix=net.prefix(1), host=net.ip(1))
+    home_args = ("--initial-peers", *first)
+    home = spawn_node(manifest, "home", "--min-peers", "3", *home_args, prefix=net.prefix(2), host=net.ip(2))
+    home.wait_round(4, timeout=150)
+    time.sleep(0.3)  # inside round 4 or 5: compute or all-reduce
+    os.killpg(home.popen.pid, signal.SIGKILL)
+    home.popen.wait(timeout=30)
+    killed_at = time.time()
+    before = {r["round"] for r in home.rounds() if r["applied"]}
+    again = spawn_node(manifest, "home", *home_args, home=home.home, prefix=net.prefix(2), host=net.ip(2))
+    assert again.wait_info()["reachability"] == "outbound-only"
+    for n in (p0, p1, again):
+        assert n.wait_exit(timeout=200) == 0, n.log.read_text()[-3000:]
+    r0, r1 = ({r["round"]: r for r in n.rounds() if r["applied"]} for n in (p0, p1))
+    assert all(r0[r]["hash"] == r1[r]["hash"] for r in set(r0) & set(r1)), "the public nodes disagreed"
+    assert len(set(range(rounds)) - set(r0)) <= 2, sorted(set(range(rounds)) - set(r0))
+    assert min(r["time"] for r in r0.values() if r["time"] > killed_at) - killed_at < 40
+    rejoined = [r for r in again.rounds() if r["applied"] and r["time"] > killed_at and r["groups"] == {"0": 3, "1": 3}]
+    assert len(rejoined) >= 3, (sorted(before), again.log.read_text()[-3000:])
+    assert all(r["hash"] == r0[r["round"]]["hash"] for r in rejoined if r["round"] in r0)
+    assert again.rounds()[-1]["hash"] == p0.rounds()[-1]["hash"] == p1.rounds()[-1]["hash"]
+    verify_ledgers(manifest, p0, p1, again)
