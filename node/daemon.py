@@ -293,9 +293,9 @@ class Node:
         now = time.monotonic()
         if self._alone_since is None or now - self._alone_since >= 30:
             others = len(quorum.others(view, self.peer_id))
-            logger.warning("no node in this swarm can be dialled (%d other peer(s) visible, all outbound-only like this "
-                           "one): nobody can hold the all-reduce, so this node is not training. Fix: %s; or start one "
-                           "node on a machine with a public address", others, self.reach.fix())
+            logger.warning("no node in this swarm can be dialled (%d other peer(s) visible, none of them dialable): nobody "
+                           "can hold the all-reduce, so this node is not training. Fix: %s; or start one node on a "
+                           "machine with a public address", others, self.reach.forward_fix())
             self._alone_since = now
         self._set_state("paused")  # the split guard's "wait" shows the same: not training, by no choice of the user
         self._drain.wait(1.0)

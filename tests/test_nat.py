@@ -164,3 +164,30 @@ def test_node_behind_nat_killed_mid_round_and_restarted(tmp_path, tiny_base, spa
     assert all(r["hash"] == r0[r["round"]]["hash"] for r in rejoined if r["round"] in r0)
     assert again.rounds()[-1]["hash"] == p0.rounds()[-1]["hash"] == p1.rounds()[-1]["hash"]
     verify_ledgers(manifest, p0, p1, again)
+
+
+@pytest.mark.timeout(180)
+def test_with_no_dialable_node_left_the_home_node_says_so(tmp_path, tiny_base, spawn_node, nat_net):
+    """The only public node dies: the home node cannot average with anyone (nobody can hold the parts), so instead
+    of training alone in silence it says why and what would fix it, and stops training."""
+    import os
+    import signal
+
+    net = nat_net(1, 1)
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": 100000})
+    pub = spawn_node(manifest, "pub", "--min-peers", "2", prefix=net.prefix(0), host=net.ip(0))
+    home = spawn_node(manifest, "home", "--min-peers", "2", "--initial-peers", *pub.wait_info()["maddrs"],
+                      prefix=net.prefix(1), host=net.ip(1))
+    home.wait_round(2, timeout=150)
+    os.killpg(pub.popen.pid, signal.SIGKILL)
+    pub.popen.wait(timeout=30)
+    killed_at = time.time()
+    home.wait_log("no node in this swarm can be dialled", timeout=60)
+    said_at = time.time()
+    text = home.log.read_text()
+    assert "forward TCP port" in text[text.index("no node in this swarm can be dialled"):]
+    time.sleep(5)
+    alone = [r for r in home.rounds() if r["applied"] and r["time"] > said_at]
+    assert not alone, alone  # no round trained alone after it said so
+    assert _status(home)["state"] == "paused"
+    print(f"the home node said so {said_at - killed_at:.1f} s after the public node died")

@@ -54,14 +54,17 @@ class Reachability:
     def fix(self) -> str:
         """What the user can do about it, in one sentence."""
         if self.kind == OUTBOUND_ONLY:
-            port = f"TCP port {self.port}" if self.port else "the TCP port of --host-maddrs"
-            return (f"nothing is needed to train (this node sends its parts over connections it opens); to also hold "
-                    f"parts and serve state, forward {port} on your router to this machine (or enable UPnP), start "
-                    f"with a fixed port (--host-maddrs /ip4/0.0.0.0/tcp/<port>) and announce it with "
-                    f"--announce-maddrs /ip4/<public ip>/tcp/<port>")
+            return ("nothing is needed to train (this node sends its parts over connections it opens); to also hold "
+                    "parts and serve state, " + self.forward_fix())
         if self.kind == RELAYED:
             return "nothing to do: you are relayed; forwarding a port would make your traffic direct"
         return "nothing to do" if self.checked else "nothing to do (unverified: no peer was there to dial us back)"
+
+    def forward_fix(self) -> str:
+        """How to become dialable: port forwarding on the home router."""
+        port = f"TCP port {self.port}" if self.port else "the TCP port of --host-maddrs"
+        return (f"forward {port} on your router to this machine (or enable UPnP), start with a fixed port "
+                f"(--host-maddrs /ip4/0.0.0.0/tcp/<port>) and announce it with --announce-maddrs /ip4/<public ip>/tcp/<port>")
 
     def to_dict(self) -> dict:
         return {"reachability": self.kind, "detail": self.detail, "port": self.port, "checked": self.checked,
@@ -181,7 +184,7 @@ def detect_reachability(dht, peer_ids: Sequence[str], *, maddrs: Sequence[str] |
                                          f"reachable through the relay at {circuit[0]}", port)
         tried = ", ".join(e[2] for e in ends) or "(no TCP address)"
         return Reachability(OUTBOUND_ONLY, f"peer {pid[:12]}… could not open a connection to {tried} "
-                                           f"within {DIAL_TIMEOUT_S:.0f} s", port)
+                                           f"(no route, refused, or no answer in {DIAL_TIMEOUT_S:.0f} s)", port)
     if not asked:
         return Reachability(PUBLIC, "not checked: no other peer to dial us back (the first node of a swarm is "
                                     "reached at the addresses it prints)", port, checked=False)
