@@ -362,6 +362,14 @@ class NatNet:
     def prefix(self, i: int) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.hosts[i])
 
+    def limit(self, i: int, rate: str) -> None:
+        """Shape host i's link to the bridge both ways with tc tbf (a home host: its router's WAN link)."""
+        name = f"{self.tag}p{i}" if i < self.public else f"{self.tag}r{i - self.public}"
+        ns = self.hosts[i] if i < self.public else self.routers[i - self.public]
+        tbf = ["tbf", "rate", rate, "burst", "64kb", "latency", "400ms"]
+        self._ns(self.hub, ["tc", "qdisc", "add", "dev", f"h{name}", "root", *tbf])
+        self._ns(ns, ["tc", "qdisc", "add", "dev", f"v{name}", "root", *tbf])
+
     def masqueraded(self, j: int) -> int:
         """Packets router j's MASQUERADE rule rewrote (conntrack counts a connection's first packet)."""
         out = subprocess.run(["ip", "netns", "exec", self.routers[j], "iptables", "-w", "-t", "nat", "-L", "POSTROUTING",
