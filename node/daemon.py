@@ -249,11 +249,11 @@ class Node:
                     self._set_state("paused")
                     time.sleep(0.2)
                     continue
+                if not self._dialable_peer_in_sight():
+                    continue
                 self._set_state("training")
                 if swarm.deadline.throughput is None and time.monotonic() - self._probed_at > 60:
                     self._probe_link()
-                if not self._dialable_peer_in_sight():
-                    continue
                 my_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
                 proceed, self.round = self.guard.before_round(self.round, my_hashes, self._prev_hashes)
                 if not proceed:
