@@ -99,6 +99,8 @@ class NodeView(Protocol):
         samples_total: int    samples trained since the daemon started
         tokens_total: int
         version: str          swarmtune version
+        reachability: str     public, relayed or outbound-only (node.swarm.reach)
+        reachability_fix: str what to do about it, in one sentence
         """
         ...
 
@@ -106,7 +108,7 @@ class NodeView(Protocol):
         """Peers currently seen in the swarm, one dict each.
 
         peer_id: str, multiaddrs: list[str], round: int, shards: list[int],
-        last_seen_s: float (seconds since last heard from)
+        last_seen_s: float (seconds since last heard from), reachability: str
         """
         ...
 

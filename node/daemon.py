@@ -61,6 +61,8 @@ class Node:
         self.traffic = Traffic()  # bytes on this node's p2pd sockets
         self._prev_hashes: dict[int, str] = {}  # trained shards' hashes at the start of the previous round
         self._probed_at = float("-inf")
+        self.reach = None  # node.swarm.reach.Reachability, detected when the node joins
+        self._alone_since: float | None = None  # outbound-only, and no peer that can be dialled in sight
 
     # ------------------------------------------------------------------ prepare (no side effects on failure)
 
@@ -94,7 +96,7 @@ class Node:
     def _start(self) -> None:
         cfg, m = self.cfg, self.manifest
         # 1. join the DHT and check the swarm agrees with us; 2. only then write anything
-        self._dht = start_network(self.identity, m, initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
+        self._dht, self.reach = start_network(self.identity, m, initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
                                   announce_maddrs=cfg.announce_maddrs)
         if self._new_key:
             self.identity = save_identity(self.identity, cfg.key_path)
@@ -117,12 +119,17 @@ class Node:
             self._dht, swarm_id=self.swarm_id, shard_layouts=layouts, trained_shards=self.trained,
             matchmaking_time=m.averaging.matchmaking_time, allreduce_timeout=m.averaging.timeout,
             peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, clip=m.sync.clip, initial_peers=cfg.initial_peers,
+            reach=self.reach,
         )
         if swarm.peer_id != self.peer_id:
             logger.warning("p2p peer id %s differs from the identity key's %s", swarm.peer_id, self.peer_id)
         maddrs = swarm.visible_maddrs()
         logger.info("swarm %s… peer %s", self.swarm_id[:16], self.peer_id)
-        print("To join this swarm, start other nodes with:\n  --initial-peers " + " ".join(maddrs), flush=True)
+        if self.reach.dialable:
+            print("To join this swarm, start other nodes with:\n  --initial-peers " + " ".join(maddrs), flush=True)
+        else:
+            print(f"This node is {self.reach.kind}: peers cannot dial it, so newcomers must use a public node's address "
+                  "as --initial-peers.", flush=True)
         self._write_status_file(maddrs)
 
         set_state = self._set_state
@@ -135,6 +142,7 @@ class Node:
             self.metrics = NodeMetrics()
             self.metrics.set_identity(self.swarm_id, self.peer_id)
             self.metrics.set_shards(len(self.trained))
+            self.metrics.set_reachability(self.reach.kind)
             self.metrics.watch_memory(memory_bytes)
             self._feed_metrics(self.board.snapshot())
             self._metrics_server = start_metrics_server(self.metrics.registry, port=cfg.metrics_port)
@@ -151,13 +159,14 @@ class Node:
         view = NodeControlView(board=self.board, ledger=self.ledger, record_cv=self._record_cv, credit=self.credit,
                                swarm_id=self.swarm_id, peer_id=self.peer_id, trained=self.trained, plan=self.adapter.plan,
                                peer_ttl=m.averaging.peer_ttl, listen_maddrs=maddrs, started_at=self.started_at,
-                               heartbeat_age=swarm.heartbeat_age,
+                               heartbeat_age=swarm.heartbeat_age, reach=self.reach,
                                commands={"pause": self._paused.set, "resume": self._paused.clear, "drain": self.request_drain})
         self.control = ControlServer(cfg.socket_path, view)
         self.control.start()
 
     def _write_status_file(self, maddrs) -> None:
-        info = {"peer_id": self.peer_id, "swarm_id": self.swarm_id, "maddrs": maddrs, "pid": os.getpid()}
+        info = {"peer_id": self.peer_id, "swarm_id": self.swarm_id, "maddrs": maddrs, "pid": os.getpid(),
+                "reachability": self.reach.kind}
         tmp = self.workdir / "node.json.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.workdir / "node.json")
@@ -241,6 +250,8 @@ class Node:
                     self._set_state("paused")
                     time.sleep(0.2)
                     continue
+                if not self._dialable_peer_in_sight():
+                    continue
                 self._set_state("training")
                 if swarm.deadline.throughput is None and time.monotonic() - self._probed_at > 60:
                     self._probe_link()
@@ -272,6 +283,28 @@ class Node:
         self._set_state("stopped")
         return 0
 
+    def _dialable_peer_in_sight(self) -> bool:
+        """An outbound-only node can average only through a peer that can be dialled (one that holds the parts).
+        With none in sight it would train alone in silence: it says so, plainly and every 30 s, and waits."""
+        if self.reach.dialable:
+            return True
+        view = self.swarm.view()
+        if quorum.dialable_peers(view, self.peer_id):
+            if self._alone_since is not None:
+                logger.info("a peer that can be dialled is back; training with the swarm again")
+                self._alone_since = None
+            return True
+        now = time.monotonic()
+        if self._alone_since is None or now - self._alone_since >= 30:
+            others = len(quorum.others(view, self.peer_id))
+            logger.warning("no node in this swarm can be dialled (%d other peer(s) visible, none of them dialable): nobody "
+                           "can hold the all-reduce, so this node is not training. Fix: %s; or start one node on a "
+                           "machine with a public address", others, self.reach.forward_fix())
+            self._alone_since = now
+        self._set_state("paused")  # the split guard's "wait" shows the same: not training, by no choice of the user
+        self._drain.wait(1.0)
+        return False
+
     def _serve_last_round(self, last: int) -> None:
         """At the swarm's end, stay (serving our shards' state) until every peer that needs them holds the
         whole adapter at the last round: a node that trains only some shards refreshes the others from
@@ -299,10 +332,12 @@ class Node:
         """Measure the link to one peer before averaging with it, so that the first all-reduce gets a
         deadline that fits the link (a too-short deadline cancels the transfer halfway)."""
         self._probed_at = time.monotonic()
-        others = [p for p, i in quorum.others(self.swarm.view(), self.peer_id).items() if set(i.shards) & set(self.trained)]
-        if not others:
+        peers = quorum.others(self.swarm.view(), self.peer_id)
+        others = [p for p, i in peers.items() if set(i.shards) & set(self.trained)]
+        dialable = [p for p in others if peers[p].reach != "outbound-only"]  # a probe stream needs a peer we can dial
+        if not dialable:
             return
-        peer = random.choice(others)
+        peer = random.choice(dialable)
         rate = self.swarm.measure_link(peer)
         if rate:
             planned = self.swarm.allreduce_bytes({k: len(others) + 1 for k in self.trained})

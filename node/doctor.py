@@ -7,6 +7,10 @@ one of pass / warn / fail / skip, and every fail (and warn) carries a concrete f
                                daemon's own error text (SwarmError: cause + fix)
     address reachable          a throwaway second DHT bootstraps from our announced
                                multiaddrs; round-trip time of a DHT ping
+    reachability               (with --initial-peers) our p2pd on --host-maddrs joins through them and asks
+                               one to dial our announced addresses back: public / relayed /
+                               outbound-only (node/swarm/reach.py), with the fix (forward port N,
+                               or nothing to do)
     initial peers reachable    (with --initial-peers) a DHT with those initial peers starts;
                                round-trip time to each, the ones that did not answer, and
                                bandwidth from the first one when it serves the probe
@@ -132,6 +136,40 @@ def _is_local(maddr: str) -> bool:
     return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
 
 
+REACHABILITY = "reachability"
+
+
+def check_reachability(host_maddrs: Sequence[str], announce_maddrs: Sequence[str], initial_peers: Sequence[str]):
+    """Join through the initial peers on the node's own addresses and ask them to dial us back, as `swarmtune run`
+    does at start. Returns (Check, Reachability or None)."""
+    from node.swarm.reach import OUTBOUND_ONLY, detect_reachability
+
+    try:
+        dht = _start_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs)
+    except SwarmError as e:
+        cause, _, fix = str(e).partition(". Fix: ")
+        return Check(REACHABILITY, SKIP, f"not checked: could not join through the initial peers ({cause})"), None
+    try:
+        reach = detect_reachability(dht, [peer_id_of(p) for p in initial_peers if peer_id_of(p)], peer_maddrs=initial_peers)
+    finally:
+        dht.shutdown()
+    detail = f"{reach.kind}: {reach.detail}"
+    if reach.kind == OUTBOUND_ONLY:
+        return Check(REACHABILITY, WARN, detail + " (it still trains: it sends its parts over connections it opens, "
+                                                  "but holds no part of the all-reduce and serves no state)", reach.fix()), reach
+    if not reach.checked:
+        return Check(REACHABILITY, WARN, detail, "ask the swarm's organiser for a peer address that runs swarmtune"), reach
+    return Check(REACHABILITY, PASS, f"{detail}; {reach.fix()}"), reach
+
+
+def reachability_of(checks: Sequence[Check]) -> str | None:
+    """public / relayed / outbound-only, as the reachability check found it (None: not checked)."""
+    for c in checks:
+        if c.name == REACHABILITY and c.status != SKIP:
+            return c.detail.split(":", 1)[0]
+    return None
+
+
 def check_initial_peers(initial_peers: Sequence[str]) -> Check:
     """A DHT with `initial_peers` starts (at least one answered); round trip to each."""
 
@@ -223,7 +261,11 @@ def network_checks(host_maddrs: Sequence[str], announce_maddrs: Sequence[str] = 
             if d is not None:
                 d.shutdown()
     if initial_peers:
+        checks.append(check_reachability(host_maddrs, announce_maddrs, initial_peers)[0])
         checks.append(check_initial_peers(initial_peers))
+    else:
+        checks.append(Check(REACHABILITY, SKIP, "not checked: pass --initial-peers (a node of the swarm) so that a peer "
+                                                "can try to dial this machine back"))
     return checks
 
 

@@ -69,6 +69,9 @@ class NodeMetrics:
         self.rss_bytes = Gauge("swarmtune_rss_bytes", "Resident memory of the daemon.", registry=r)
         self.gpu_memory_bytes = Gauge("swarmtune_gpu_memory_bytes", "Allocated CUDA memory.", registry=r)
         self.state = Enum("swarmtune_state", "Node state.", states=list(NODE_STATES), registry=r)
+        self.reachability = Enum("swarmtune_reachability", "Whether peers can dial this node (dial-back at start): "
+                                 "public, relayed or outbound-only.", states=["public", "relayed", "outbound-only"],
+                                 registry=r)
         self.info = Info("swarmtune_node", "Identity of this node.", registry=r)
         self.info.info({"version": __version__, "swarm_id": "", "peer_id": ""})
 
@@ -77,6 +80,9 @@ class NodeMetrics:
 
     def set_state(self, state: str) -> None:
         self.state.state(state)
+
+    def set_reachability(self, kind: str) -> None:
+        self.reachability.state(kind)
 
     def on_round(
         self,

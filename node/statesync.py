@@ -54,7 +54,9 @@ class StateSync:
     def publish(self, round_: int) -> None:
         """Serve our trained shards' state at the start of `round_` to peers that download it."""
         for k in self.trained:
-            meta = StateMeta(round=round_, hash=self.adapter.shard_hash(k), step=self.trainer.opt_step, swarm=self.swarm_id)
+            # the shard's own step count: after a round that applied only some shards, opt_step is ahead of the others'
+            # AdamW count, and a node loading it would take another bias correction (its shard diverges every round)
+            meta = StateMeta(round=round_, hash=self.adapter.shard_hash(k), step=self.trainer.shard_step(k), swarm=self.swarm_id)
             self.swarm.publish_state(k, meta, self.trainer.shard_state(k))
 
     def distrust(self, donor: str) -> None:

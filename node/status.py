@@ -126,7 +126,7 @@ class NodeControlView:
 
     def __init__(self, *, board: StatusBoard, ledger, record_cv: threading.Condition, credit: CreditCache,
                  swarm_id: str, peer_id: str, trained, plan, peer_ttl: float, listen_maddrs: list[str],
-                 started_at: float, heartbeat_age, commands):
+                 started_at: float, heartbeat_age, commands, reach=None):
         self.board = board
         self.ledger = ledger
         self.record_cv = record_cv
@@ -140,6 +140,7 @@ class NodeControlView:
         self.started_at = started_at
         self.heartbeat_age = heartbeat_age
         self.commands = commands  # pause / resume / drain, as plain callables
+        self.reach = reach  # node.swarm.reach.Reachability, detected at start
 
     def status(self) -> dict:
         s = self.board.snapshot()
@@ -152,6 +153,8 @@ class NodeControlView:
             "uptime_s": time.time() - self.started_at, "last_round_s": s.last_round_s,
             "last_round_at": s.last_round_at, "listen_maddrs": list(self.listen_maddrs),
             "samples_total": s.samples_total, "tokens_total": s.tokens_total, "version": __version__,
+            "reachability": self.reach.kind if self.reach else "public",
+            "reachability_fix": self.reach.fix() if self.reach else "",
         }
 
     def peers(self) -> list[dict]:
@@ -160,7 +163,7 @@ class NodeControlView:
             if pid == self.peer_id:
                 continue
             out.append({"peer_id": pid, "multiaddrs": list(info.maddrs), "round": info.round, "shards": list(info.shards),
-                        "last_seen_s": self.heartbeat_age(info)})
+                        "last_seen_s": self.heartbeat_age(info), "reachability": info.reach})
         return out
 
     def shards(self) -> list[dict]:

@@ -209,6 +209,11 @@ class Trainer:
         return out
 
     def shard_step(self, k: int) -> int:
+        """The optimizer step count shard k's state belongs to: AdamW's own count for its parameters (a round
+        that applied only some shards advanced only theirs, so `opt_step` can be ahead of it), or the outer
+        step count in diloco (its SGD keeps none)."""
+        if self.diloco:
+            return self.opt_step
         for p in self.adapter.shard_params(k):
             st = self.optimizer.state.get(p)
             if st and "step" in st:

@@ -295,3 +295,115 @@ def netns_lan():
     yield make
     for lan in made:
         lan.close()
+
+
+class NatNet:
+    """Public hosts on one bridge (10.78.0.0/24, "the internet") and home hosts each behind its own NAT router.
+
+    Host i < public is on the bridge at 10.78.0.(i+1). Home host j (index public + j) is 192.168.(j+1).2 on a
+    LAN of its own; its router is a namespace with 10.78.0.(101+j) on the bridge that masquerades the LAN
+    (iptables MASQUERADE) and drops whatever arrives from the bridge that the LAN did not ask for (FORWARD:
+    only ESTABLISHED/RELATED pass; INPUT: new connections to the router itself are dropped, as a home router
+    does). Outbound connections from a home host pass; inbound ones time out. `prefix(i)` runs a command on
+    host i."""
+
+    def __init__(self, public: int, nat: int):
+        self.tag = f"sn{os.getpid() % 100000}"
+        self.hub = f"{self.tag}h"
+        self.public, self.nat = public, nat
+        self.hosts = [f"{self.tag}p{i}" for i in range(public)] + [f"{self.tag}n{j}" for j in range(nat)]
+        self.routers = [f"{self.tag}r{j}" for j in range(nat)]
+        self._sh(["ip", "netns", "add", self.hub])
+        self._ns(self.hub, ["ip", "link", "add", "br0", "type", "bridge"])
+        self._ns(self.hub, ["ip", "link", "set", "br0", "up"])
+        for i in range(public):
+            self._wire_to_hub(self.hosts[i], f"{self.tag}p{i}", f"10.78.0.{i + 1}")
+        for j in range(nat):
+            router, home = self.routers[j], self.hosts[public + j]
+            wan = self._wire_to_hub(router, f"{self.tag}r{j}", f"10.78.0.{101 + j}")
+            self._sh(["ip", "netns", "add", home])
+            lan, inner = f"l{self.tag}{j}", f"e{self.tag}{j}"
+            self._sh(["ip", "link", "add", lan, "type", "veth", "peer", "name", inner])
+            self._sh(["ip", "link", "set", lan, "netns", router])
+            self._sh(["ip", "link", "set", inner, "netns", home])
+            self._ns(router, ["ip", "addr", "add", f"192.168.{j + 1}.1/24", "dev", lan])
+            self._ns(router, ["ip", "link", "set", lan, "up"])
+            self._ns(home, ["ip", "addr", "add", f"192.168.{j + 1}.2/24", "dev", inner])
+            self._ns(home, ["ip", "link", "set", inner, "up"])
+            self._ns(home, ["ip", "link", "set", "lo", "up"])
+            self._ns(home, ["ip", "route", "add", "default", "via", f"192.168.{j + 1}.1"])
+            self._ns(router, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            ipt = ["iptables", "-w"]
+            self._ns(router, [*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE"])
+            self._ns(router, [*ipt, "-A", "FORWARD", "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])
+            self._ns(router, [*ipt, "-A", "FORWARD", "-i", wan, "-j", "DROP"])
+            self._ns(router, [*ipt, "-A", "INPUT", "-i", wan, "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])
+
+    def _wire_to_hub(self, ns: str, name: str, ip: str) -> str:
+        inner, outer = f"v{name}", f"h{name}"
+        self._sh(["ip", "netns", "add", ns])
+        self._sh(["ip", "link", "add", inner, "type", "veth", "peer", "name", outer])
+        self._sh(["ip", "link", "set", inner, "netns", ns])
+        self._sh(["ip", "link", "set", outer, "netns", self.hub])
+        self._ns(self.hub, ["ip", "link", "set", outer, "master", "br0"])
+        self._ns(self.hub, ["ip", "link", "set", outer, "up"])
+        self._ns(ns, ["ip", "addr", "add", f"{ip}/24", "dev", inner])
+        self._ns(ns, ["ip", "link", "set", inner, "up"])
+        self._ns(ns, ["ip", "link", "set", "lo", "up"])
+        return inner
+
+    def ip(self, i: int) -> str:
+        return f"10.78.0.{i + 1}" if i < self.public else f"192.168.{i - self.public + 1}.2"
+
+    def wan_ip(self, i: int) -> str:
+        """The address peers see host i at (its router's, for a home host)."""
+        return self.ip(i) if i < self.public else f"10.78.0.{101 + i - self.public}"
+
+    def prefix(self, i: int) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.hosts[i])
+
+    def limit(self, i: int, rate: str) -> None:
+        """Shape host i's link to the bridge both ways with tc tbf (a home host: its router's WAN link)."""
+        name = f"{self.tag}p{i}" if i < self.public else f"{self.tag}r{i - self.public}"
+        ns = self.hosts[i] if i < self.public else self.routers[i - self.public]
+        tbf = ["tbf", "rate", rate, "burst", "64kb", "latency", "400ms"]
+        self._ns(self.hub, ["tc", "qdisc", "add", "dev", f"h{name}", "root", *tbf])
+        self._ns(ns, ["tc", "qdisc", "add", "dev", f"v{name}", "root", *tbf])
+
+    def masqueraded(self, j: int) -> int:
+        """Packets router j's MASQUERADE rule rewrote (conntrack counts a connection's first packet)."""
+        out = subprocess.run(["ip", "netns", "exec", self.routers[j], "iptables", "-w", "-t", "nat", "-L", "POSTROUTING",
+                              "-v", "-n", "-x"], capture_output=True, text=True, check=True).stdout
+        return sum(int(line.split()[0]) for line in out.splitlines() if "MASQUERADE" in line)
+
+    def close(self) -> None:
+        for ns in [*self.hosts, *self.routers, self.hub]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def _sh(self, cmd):
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def _ns(self, ns, cmd):
+        self._sh(["ip", "netns", "exec", ns, *cmd])
+
+
+@pytest.fixture
+def nat_net():
+    """nat_net(public, nat) -> NatNet; skipped where namespaces or iptables are missing (not root, no iptables)."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables"):
+        pytest.skip("NAT tests need root, iproute2 and iptables (apt-get install -y iptables)")
+    made: list[NatNet] = []
+
+    def make(public: int, nat: int) -> NatNet:
+        try:
+            net = NatNet(public, nat)
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot build NAT namespaces here: {e.stderr.decode(errors='replace').strip()}")
+        made.append(net)
+        return net
+
+    yield make
+    for net in made:
+        net.close()

@@ -70,14 +70,15 @@ class TinyNode:
             "shards": [0, 2], "adapter_hash": "ab" * 16, "rss_bytes": 300 << 20, "peak_rss_bytes": 400 << 20,
             "gpu_memory_bytes": 0, "uptime_s": 3725.0, "last_round_s": 1.5, "last_round_at": time.time() - 3,
             "listen_maddrs": ["/ip4/127.0.0.1/tcp/4001"], "samples_total": 640, "tokens_total": 81920,
-            "version": "0.1.0",
+            "version": "0.1.0", "reachability": "outbound-only", "reachability_fix": "forward TCP port 4001",
         }
 
     def peers(self) -> list[dict]:
         return [
             {"peer_id": "12D3KooWPeerA", "multiaddrs": ["/ip4/10.0.0.2/tcp/4001"], "round": 7, "shards": [0, 1],
-             "last_seen_s": 2.0},
-            {"peer_id": "12D3KooWPeerB", "multiaddrs": [], "round": 6, "shards": [2], "last_seen_s": 31.0},
+             "last_seen_s": 2.0, "reachability": "public"},
+            {"peer_id": "12D3KooWPeerB", "multiaddrs": [], "round": 6, "shards": [2], "last_seen_s": 31.0,
+             "reachability": "outbound-only"},
         ]
 
     def shards(self) -> list[dict]:
@@ -352,6 +353,7 @@ def test_cli_status_table_and_json(client, sock: Path, capsys) -> None:
     assert main(["status", "--socket", str(sock), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["round"] == 7 and st["state"] == "training"
+    assert st["reachability"] == "outbound-only" and "forward TCP port 4001" in st["reachability_fix"]
 
 
 def test_cli_peers_and_shards(client, sock: Path, capsys) -> None:

@@ -45,7 +45,7 @@ LAYERS = [
     ["node.model"],
     ["node.shards", "node.checkpoint", "node.ledger", "node.metrics", "node.trainer"],
     ["node.swarm", "node.swarm.exact", "node.swarm.deadline", "node.swarm.validator"],
-    ["node.swarm.averager", "node.swarm.probe", "node.swarm.dht"],
+    ["node.swarm.averager", "node.swarm.probe", "node.swarm.reach", "node.swarm.dht"],
     ["node.swarm.membership", "node.swarm.traffic"],
     ["node.swarm.quorum"],
     ["node.swarm.swarm", "node.swarm.follow"],

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from node.swarm.quorum import (
     coverage,
+    dialable_peers,
     donor_order,
     expected_group_sizes,
     group_claim,
@@ -35,6 +36,7 @@ class P:
     shards: tuple = (0,)
     syncing: bool = False
     shard_hashes: dict = field(default_factory=dict)
+    reach: str = "public"
 
 
 def at(round_: int, h: str | None = None, *, shards: tuple = (0,), syncing: bool = False, hashes: dict | None = None) -> P:
@@ -314,6 +316,14 @@ def test_donor_order_excludes_me_syncing_and_non_holders():
     }
     got = donor_order(view, "M", 0, rng=random.Random(0))
     assert sorted(got) == ["A", "B"]
+
+
+def test_donor_order_never_asks_an_outbound_only_peer():
+    # a peer behind a NAT serves no state (nobody can dial it), however many vote for its hash
+    view = {"A": at(5, "hh"), "N": P(round=5, shards=(0,), shard_hashes={0: "hh"}, reach="outbound-only"),
+            "R": P(round=5, shards=(0,), shard_hashes={0: "hh"}, reach="relayed")}
+    assert sorted(donor_order(view, "M", 0, rng=random.Random(0))) == ["A", "R"]
+    assert dialable_peers(view, "A") == ["R"] and dialable_peers({"N": view["N"]}, "M") == []
 
 
 def test_donor_order_skip_list_honoured():

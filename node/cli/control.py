@@ -130,6 +130,7 @@ def _status(args) -> int:
         ("peer id", st["peer_id"]),
         ("adapter hash", st["adapter_hash"]),
         ("listening on", "\n".join(st["listen_maddrs"]) or "-"),
+        ("reachability", f"{st['reachability']}: {st['reachability_fix']}" if st["reachability_fix"] else st["reachability"]),
         ("version", st["version"]),
     ]
     table = Table(title=f"swarmtune node ({args.socket or 'default socket'})", show_header=False)
@@ -156,9 +157,16 @@ def _peers(args) -> int:
         table.add_column(col, overflow="fold")
     for p in peers:
         table.add_row(p["peer_id"], str(p["round"]), _ints(p["shards"]), f"{p['last_seen_s']:.0f} s ago",
-                      "\n".join(p["multiaddrs"]) or "-")
+                      _peer_addresses(p))
     _console().print(table)
     return 0
+
+
+def _peer_addresses(p: dict) -> str:
+    """The addresses column: a peer nobody can dial has none, and says why."""
+    if p["reachability"] == "outbound-only":
+        return "none (outbound-only)"
+    return "\n".join(p["multiaddrs"]) or "-"
 
 
 def _shards(args) -> int:

@@ -53,7 +53,7 @@ _STYLE = {"pass": ("[green]PASS[/green]"), "warn": "[yellow]WARN[/yellow]", "fai
 
 def cmd_doctor(args) -> int:
     from node.config import ConfigError, load_node_config
-    from node.doctor import any_failed, run_checks
+    from node.doctor import any_failed, reachability_of, run_checks
 
     overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
     try:
@@ -63,7 +63,8 @@ def cmd_doctor(args) -> int:
     checks = run_checks(cfg, network=args.network)
     failed = any_failed(checks)
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": [c.to_dict() for c in checks]}, indent=2))
+        print(json.dumps({"ok": not failed, "reachability": reachability_of(checks), "checks": [c.to_dict() for c in checks]},
+                         indent=2))
         return 1 if failed else 0
 
     from rich.console import Console

@@ -2,7 +2,8 @@
 
 Every node stores a heartbeat under `<swarm_id>/peers` (subkey: its peer id) every
 peer_ttl/4 seconds: its round, the shards it trains, their hashes at the start of that
-round, its addresses, whether it is downloading state. `Membership.view()` reads them back
+round, its addresses (none when it is outbound-only), its reachability, whether it is
+downloading state. `Membership.view()` reads them back
 into `PeerInfo`s; `node.swarm.quorum` decides from one such view.
 
 The member check (`check_membership`) runs once at start: a newcomer whose initial peers
@@ -40,6 +41,7 @@ class PeerInfo:
     syncing: bool = False  # downloading state: not a trainer this round
     shard_hashes: dict = field(default_factory=dict)  # shard -> hash of its trained shards at the start of `round`
     complete: int = -1  # the last round at which it held every shard, untrained ones too (-1: not said)
+    reach: str = "public"  # public | relayed | outbound-only (node/swarm/reach.py); old peers say nothing: public
 
 
 def parse_heartbeat(subkey: str, value: dict, expires_at: float) -> PeerInfo:
@@ -49,7 +51,7 @@ def parse_heartbeat(subkey: str, value: dict, expires_at: float) -> PeerInfo:
         maddrs=tuple(str(a) for a in value.get("maddrs", ())), samples_per_s=float(value.get("sps", 0.0)),
         expires_at=float(expires_at), syncing=bool(value.get("syncing", False)),
         shard_hashes={int(k): str(h) for k, h in dict(value.get("hashes") or {}).items()},
-        complete=int(value.get("complete", -1)),
+        complete=int(value.get("complete", -1)), reach=str(value.get("reach", "public")),
     )
 
 
@@ -57,7 +59,7 @@ class Membership:
     """This node's heartbeat and its view of the others. Thread-safe; one heartbeat thread."""
 
     def __init__(self, dht, *, swarm_id: str, trained: Sequence[int], peer_ttl: float, initial_peers: Sequence[str] = (),
-                 heartbeat: bool = True):
+                 heartbeat: bool = True, reach: str = "public"):
         """`heartbeat=False`: only read the view (a follower such as `serve --swarm`, which must not look
         like a peer to the trainers: it neither publishes a heartbeat nor re-dials)."""
         self.dht = dht
@@ -67,7 +69,8 @@ class Membership:
         self.lookup_timeout = max(2.0, peer_ttl / 2)  # a slower lookup falls back on the last view
         self._pending_stores: list = []
         self._pending_lock = threading.Lock()
-        self._heartbeat: dict[str, Any] = {"round": 0, "shards": list(trained), "sps": 0.0, "syncing": False}
+        self._heartbeat: dict[str, Any] = {"round": 0, "shards": list(trained), "sps": 0.0, "syncing": False, "reach": reach}
+        self.dialable = reach != "outbound-only"  # an outbound-only node publishes no addresses: nobody could dial them
         self.left: set[str] = set()  # peers that announced they left (not a split)
         # peers seen before, for re-dialling after a partition: {peer_id: (addresses, last seen)}
         self._known: dict[str, tuple[tuple[str, ...], float]] = {}
@@ -99,7 +102,7 @@ class Membership:
         """Store the heartbeat without waiting: right after a partition a store can take ~6 s (it waits on
         unreachable replicas), and a blocking store would let our entry expire at the peers we still reach.
         A later store always wins (its expiration time is later)."""
-        value = dict(self._heartbeat, maddrs=self.visible_maddrs(), v=1)
+        value = dict(self._heartbeat, maddrs=self.visible_maddrs() if self.dialable else [], v=1)
         with self._pending_lock:
             still = []
             for fut in self._pending_stores:

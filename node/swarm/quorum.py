@@ -26,6 +26,7 @@ class Claim(Protocol):
     shards: tuple[int, ...]
     syncing: bool
     shard_hashes: dict
+    reach: str  # public | relayed | outbound-only
 
 
 def others(view: Mapping[str, Claim], me: str) -> dict[str, Claim]:
@@ -70,10 +71,11 @@ def donor_order(peers: Mapping[str, Claim], me: str, shard: int, *, skip: Iterab
     Peers holding the state most peers agree on (the largest group of equal (round, hash)
     claims, later rounds first among equals) come first, then the rest; shuffled within each
     group so that newcomers arriving together spread over donors. `skip`: peers whose state
-    failed a check recently. A donor that declares itself best gains nothing: only the claims
-    of the others rank it."""
+    failed a check recently; outbound-only peers serve no state and are never asked. A donor that
+    declares itself best gains nothing: only the claims of the others rank it."""
     skip = set(skip)
-    holders = {p: i for p, i in peers.items() if p != me and not i.syncing and shard in i.shards and p not in skip}
+    holders = {p: i for p, i in peers.items() if p != me and not i.syncing and shard in i.shards and p not in skip
+               and i.reach != "outbound-only"}  # nobody can dial it: it serves no state
     votes = Counter((i.round, i.shard_hashes.get(shard)) for i in holders.values())
     rank = {claim: n for n, claim in enumerate(sorted(votes, key=lambda c: (votes[c], c[0]), reverse=True))}
     order = list(holders)
@@ -163,3 +165,8 @@ def followed_state(peers: Mapping[str, Claim], num_shards: int) -> tuple[int, di
         hashes[k] = max(votes, key=lambda h: (votes[h], h))
         donors[k] = sorted(p for p, h in at if h == hashes[k])
     return (round_, hashes, donors) if hashes else None
+
+
+def dialable_peers(peers: Mapping[str, Claim], me: str) -> list[str]:
+    """Peers other than `me` that others can dial (public or relayed): the ones that can hold all-reduce parts."""
+    return sorted(p for p, i in peers.items() if p != me and i.reach != "outbound-only")

@@ -1,7 +1,7 @@
 """The swarm as the node sees it: the façade over the DHT, membership and one averager per shard.
 
-    dht = start_network(identity, manifest, initial_peers=..., host_maddrs=...)
-    swarm = Swarm(dht, swarm_id=..., shard_layouts=..., trained_shards=..., wire="int8", ...)
+    dht, reach = start_network(identity, manifest, initial_peers=..., host_maddrs=...)
+    swarm = Swarm(dht, swarm_id=..., shard_layouts=..., trained_shards=..., wire="int8", reach=reach, ...)
     results = swarm.allreduce_sums({shard: float32 vector}, RoundClaim(...), expected, round_=r)
 
 It owns the two formats peers exchange besides records and heartbeats:
@@ -35,12 +35,13 @@ from node.swarm.averager import (
     CLIPPED_KEY, ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, KEY_BITS, ShardAverager, group_key,
 )
 from node.swarm.deadline import AveragingDeadline
-from node.swarm.dht import dht_time, start_dht
+from node.swarm.dht import dht_time, peer_id_of, start_dht
 from node.swarm.exact import (
     GRIDS, MAX_GROUP, Layout, WireError, block_exponents, dequantize, group_exponents, quantize, wire_bytes_per_value,
 )
 from node.swarm.membership import Membership, PeerInfo, check_membership
 from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
+from node.swarm.reach import PUBLIC, Reachability, detect_reachability, serve_dialback
 from node.swarm.validator import RecordsValidator, collect_records, publish_record
 
 logger = logging.getLogger(__name__)
@@ -126,9 +127,37 @@ class StateMeta:
 
 def start_network(identity, manifest, *, initial_peers: Sequence[str], host_maddrs: Sequence[str],
                   announce_maddrs: Sequence[str]):
-    """Start this node's DHT + p2pd with the node's key as its libp2p identity, and check that the
-    initial peers train the same swarm (SwarmError otherwise). p2pd reads the key from a private
-    temporary file that is removed as soon as the daemon started."""
+    """Start this node's DHT + p2pd with the node's key as its libp2p identity, check that the initial
+    peers train the same swarm (SwarmError otherwise), and find out whether peers can dial us
+    (node/swarm/reach.py). Returns (dht, Reachability). A node nobody can dial is restarted in hivemind's
+    client mode: it asks and sends over connections it opens, and nobody waits on requests to it.
+    p2pd reads the key from a private temporary file that is removed as soon as the daemon started."""
+    dht = _start_identified(identity, manifest, initial_peers=initial_peers, host_maddrs=host_maddrs,
+                            announce_maddrs=announce_maddrs, client_mode=False)
+    try:
+        check_membership(dht, manifest, initial_peers)
+        serve_dialback(dht)
+        reach = detect_reachability(dht, [peer_id_of(a) for a in initial_peers if peer_id_of(a)], peer_maddrs=initial_peers)
+    except BaseException:
+        dht.shutdown()
+        raise
+    logger.info("reachability: %s (%s)", reach.kind, reach.detail)
+    if reach.dialable:
+        return dht, reach
+    logger.warning("peers cannot dial this node (%s): it trains in client mode, sending its parts and receiving the "
+                   "sums over connections it opens. %s", reach.detail, reach.fix())
+    dht.shutdown()
+    dht = _start_identified(identity, manifest, initial_peers=initial_peers, host_maddrs=host_maddrs,
+                            announce_maddrs=announce_maddrs, client_mode=True)
+    try:
+        check_membership(dht, manifest, initial_peers)
+    except BaseException:
+        dht.shutdown()
+        raise
+    return dht, reach
+
+
+def _start_identified(identity, manifest, *, client_mode: bool, **kwargs):
     from node.identity import write_libp2p_identity
 
     fd, tmp_key = tempfile.mkstemp(prefix="swarmtune-p2p-", suffix=".key")
@@ -136,17 +165,11 @@ def start_network(identity, manifest, *, initial_peers: Sequence[str], host_madd
     try:
         os.unlink(tmp_key)
         write_libp2p_identity(identity, tmp_key)
-        dht = start_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                        identity_path=tmp_key, record_validators=[RecordsValidator(manifest.swarm_id)])
+        return start_dht(identity_path=tmp_key, record_validators=[RecordsValidator(manifest.swarm_id)],
+                         client_mode=client_mode, **kwargs)
     finally:
         if os.path.exists(tmp_key):
             os.unlink(tmp_key)
-    try:
-        check_membership(dht, manifest, initial_peers)
-    except BaseException:
-        dht.shutdown()
-        raise
-    return dht
 
 
 class Swarm:
@@ -165,8 +188,12 @@ class Swarm:
         wire: str = "int8",
         clip: float = 0.0,
         initial_peers: Sequence[str] = (),
+        reach: Reachability | None = None,
     ):
         self.dht = dht
+        self.reach = reach or Reachability(PUBLIC, "not checked", checked=False)
+        # an outbound-only node's DHT runs in client mode, and so do its averagers (hivemind's default follows the
+        # DHT): peer fraction 0, so it never holds a part of the all-reduce, and it serves no state
         self.swarm_id = swarm_id
         self.peer_id = str(dht.peer_id)
         self.trained = tuple(sorted(trained_shards))
@@ -195,10 +222,12 @@ class Swarm:
                 request_timeout=max(0.5, matchmaking_time / 2),
                 allreduce_timeout=allreduce_timeout,
                 next_chunk_timeout=allreduce_timeout / 2,
-                allow_state_sharing=k in self.trained,
+                allow_state_sharing=k in self.trained and self.reach.dialable,
+                client_mode=not self.reach.dialable,
                 declare_state_period=max(2.0, peer_ttl / 3),
             )
-        self.members = Membership(dht, swarm_id=swarm_id, trained=self.trained, peer_ttl=peer_ttl, initial_peers=initial_peers)
+        self.members = Membership(dht, swarm_id=swarm_id, trained=self.trained, peer_ttl=peer_ttl, initial_peers=initial_peers,
+                                  reach=self.reach.kind)
         serve_bandwidth_probe(dht)  # lets `swarmtune doctor` on a newcomer's machine measure bandwidth to us
 
     # ------------------------------------------------------------------ membership
