@@ -99,6 +99,8 @@ class NodeView(Protocol):
         samples_total: int    samples trained since the daemon started
         tokens_total: int
         version: str          swarmtune version
+        stalled: bool         no round ended for too long (node.status.StallWatch)
+        stall_reason: str     why, with the figures; empty when not stalled
         """
         ...
 

@@ -70,7 +70,7 @@ class TinyNode:
             "shards": [0, 2], "adapter_hash": "ab" * 16, "rss_bytes": 300 << 20, "peak_rss_bytes": 400 << 20,
             "gpu_memory_bytes": 0, "uptime_s": 3725.0, "last_round_s": 1.5, "last_round_at": time.time() - 3,
             "listen_maddrs": ["/ip4/127.0.0.1/tcp/4001"], "samples_total": 640, "tokens_total": 81920,
-            "version": "0.1.0",
+            "version": "0.1.0", "stalled": False, "stall_reason": "",
         }
 
     def peers(self) -> list[dict]:
