@@ -1,5 +1,6 @@
 """Screenshot of the node dashboard, as README shows it: a 2-node swarm on 127.0.0.1 (built-in tiny model
-and task), node 0 started with --dashboard-port, and headless Chromium's --screenshot of its page.
+and task), node 0 started with --dashboard-port, and headless Chromium (over its DevTools pipe, the same
+driver as tests/test_dashboard.py) captures the page once it shows the node's round.
 
     python scripts/dashboard_screenshot.py --out docs/dashboard.png [--rounds 20] [--workdir DIR]
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def _free_port() -> int:
@@ -79,9 +81,14 @@ def main() -> int:
         _wait(f"{args.rounds} rounds", lambda: rounds_done() >= args.rounds, 60 + 10 * args.rounds, procs)
         out = Path(args.out).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,1000",
-                        f"--user-data-dir={work / 'chromium'}", "--timeout=5000", f"--screenshot={out}",
-                        f"http://127.0.0.1:{port}/"], check=True, timeout=120, capture_output=True)
+        from tests.browser import Browser
+
+        with Browser(work / "chromium") as b:
+            b.open(f"http://127.0.0.1:{port}/")
+            _wait("the page to show the round", lambda: (b.eval("document.getElementById('round')?.textContent") or "-")
+                  .isdigit() and b.eval("document.querySelectorAll('#credit-rows tr').length") >= 2, 60, procs)
+            time.sleep(1.5)  # one more server-sent update, so every panel is drawn
+            b.screenshot(out)
         print(f"wrote {out} ({out.stat().st_size} bytes) after {rounds_done()} rounds")
     finally:
         for p in procs:

@@ -84,9 +84,18 @@ class Browser:
                 return reply.get("result", {})
         raise TimeoutError(f"{method}: no reply in {self.timeout} s")
 
-    def open(self, url: str) -> None:
-        target = self.call("Target.createTarget", url=url)["targetId"]
+    def open(self, url: str, width: int = 1280, height: int = 1000) -> None:
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", self.session, width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.call("Page.navigate", self.session, url=url)
+
+    def screenshot(self, path) -> None:
+        import base64
+
+        data = self.call("Page.captureScreenshot", self.session, format="png")["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
 
     def eval(self, expression: str):
         out = self.call("Runtime.evaluate", self.session, expression=expression, returnByValue=True)
