@@ -60,7 +60,7 @@ def read_swarm(manifest, *, initial_peers: Sequence[str], wait_s: float = 10.0) 
     if plan is None:  # layers unknown here: as many shards as the heartbeats name, layer ranges unknown (-1)
         plan = [(-1, -1)] * (1 + max((k for i in view.values() for k in i.shards), default=-1))
     coverage = quorum.coverage(view, follower.members.peer_id, (), len(plan))
-    report = verify_logs({"dht": blobs}, manifest.swarm_id, manifest.credit_cap)
+    report = verify_logs({"dht": blobs}, manifest.swarm_id, manifest.credit_cap, max_tokens_per_sample=manifest.token_cap)
     credit = sorted(compute_credit(report).values(), key=lambda c: -c.samples)
     rounds = [p["round"] for p in peers]
     return {
