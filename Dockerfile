@@ -103,11 +103,13 @@ EXPOSE 31337/tcp
 USER swarmtune
 WORKDIR /home/swarmtune
 
-# `swarmtune status` asks the daemon over its control socket and exits non-zero when nobody answers.
-# The socket opens once the node has joined the DHT, which can take a long base-model download first:
-# hence the long start period (failures during it do not count). It uses the default socket,
-# /data/node.sock: a node started with another --socket needs its own healthcheck.
-HEALTHCHECK --interval=30s --timeout=20s --start-period=15m --retries=3 CMD ["swarmtune", "status"]
+# `swarmtune status --healthcheck` asks the daemon over its control socket: exit 2 when nobody answers,
+# 1 when the node is stalled (no round for stall_factor x its last round's time, at least stall_min_s;
+# the line it prints says why), 0 otherwise. The socket opens once the node has joined the DHT, which
+# can take a long base-model download first: hence the long start period (failures during it do not
+# count). It uses the default socket, /data/node.sock: a node started with another --socket needs its
+# own healthcheck.
+HEALTHCHECK --interval=30s --timeout=20s --start-period=15m --retries=3 CMD ["swarmtune", "status", "--healthcheck"]
 
 # `docker run IMAGE <subcommand> ...` reads like the CLI. Without arguments it prints the help rather
 # than starting a node that has no manifest or key yet.

@@ -47,6 +47,9 @@ class NodeConfig:
     max_rounds: int = 0  # stop after this node trained this many rounds in this run (0 = no limit; the manifest's max_rounds still ends the swarm)
     checkpoint_every: int = 1  # rounds between checkpoints
     metrics_port: int = 0  # Prometheus endpoint on 127.0.0.1:<port>; 0 disables
+    dashboard_port: int = 0  # live web dashboard on 127.0.0.1:<port>; 0 disables
+    stall_factor: float = 10.0  # stalled (status, metrics, healthcheck) when no round ended for this many times the last round's duration
+    stall_min_s: float = 300.0  # ... and for at least this many seconds (also the limit before the first round)
     socket: str = ""  # control socket; default <home>/node.sock
     log_format: str = "human"  # human | json
     log_level: str = "info"  # debug | info | warning | error
@@ -138,7 +141,8 @@ def load_node_config(path: str | os.PathLike | None = None, *, env: Mapping[str,
 CHOICES = {"log_level": ("debug", "info", "warning", "error"), "log_format": ("human", "json")}
 RANGES = {  # field: (lowest, highest or None)
     "min_peers": (1, None), "peer_wait": (0, None), "checkpoint_every": (0, None), "max_rounds": (0, None),
-    "metrics_port": (0, 65535), "threads": (0, None),
+    "metrics_port": (0, 65535), "threads": (0, None), "dashboard_port": (0, 65535), "stall_factor": (1, None),
+    "stall_min_s": (0, None),
 }
 
 

@@ -101,6 +101,8 @@ class NodeView(Protocol):
         version: str          swarmtune version
         reachability: str     public, relayed or outbound-only (node.swarm.reach)
         reachability_fix: str what to do about it, in one sentence
+        stalled: bool         no round ended for too long (node.status.StallWatch)
+        stall_reason: str     why, with the figures; empty when not stalled
         """
         ...
 

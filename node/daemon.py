@@ -34,7 +34,7 @@ from node.rounds import RoundResult, RoundRunner
 from node.splitguard import SplitGuard
 from node.stack import StackError, load_stack
 from node.statesync import StateSync, SyncError
-from node.status import CreditCache, NodeControlView, StatusBoard, memory_bytes
+from node.status import CreditCache, NodeControlView, StallWatch, StatusBoard, memory_bytes
 from node.swarm import quorum
 from node.swarm.dht import remove_stale_sockets, stop_children
 from node.swarm.swarm import Swarm, start_network
@@ -57,6 +57,7 @@ class Node:
         self.metrics = None
         self.board = StatusBoard(on_change=self._feed_metrics)
         self.swarm = self._dht = self.ledger = self.control = self._metrics_server = self.credit = None
+        self._dashboard = self._live_line = None
         self.round = 0
         self.traffic = Traffic()  # bytes on this node's p2pd sockets
         self._prev_hashes: dict[int, str] = {}  # trained shards' hashes at the start of the previous round
@@ -160,9 +161,28 @@ class Node:
                                swarm_id=self.swarm_id, peer_id=self.peer_id, trained=self.trained, plan=self.adapter.plan,
                                peer_ttl=m.averaging.peer_ttl, listen_maddrs=maddrs, started_at=self.started_at,
                                heartbeat_age=swarm.heartbeat_age, reach=self.reach,
-                               commands={"pause": self._paused.set, "resume": self._paused.clear, "drain": self.request_drain})
+                               commands={"pause": self._paused.set, "resume": self._paused.clear, "drain": self.request_drain},
+                               stall=StallWatch(factor=cfg.stall_factor, min_s=cfg.stall_min_s))
         self.control = ControlServer(cfg.socket_path, view)
         self.control.start()
+        self._start_operator_views(view)
+
+    def _start_operator_views(self, view) -> None:
+        """What a person watches: stall in the metrics, the web dashboard, the live line on a terminal."""
+        from node.console import start_live_line
+
+        if self.metrics:
+            self.metrics.watch_stall(lambda: bool(view.stall_reason()))
+        if self.cfg.dashboard_port:
+            from node.dashboard import start_dashboard
+
+            try:
+                self._dashboard = start_dashboard(view, progress=self.workdir / "rounds.jsonl", port=self.cfg.dashboard_port)
+            except OSError as e:
+                raise NodeError(str(e)) from None
+            logger.info("dashboard: %s", self._dashboard.url)
+        self._live_line = start_live_line(view, json_logs=self.cfg.log_format == "json",
+                                          last_round=self.manifest.rounds.max_rounds)
 
     def _write_status_file(self, maddrs) -> None:
         info = {"peer_id": self.peer_id, "swarm_id": self.swarm_id, "maddrs": maddrs, "pid": os.getpid(),
@@ -401,6 +421,9 @@ class Node:
             self.control.stop(0.5)
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        for view in (self._live_line, self._dashboard):
+            if view is not None:
+                view.stop()
         if self.swarm is not None:
             self.swarm.shutdown()
         elif self._dht is not None:

@@ -68,6 +68,10 @@ class NodeMetrics:
         self.bytes_received = Counter("swarmtune_network_received_bytes", "Bytes received from peers.", registry=r)
         self.rss_bytes = Gauge("swarmtune_rss_bytes", "Resident memory of the daemon.", registry=r)
         self.gpu_memory_bytes = Gauge("swarmtune_gpu_memory_bytes", "Allocated CUDA memory.", registry=r)
+        self.stalled = Gauge(
+            "swarmtune_stalled", "1 when no round ended for stall_factor x the last round's time (`swarmtune status` says why).",
+            registry=r,
+        )
         self.state = Enum("swarmtune_state", "Node state.", states=list(NODE_STATES), registry=r)
         self.reachability = Enum("swarmtune_reachability", "Whether peers can dial this node (dial-back at start): "
                                  "public, relayed or outbound-only.", states=["public", "relayed", "outbound-only"],
@@ -152,6 +156,10 @@ class NodeMetrics:
         """Read memory at every scrape: `read()` -> (rss, peak rss, gpu bytes)."""
         self.rss_bytes.set_function(lambda: read()[0])
         self.gpu_memory_bytes.set_function(lambda: read()[2])
+
+    def watch_stall(self, stalled) -> None:
+        """Read at every scrape: `stalled()` -> bool."""
+        self.stalled.set_function(lambda: 1.0 if stalled() else 0.0)
 
     def set_memory(self, rss_bytes: int, gpu_memory_bytes: int = 0) -> None:
         self.rss_bytes.set(rss_bytes)

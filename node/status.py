@@ -35,6 +35,7 @@ class Snapshot:
     adapter_hash: str = ""
     peers: dict = field(default_factory=dict)  # {peer_id: PeerInfo}, this node included
     coverage: dict = field(default_factory=dict)  # {shard: trainers}
+    state_since: float = field(default_factory=time.time)  # unix time the state last changed
 
 
 class StatusBoard:
@@ -47,6 +48,8 @@ class StatusBoard:
 
     def update(self, **fields) -> Snapshot:
         with self._lock:
+            if "state" in fields and fields["state"] != self._snap.state and "state_since" not in fields:
+                fields["state_since"] = time.time()
             self._snap = dataclasses.replace(self._snap, **fields)
             snap = self._snap
         self._on_change(snap)
@@ -68,6 +71,36 @@ def memory_bytes() -> tuple[int, int, int]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     gpu = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0
     return int(rss), int(max(peak, rss)), gpu
+
+
+class StallWatch:
+    """Says why a node counts as stalled: no round ended for `factor` x the last round's duration, and for
+    at least `min_s` seconds (before the first round: `min_s` since the node started). A paused, draining
+    or stopped node is never stalled; the clock restarts when the node leaves those states."""
+
+    QUIET_STATES = ("paused", "draining", "stopped")
+
+    def __init__(self, *, factor: float, min_s: float, started_at: float | None = None):
+        self.factor = factor
+        self.min_s = min_s
+        self.started_at = time.time() if started_at is None else started_at
+
+    def reason(self, snap: Snapshot, now: float | None = None) -> str:
+        """Empty when the node is not stalled, else one sentence with the figures and what it is doing."""
+        now = time.time() if now is None else now
+        if snap.state in self.QUIET_STATES:
+            return ""
+        since = max(snap.last_round_at or self.started_at, snap.state_since, self.started_at)
+        if snap.last_round_at is None or snap.last_round_s is None:
+            limit, why = self.min_s, f"no round ended since the node started (limit {self.min_s:g} s)"
+        else:
+            limit = max(self.min_s, self.factor * snap.last_round_s)
+            why = (f"no round ended for {now - since:.0f} s (limit {limit:.0f} s: {self.factor:g} x the last round's "
+                   f"{snap.last_round_s:.1f} s, at least {self.min_s:g} s)")
+        if now - since <= limit:
+            return ""
+        peers = max(0, len(snap.peers) - 1)
+        return f"{why}; state {snap.state} since {now - snap.state_since:.0f} s ago, {peers} peer(s) in the last view"
 
 
 class CreditCache:
@@ -126,7 +159,7 @@ class NodeControlView:
 
     def __init__(self, *, board: StatusBoard, ledger, record_cv: threading.Condition, credit: CreditCache,
                  swarm_id: str, peer_id: str, trained, plan, peer_ttl: float, listen_maddrs: list[str],
-                 started_at: float, heartbeat_age, commands, reach=None):
+                 started_at: float, heartbeat_age, commands, reach=None, stall: StallWatch | None = None):
         self.board = board
         self.ledger = ledger
         self.record_cv = record_cv
@@ -141,9 +174,14 @@ class NodeControlView:
         self.heartbeat_age = heartbeat_age
         self.commands = commands  # pause / resume / drain, as plain callables
         self.reach = reach  # node.swarm.reach.Reachability, detected at start
+        self.stall = stall if stall is not None else StallWatch(factor=10.0, min_s=300.0, started_at=started_at)
+
+    def stall_reason(self) -> str:
+        return self.stall.reason(self.board.snapshot())
 
     def status(self) -> dict:
         s = self.board.snapshot()
+        stall = self.stall.reason(s)
         rss, peak, gpu = memory_bytes()
         return {
             "round": s.round, "loss": s.loss, "samples_per_s": float(s.samples_per_s),
@@ -155,6 +193,7 @@ class NodeControlView:
             "samples_total": s.samples_total, "tokens_total": s.tokens_total, "version": __version__,
             "reachability": self.reach.kind if self.reach else "public",
             "reachability_fix": self.reach.fix() if self.reach else "",
+            "stalled": bool(stall), "stall_reason": stall,
         }
 
     def peers(self) -> list[dict]:

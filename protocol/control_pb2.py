@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocol/control.proto\x12\x14swarmtune.control.v1\"\x0f\n\rStatusRequest\"\xa3\x04\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\x04loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rsamples_per_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\r\n\x05peers\x18\x05 \x01(\r\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.swarmtune.control.v1.NodeState\x12\x10\n\x08swarm_id\x18\x07 \x01(\t\x12\x0f\n\x07peer_id\x18\x08 \x01(\t\x12\x0e\n\x06shards\x18\t \x03(\r\x12\x14\n\x0c\x61\x64\x61pter_hash\x18\n \x01(\t\x12\x11\n\trss_bytes\x18\x0b \x01(\x04\x12\x16\n\x0epeak_rss_bytes\x18\x0c \x01(\x04\x12\x18\n\x10gpu_memory_bytes\x18\r \x01(\x04\x12\x10\n\x08uptime_s\x18\x0e \x01(\x01\x12\x19\n\x0clast_round_s\x18\x0f \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rlast_round_at\x18\x10 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\rlisten_maddrs\x18\x11 \x03(\t\x12\x15\n\rsamples_total\x18\x12 \x01(\x04\x12\x14\n\x0ctokens_total\x18\x13 \x01(\x04\x12\x0f\n\x07version\x18\x14 \x01(\t\x12\x14\n\x0creachability\x18\x1e \x01(\t\x12\x18\n\x10reachability_fix\x18\x1f \x01(\tB\x07\n\x05_lossB\x0f\n\r_last_round_sB\x10\n\x0e_last_round_at\"\x0e\n\x0cPeersRequest\"u\n\x04Peer\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmultiaddrs\x18\x02 \x03(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x03(\r\x12\x13\n\x0blast_seen_s\x18\x05 \x01(\x01\x12\x14\n\x0creachability\x18\x1e \x01(\t\"7\n\nPeersReply\x12)\n\x05peers\x18\x01 \x03(\x0b\x32\x1a.swarmtune.control.v1.Peer\"\x0f\n\rShardsRequest\"_\n\x05Shard\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x10\n\x08trainers\x18\x04 \x01(\r\x12\r\n\x05local\x18\x05 \x01(\x08\":\n\x0bShardsReply\x12+\n\x06shards\x18\x01 \x03(\x0b\x32\x1b.swarmtune.control.v1.Shard\"2\n\x0eRecordsRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\x8f\x02\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x13\n\x0brecord_hash\x18\x03 \x01(\t\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\x12\x10\n\x08swarm_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x04\x12\x0e\n\x06shards\x18\x07 \x03(\r\x12\x0f\n\x07samples\x18\x08 \x01(\x04\x12\x0e\n\x06tokens\x18\t \x01(\x04\x12\x13\n\x0bloss_before\x18\n \x01(\x12\x12\x12\n\nloss_after\x18\x0b \x01(\x12\x12\x11\n\tprev_hash\x18\x0c \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_hash\x18\r \x01(\t\x12\x10\n\x08start_ms\x18\x0e \x01(\x04\x12\x0e\n\x06\x65nd_ms\x18\x0f \x01(\x04\"\x0f\n\rCreditRequest\"f\n\nPeerCredit\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x17\n\x0fverified_rounds\x18\x02 \x01(\x04\x12\x0f\n\x07samples\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\r\n\x05share\x18\x05 \x01(\x01\">\n\x0b\x43reditReply\x12/\n\x05peers\x18\x01 \x03(\x0b\x32 .swarmtune.control.v1.PeerCredit\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x0e\n\x0c\x44rainRequest\">\n\x0c\x43ommandReply\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.swarmtune.control.v1.NodeState*\xa0\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATE_TRAINING\x10\x01\x12\x15\n\x11NODE_STATE_PAUSED\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x16\n\x12NODE_STATE_SYNCING\x10\x04\x12\x16\n\x12NODE_STATE_STOPPED\x10\x05\x32\x94\x05\n\x07\x43ontrol\x12P\n\x06Status\x12#.swarmtune.control.v1.StatusRequest\x1a!.swarmtune.control.v1.StatusReply\x12M\n\x05Peers\x12\".swarmtune.control.v1.PeersRequest\x1a .swarmtune.control.v1.PeersReply\x12P\n\x06Shards\x12#.swarmtune.control.v1.ShardsRequest\x1a!.swarmtune.control.v1.ShardsReply\x12O\n\x07Records\x12$.swarmtune.control.v1.RecordsRequest\x1a\x1c.swarmtune.control.v1.Record0\x01\x12P\n\x06\x43redit\x12#.swarmtune.control.v1.CreditRequest\x1a!.swarmtune.control.v1.CreditReply\x12O\n\x05Pause\x12\".swarmtune.control.v1.PauseRequest\x1a\".swarmtune.control.v1.CommandReply\x12Q\n\x06Resume\x12#.swarmtune.control.v1.ResumeRequest\x1a\".swarmtune.control.v1.CommandReply\x12O\n\x05\x44rain\x12\".swarmtune.control.v1.DrainRequest\x1a\".swarmtune.control.v1.CommandReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocol/control.proto\x12\x14swarmtune.control.v1\"\x0f\n\rStatusRequest\"\xca\x04\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\x04loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rsamples_per_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\r\n\x05peers\x18\x05 \x01(\r\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.swarmtune.control.v1.NodeState\x12\x10\n\x08swarm_id\x18\x07 \x01(\t\x12\x0f\n\x07peer_id\x18\x08 \x01(\t\x12\x0e\n\x06shards\x18\t \x03(\r\x12\x14\n\x0c\x61\x64\x61pter_hash\x18\n \x01(\t\x12\x11\n\trss_bytes\x18\x0b \x01(\x04\x12\x16\n\x0epeak_rss_bytes\x18\x0c \x01(\x04\x12\x18\n\x10gpu_memory_bytes\x18\r \x01(\x04\x12\x10\n\x08uptime_s\x18\x0e \x01(\x01\x12\x19\n\x0clast_round_s\x18\x0f \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rlast_round_at\x18\x10 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\rlisten_maddrs\x18\x11 \x03(\t\x12\x15\n\rsamples_total\x18\x12 \x01(\x04\x12\x14\n\x0ctokens_total\x18\x13 \x01(\x04\x12\x0f\n\x07version\x18\x14 \x01(\t\x12\x0f\n\x07stalled\x18\x15 \x01(\x08\x12\x14\n\x0cstall_reason\x18\x16 \x01(\t\x12\x14\n\x0creachability\x18\x1e \x01(\t\x12\x18\n\x10reachability_fix\x18\x1f \x01(\tB\x07\n\x05_lossB\x0f\n\r_last_round_sB\x10\n\x0e_last_round_at\"\x0e\n\x0cPeersRequest\"u\n\x04Peer\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmultiaddrs\x18\x02 \x03(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x03(\r\x12\x13\n\x0blast_seen_s\x18\x05 \x01(\x01\x12\x14\n\x0creachability\x18\x1e \x01(\t\"7\n\nPeersReply\x12)\n\x05peers\x18\x01 \x03(\x0b\x32\x1a.swarmtune.control.v1.Peer\"\x0f\n\rShardsRequest\"_\n\x05Shard\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x10\n\x08trainers\x18\x04 \x01(\r\x12\r\n\x05local\x18\x05 \x01(\x08\":\n\x0bShardsReply\x12+\n\x06shards\x18\x01 \x03(\x0b\x32\x1b.swarmtune.control.v1.Shard\"2\n\x0eRecordsRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\x8f\x02\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x13\n\x0brecord_hash\x18\x03 \x01(\t\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\x12\x10\n\x08swarm_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x04\x12\x0e\n\x06shards\x18\x07 \x03(\r\x12\x0f\n\x07samples\x18\x08 \x01(\x04\x12\x0e\n\x06tokens\x18\t \x01(\x04\x12\x13\n\x0bloss_before\x18\n \x01(\x12\x12\x12\n\nloss_after\x18\x0b \x01(\x12\x12\x11\n\tprev_hash\x18\x0c \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_hash\x18\r \x01(\t\x12\x10\n\x08start_ms\x18\x0e \x01(\x04\x12\x0e\n\x06\x65nd_ms\x18\x0f \x01(\x04\"\x0f\n\rCreditRequest\"f\n\nPeerCredit\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x17\n\x0fverified_rounds\x18\x02 \x01(\x04\x12\x0f\n\x07samples\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\r\n\x05share\x18\x05 \x01(\x01\">\n\x0b\x43reditReply\x12/\n\x05peers\x18\x01 \x03(\x0b\x32 .swarmtune.control.v1.PeerCredit\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x0e\n\x0c\x44rainRequest\">\n\x0c\x43ommandReply\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.swarmtune.control.v1.NodeState*\xa0\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATE_TRAINING\x10\x01\x12\x15\n\x11NODE_STATE_PAUSED\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x16\n\x12NODE_STATE_SYNCING\x10\x04\x12\x16\n\x12NODE_STATE_STOPPED\x10\x05\x32\x94\x05\n\x07\x43ontrol\x12P\n\x06Status\x12#.swarmtune.control.v1.StatusRequest\x1a!.swarmtune.control.v1.StatusReply\x12M\n\x05Peers\x12\".swarmtune.control.v1.PeersRequest\x1a .swarmtune.control.v1.PeersReply\x12P\n\x06Shards\x12#.swarmtune.control.v1.ShardsRequest\x1a!.swarmtune.control.v1.ShardsReply\x12O\n\x07Records\x12$.swarmtune.control.v1.RecordsRequest\x1a\x1c.swarmtune.control.v1.Record0\x01\x12P\n\x06\x43redit\x12#.swarmtune.control.v1.CreditRequest\x1a!.swarmtune.control.v1.CreditReply\x12O\n\x05Pause\x12\".swarmtune.control.v1.PauseRequest\x1a\".swarmtune.control.v1.CommandReply\x12Q\n\x06Resume\x12#.swarmtune.control.v1.ResumeRequest\x1a\".swarmtune.control.v1.CommandReply\x12O\n\x05\x44rain\x12\".swarmtune.control.v1.DrainRequest\x1a\".swarmtune.control.v1.CommandReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=1606
-  _globals['_NODESTATE']._serialized_end=1766
+  _globals['_NODESTATE']._serialized_start=1645
+  _globals['_NODESTATE']._serialized_end=1805
   _globals['_STATUSREQUEST']._serialized_start=48
   _globals['_STATUSREQUEST']._serialized_end=63
   _globals['_STATUSREPLY']._serialized_start=66
-  _globals['_STATUSREPLY']._serialized_end=613
-  _globals['_PEERSREQUEST']._serialized_start=615
-  _globals['_PEERSREQUEST']._serialized_end=629
-  _globals['_PEER']._serialized_start=631
-  _globals['_PEER']._serialized_end=748
-  _globals['_PEERSREPLY']._serialized_start=750
-  _globals['_PEERSREPLY']._serialized_end=805
-  _globals['_SHARDSREQUEST']._serialized_start=807
-  _globals['_SHARDSREQUEST']._serialized_end=822
-  _globals['_SHARD']._serialized_start=824
-  _globals['_SHARD']._serialized_end=919
-  _globals['_SHARDSREPLY']._serialized_start=921
-  _globals['_SHARDSREPLY']._serialized_end=979
-  _globals['_RECORDSREQUEST']._serialized_start=981
-  _globals['_RECORDSREQUEST']._serialized_end=1031
-  _globals['_RECORD']._serialized_start=1034
-  _globals['_RECORD']._serialized_end=1305
-  _globals['_CREDITREQUEST']._serialized_start=1307
-  _globals['_CREDITREQUEST']._serialized_end=1322
-  _globals['_PEERCREDIT']._serialized_start=1324
-  _globals['_PEERCREDIT']._serialized_end=1426
-  _globals['_CREDITREPLY']._serialized_start=1428
-  _globals['_CREDITREPLY']._serialized_end=1490
-  _globals['_PAUSEREQUEST']._serialized_start=1492
-  _globals['_PAUSEREQUEST']._serialized_end=1506
-  _globals['_RESUMEREQUEST']._serialized_start=1508
-  _globals['_RESUMEREQUEST']._serialized_end=1523
-  _globals['_DRAINREQUEST']._serialized_start=1525
-  _globals['_DRAINREQUEST']._serialized_end=1539
-  _globals['_COMMANDREPLY']._serialized_start=1541
-  _globals['_COMMANDREPLY']._serialized_end=1603
-  _globals['_CONTROL']._serialized_start=1769
-  _globals['_CONTROL']._serialized_end=2429
+  _globals['_STATUSREPLY']._serialized_end=652
+  _globals['_PEERSREQUEST']._serialized_start=654
+  _globals['_PEERSREQUEST']._serialized_end=668
+  _globals['_PEER']._serialized_start=670
+  _globals['_PEER']._serialized_end=787
+  _globals['_PEERSREPLY']._serialized_start=789
+  _globals['_PEERSREPLY']._serialized_end=844
+  _globals['_SHARDSREQUEST']._serialized_start=846
+  _globals['_SHARDSREQUEST']._serialized_end=861
+  _globals['_SHARD']._serialized_start=863
+  _globals['_SHARD']._serialized_end=958
+  _globals['_SHARDSREPLY']._serialized_start=960
+  _globals['_SHARDSREPLY']._serialized_end=1018
+  _globals['_RECORDSREQUEST']._serialized_start=1020
+  _globals['_RECORDSREQUEST']._serialized_end=1070
+  _globals['_RECORD']._serialized_start=1073
+  _globals['_RECORD']._serialized_end=1344
+  _globals['_CREDITREQUEST']._serialized_start=1346
+  _globals['_CREDITREQUEST']._serialized_end=1361
+  _globals['_PEERCREDIT']._serialized_start=1363
+  _globals['_PEERCREDIT']._serialized_end=1465
+  _globals['_CREDITREPLY']._serialized_start=1467
+  _globals['_CREDITREPLY']._serialized_end=1529
+  _globals['_PAUSEREQUEST']._serialized_start=1531
+  _globals['_PAUSEREQUEST']._serialized_end=1545
+  _globals['_RESUMEREQUEST']._serialized_start=1547
+  _globals['_RESUMEREQUEST']._serialized_end=1562
+  _globals['_DRAINREQUEST']._serialized_start=1564
+  _globals['_DRAINREQUEST']._serialized_end=1578
+  _globals['_COMMANDREPLY']._serialized_start=1580
+  _globals['_COMMANDREPLY']._serialized_end=1642
+  _globals['_CONTROL']._serialized_start=1808
+  _globals['_CONTROL']._serialized_end=2468
 # @@protoc_insertion_point(module_scope)

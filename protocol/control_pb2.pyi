@@ -27,7 +27,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "loss", "samples_per_s", "tokens_per_s", "peers", "state", "swarm_id", "peer_id", "shards", "adapter_hash", "rss_bytes", "peak_rss_bytes", "gpu_memory_bytes", "uptime_s", "last_round_s", "last_round_at", "listen_maddrs", "samples_total", "tokens_total", "version", "reachability", "reachability_fix")
+    __slots__ = ("round", "loss", "samples_per_s", "tokens_per_s", "peers", "state", "swarm_id", "peer_id", "shards", "adapter_hash", "rss_bytes", "peak_rss_bytes", "gpu_memory_bytes", "uptime_s", "last_round_s", "last_round_at", "listen_maddrs", "samples_total", "tokens_total", "version", "stalled", "stall_reason", "reachability", "reachability_fix")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class StatusReply(_message.Message):
     SAMPLES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALLED_FIELD_NUMBER: _ClassVar[int]
+    STALL_REASON_FIELD_NUMBER: _ClassVar[int]
     REACHABILITY_FIELD_NUMBER: _ClassVar[int]
     REACHABILITY_FIX_FIELD_NUMBER: _ClassVar[int]
     round: int
@@ -70,9 +72,11 @@ class StatusReply(_message.Message):
     samples_total: int
     tokens_total: int
     version: str
+    stalled: bool
+    stall_reason: str
     reachability: str
     reachability_fix: str
-    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., peers: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., swarm_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., shards: _Optional[_Iterable[int]] = ..., adapter_hash: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., last_round_s: _Optional[float] = ..., last_round_at: _Optional[float] = ..., listen_maddrs: _Optional[_Iterable[str]] = ..., samples_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., version: _Optional[str] = ..., reachability: _Optional[str] = ..., reachability_fix: _Optional[str] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., peers: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., swarm_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., shards: _Optional[_Iterable[int]] = ..., adapter_hash: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., last_round_s: _Optional[float] = ..., last_round_at: _Optional[float] = ..., listen_maddrs: _Optional[_Iterable[str]] = ..., samples_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., version: _Optional[str] = ..., stalled: _Optional[bool] = ..., stall_reason: _Optional[str] = ..., reachability: _Optional[str] = ..., reachability_fix: _Optional[str] = ...) -> None: ...
 
 class PeersRequest(_message.Message):
     __slots__ = ()

@@ -187,7 +187,7 @@ env = dict(e.split("=", 1) for e in c.get("Env") or [])
 checks = {
     "non-root USER swarmtune": c.get("User") == "swarmtune",
     "ENTRYPOINT [swarmtune]": c.get("Entrypoint") == ["swarmtune"],
-    "HEALTHCHECK swarmtune status": hc[1:3] == ["swarmtune", "status"],
+    "HEALTHCHECK swarmtune status --healthcheck": hc[1:4] == ["swarmtune", "status", "--healthcheck"],
     "VOLUME /data and /cache": {"/data", "/cache"} <= set(c.get("Volumes") or {}),
     "SWARMTUNE_HOME=/data": env.get("SWARMTUNE_HOME") == "/data",
     "HF_HOME and SWARMTUNE_CACHE under /cache": env.get("HF_HOME", "").startswith("/cache") and env.get("SWARMTUNE_CACHE", "").startswith("/cache"),
@@ -244,8 +244,8 @@ while [ -z "$J" ]; do
 done
 MADDRS=$(python -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["maddrs"]))' "$J")
 echo "node A up after ~$((i / 2)) s: $MADDRS"
-echo "healthcheck (swarmtune status) against node A:"
-swarmtune status || fail "swarmtune status (the healthcheck) failed while node A runs"
+echo "healthcheck (swarmtune status --healthcheck) against node A:"
+swarmtune status --healthcheck || fail "swarmtune status --healthcheck failed while node A runs"
 swarmtune run $NODE --home "$W/node-b" --initial-peers $MADDRS > "$W/b.log" 2>&1 &
 B=$!
 wait $A; RA=$?

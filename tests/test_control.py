@@ -71,6 +71,7 @@ class TinyNode:
             "gpu_memory_bytes": 0, "uptime_s": 3725.0, "last_round_s": 1.5, "last_round_at": time.time() - 3,
             "listen_maddrs": ["/ip4/127.0.0.1/tcp/4001"], "samples_total": 640, "tokens_total": 81920,
             "version": "0.1.0", "reachability": "outbound-only", "reachability_fix": "forward TCP port 4001",
+            "stalled": False, "stall_reason": "",
         }
 
     def peers(self) -> list[dict]:

@@ -69,7 +69,7 @@ def test_entrypoint_and_healthcheck() -> None:
     hc = _all("HEALTHCHECK")
     assert len(hc) == 1
     cmd = hc[0].split("CMD", 1)[1].strip()
-    assert json.loads(cmd) == ["swarmtune", "status"]
+    assert json.loads(cmd) == ["swarmtune", "status", "--healthcheck"]  # exits 1 when the node is stalled
 
 
 def test_volumes_and_state_locations() -> None:

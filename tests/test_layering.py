@@ -50,7 +50,8 @@ LAYERS = [
     ["node.swarm.quorum"],
     ["node.swarm.swarm", "node.swarm.follow"],
     ["node.stack", "node.rounds", "node.statesync", "node.splitguard", "node.status", "node.control"],
-    ["node.daemon", "node.export", "node.doctor", "node.demo", "node.serve", "node.serve_api"],
+    ["node.dashboard", "node.console"],
+    ["node.daemon", "node.export", "node.doctor", "node.demo", "node.serve", "node.serve_api", "node.swarmview"],
     ["node.cli", "node.cli.*", "node.__main__"],
 ]
 

@@ -14,7 +14,7 @@ from node.cli.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from node.cli import control, doctor, keys, ledger, serve, train
+    from node.cli import control, doctor, keys, ledger, serve, service, train
 
     parser = argparse.ArgumentParser(
         prog="swarmtune",
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"swarmtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (train, keys, ledger, control, doctor, serve):
+    for module in (train, keys, ledger, control, doctor, serve, service):
         module.register(sub)
     return parser
 

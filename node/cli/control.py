@@ -1,6 +1,7 @@
 """Subcommands that talk to a running daemon over its control socket.
 
-    swarmtune status [--json]        one snapshot; exits 2 when no daemon answers (Docker healthcheck)
+    swarmtune status [--json]        one snapshot; exits 2 when no daemon answers
+    swarmtune status --healthcheck   one line; exits 1 when the node is stalled, 2 when no daemon answers (Docker)
     swarmtune peers  [--json]        peers the node sees
     swarmtune shards [--json]        adapter shards and how many peers train each
     swarmtune pause | resume         stop / restart starting new rounds
@@ -36,8 +37,11 @@ def register(sub) -> None:
         p.set_defaults(func=func)
         return p
 
-    add("status", _status, "show what the running node is doing",
-        "Show what the running node is doing. Exits non-zero when no daemon answers (the Docker healthcheck).")
+    status = add("status", _status, "show what the running node is doing",
+                 "Show what the running node is doing. Exits 2 when no daemon answers.")
+    status.add_argument("--healthcheck", action="store_true",
+                        help="print one line and exit 1 when the node is stalled (no round for too long; the line says "
+                             "why), 0 when it is healthy: the Docker healthcheck")
     add("peers", _peers, "list the peers the running node sees", "List the peers the running node sees in its swarm.")
     add("shards", _shards, "list adapter shards and their trainers",
         "List the swarm's adapter shards and how many peers train each; a shard nobody trains is flagged.")
@@ -104,9 +108,19 @@ def _ints(values: list[int]) -> str:
 
 def _status(args) -> int:
     st = _ask(args, "status")
+    if args.healthcheck:
+        if args.json:
+            _print_json({"healthy": not st["stalled"], "state": st["state"], "round": st["round"],
+                         "stall_reason": st["stall_reason"]})
+        elif st["stalled"]:
+            print(f"unhealthy: stalled at round {st['round']}: {st['stall_reason']}")
+        else:
+            print(f"healthy: {st['state']} at round {st['round']}")
+        return 1 if st["stalled"] else 0
     if args.json:
         _print_json(st)
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     last = "-"
@@ -115,7 +129,7 @@ def _status(args) -> int:
         if st["last_round_at"] is not None:
             last += f", {_duration(max(0.0, time.time() - st['last_round_at']))} ago"
     rows = [
-        ("state", st["state"]),
+        ("state", st["state"] + (f" [bold red]STALLED: {escape(st['stall_reason'])}[/]" if st["stalled"] else "")),
         ("round", str(st["round"])),
         ("loss", "-" if st["loss"] is None else f"{st['loss']:.4f}"),
         ("throughput", f"{st['samples_per_s']:.2f} samples/s, {st['tokens_per_s']:.0f} tokens/s"),

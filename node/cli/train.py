@@ -179,7 +179,8 @@ def register(sub) -> None:
     p.add_argument("--export", metavar="DIR", help="after the last round, write the adapter here in PEFT format")
     p.set_defaults(func=cmd_run)
 
-    swarm = sub.add_parser("swarm", help="create swarm manifests", description="Create swarm manifests.")
+    swarm = sub.add_parser("swarm", help="create swarm manifests, show a running swarm",
+                           description="Create swarm manifests; show a running swarm from its DHT.")
     sw = swarm.add_subparsers(dest="swarm_command", metavar="COMMAND")
     swarm.set_defaults(func=lambda args: (swarm.print_help(), 2)[1])
     i = sw.add_parser("init", help="write a swarm manifest (computes the base fingerprint and data digest)",
@@ -217,6 +218,9 @@ def register(sub) -> None:
         add_field_flag(i, SyncSection, name)
     add_field_flag(i, CreditSection, "max_samples_per_round")
     i.set_defaults(func=cmd_swarm_init)
+    from node.cli.swarm_status import add_parser as add_swarm_status
+
+    add_swarm_status(sw)
 
     e = sub.add_parser("export", help="write the node's latest adapter in standard PEFT format",
                        description="Rebuild the manifest's base + LoRA, load this node's newest checkpoint and write it as "
