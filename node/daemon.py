@@ -28,7 +28,7 @@ import time
 
 from node import checkpoint
 from node.config import NodeConfig
-from node.identity import IdentityError, load_identity, new_identity, save_identity
+from node.identity import IdentityError, load_identity, lock_identity, new_identity, save_identity
 from node.ledger import Ledger, LedgerError
 from node.rounds import RoundResult, RoundRunner
 from node.splitguard import SplitGuard
@@ -64,6 +64,7 @@ class Node:
         self._probed_at = float("-inf")
         self.reach = None  # node.swarm.reach.Reachability, detected when the node joins
         self._alone_since: float | None = None  # outbound-only, and no peer that can be dialled in sight
+        self._key_lock = None
 
     # ------------------------------------------------------------------ prepare (no side effects on failure)
 
@@ -73,8 +74,10 @@ class Node:
         try:
             # a new key is made in memory and written in start() once the swarm accepted us: bad input writes nothing
             self.identity = new_identity() if self._new_key else load_identity(cfg.key_path)
+            self._key_lock = lock_identity(self.identity, cfg.home_dir)  # one running node per key on this machine
             stack = load_stack(cfg, load_data=True)
         except (IdentityError, StackError) as e:
+            self.release_key()
             raise NodeError(str(e)) from None
         self.stack = stack
         self.manifest, self.adapter, self.trainer, self.trained = stack.manifest, stack.adapter, stack.trainer, stack.trained
@@ -432,6 +435,11 @@ class Node:
             self.ledger.close()
         stop_children(timeout=5.0)
         remove_stale_sockets()
+        self.release_key()
+
+    def release_key(self) -> None:
+        if self._key_lock is not None:
+            self._key_lock.release()
 
 
 def run_node(cfg: NodeConfig, export_dir: str | None = None, stop: threading.Event | None = None) -> int:
