@@ -130,10 +130,14 @@ class Node:
         maddrs = swarm.visible_maddrs()
         logger.info("swarm %s… peer %s", self.swarm_id[:16], self.peer_id)
         if self.reach.dialable:
-            print("To join this swarm, start other nodes with:\n  --initial-peers " + " ".join(maddrs), flush=True)
+            join = "To join this swarm, start other nodes with:\n  --initial-peers " + " ".join(maddrs)
         else:
-            print(f"This node is {self.reach.kind}: peers cannot dial it, so newcomers must use a public node's address "
-                  "as --initial-peers.", flush=True)
+            join = (f"This node is {self.reach.kind}: peers cannot dial it, so newcomers must use a public node's address "
+                    "as --initial-peers.")
+        if cfg.log_format == "json":  # every line JSON
+            logger.info(join.replace("\n ", ""), extra={"maddrs": maddrs})
+        else:
+            print(join, flush=True)
         self._write_status_file(maddrs)
 
         set_state = self._set_state

@@ -73,3 +73,23 @@ def test_same_key_on_another_machine_is_refused_within_a_heartbeat(tmp_path, tin
         assert first.popen.poll() is None
     finally:
         hub.shutdown()
+
+
+# ---------------------------------------------------------------- no raw traceback
+
+
+def test_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, monkeypatch, capsys):
+    import node.cli.ledger
+
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setenv("SWARMTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(node.cli.ledger, "_show", broken)  # a bug in a command handler
+    assert main(["ledger", "show", "--ledger", str(tmp_path / "x.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "internal error in `swarmtune ledger`" in err and "KeyError" in err, err
+    (crash,) = (tmp_path / "home").glob("crash-*.log")
+    assert str(crash) in err
+    assert "Traceback" in crash.read_text() and "a bug" in crash.read_text()

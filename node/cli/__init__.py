@@ -39,10 +39,51 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"swarmtune: error: {e}", file=sys.stderr)
+        _say(f"swarmtune: error: {e}")
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug, not the user's input: one line, and the traceback kept for the report
+        where = _crash_report(args)
+        _say(f"swarmtune: internal error in `swarmtune {args.command}`: {type(e).__name__}: {e}. This is a bug, not your "
+             f"input; the full traceback is in {where} (please attach it to a bug report)")
+        return 1
+
+
+def _say(line: str) -> None:
+    """The CLI's last word on stderr: a JSON log line under --log-format json, else plain text."""
+    from node.logs import json_active
+
+    if json_active():
+        import logging
+
+        logging.getLogger("swarmtune").error(line)
+    else:
+        print(line, file=sys.stderr)
+
+
+def _crash_report(args) -> str:
+    """Write the current exception's traceback to <home>/crash-<time>-<pid>.log (the temp folder when the
+    home cannot be written); returns the path."""
+    import os
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    from node.config import default_home
+
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = f"swarmtune {__version__}: {' '.join(sys.argv)}\n\n{traceback.format_exc()}"
+    home = Path(args.home).expanduser() if getattr(args, "home", None) else default_home()
+    for folder in (home, Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(nowhere: neither the home nor the temp folder is writable)"
 
 
 if __name__ == "__main__":
