@@ -8,13 +8,16 @@ reported in one line with the traceback in a file, and `ledger verify` on a torn
 
 from __future__ import annotations
 
+import errno
+import json
 import shutil
+import subprocess
 import time
 
 import pytest
 
 from node.cli import main
-from tests.conftest import start_test_dht, write_test_manifest
+from tests.conftest import start_test_dht, verify_ledgers, write_test_manifest
 
 
 def _run(manifest, home, *extra):
@@ -93,3 +96,78 @@ def test_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, monke
     (crash,) = (tmp_path / "home").glob("crash-*.log")
     assert str(crash) in err
     assert "Traceback" in crash.read_text() and "a bug" in crash.read_text()
+
+
+# ---------------------------------------------------------------- storage: read-only, too small, full mid-run
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size, ro=False) -> a folder on a fresh tmpfs of that size; unmounted at teardown."""
+    mounts = []
+
+    def mount(size: str, ro: bool = False):
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs needs root")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("size,ro,words", [("1m", True, "read-only file system"), ("2m", False, "free on the disk")])
+def test_read_only_or_too_small_home_is_refused_before_joining(tmp_path, tiny_base, small_disk, size, ro, words, capsys):
+    disk = small_disk(size, ro)
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base)
+    assert _run(manifest, disk / "home") == 2
+    err = capsys.readouterr().err
+    assert words in err and "--home" in err and "Traceback" not in err, err
+    assert _files(disk) == []
+
+
+def _all_json(text: str) -> None:
+    for line in text.splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(240)
+def test_disk_full_mid_run_stops_cleanly_and_a_restart_resumes(tmp_path, tiny_base, spawn_node, small_disk):
+    from node import checkpoint
+    from node.manifest import load_manifest
+
+    disk = small_disk("8m")
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": 1000})
+    node = spawn_node(manifest, "full", "--log-format", "json", home=disk / "home")
+    node.wait_round(2)
+    with open(disk / "filler", "wb") as f:  # what another program on the disk does
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    assert node.wait_exit(timeout=90) == 2
+    log = node.log.read_text()
+    _all_json(log)  # the error too, and the libraries' warnings and progress
+    assert "No space left on device" in log and "free space on the disk" in log and "resumes from that checkpoint" in log, log
+    ckdir = node.workdir / "checkpoints"
+    assert [p.name for p in ckdir.iterdir() if not p.name.startswith("round-")] == []  # no temp file left
+    last = checkpoint.load_latest(ckdir, load_manifest(manifest).swarm_id)
+    assert last is not None and last.round >= 2
+    verify_ledgers(manifest, node)
+
+    (disk / "filler").unlink()
+    again = spawn_node(manifest, "again", "--max-rounds", "1", home=disk / "home")
+    assert again.wait_exit(timeout=120) == 0, again.log.read_text()[-3000:]
+    assert f"resumed from checkpoint round-{last.round:08d}.safetensors (round {last.round})" in again.log.read_text()
+    assert again.rounds()[-1]["round"] >= last.round
+    verify_ledgers(manifest, again)
