@@ -171,3 +171,29 @@ def test_disk_full_mid_run_stops_cleanly_and_a_restart_resumes(tmp_path, tiny_ba
     assert f"resumed from checkpoint round-{last.round:08d}.safetensors (round {last.round})" in again.log.read_text()
     assert again.rounds()[-1]["round"] >= last.round
     verify_ledgers(manifest, again)
+
+
+# ---------------------------------------------------------------- ledger verify on a torn tail
+
+
+def test_ledger_verify_fails_on_a_torn_tail_unless_allowed(tmp_path, capsys):
+    from node.identity import new_identity
+    from node.ledger import Ledger
+
+    swarm_id = "ab" * 32
+    key = new_identity().private_key
+    path = tmp_path / "ledger.jsonl"
+    with Ledger.open(path) as ledger:
+        for r in range(2):
+            ledger.append_new(key, swarm_id=swarm_id, round=r, shards=(0,), samples=8, tokens=64, loss_before=0,
+                              loss_after=0, adapter_hash="0" * 64, data_commitment="0" * 64, grad_commitment="0" * 64,
+                              start_ms=r, end_ms=r + 1)
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole.splitlines()[-1][:50])  # a crash mid-write of a third record
+    args = ["ledger", "verify", "--ledger", str(path), "--swarm-id", swarm_id, "--max-samples", "100"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "torn" in err and "--allow-torn-tail" in err and "verification FAILED" in err, err
+    assert main([*args, "--allow-torn-tail"]) == 0
+    path.write_bytes(whole)
+    assert main(args) == 0
