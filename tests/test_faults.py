@@ -197,3 +197,54 @@ def test_ledger_verify_fails_on_a_torn_tail_unless_allowed(tmp_path, capsys):
     assert main([*args, "--allow-torn-tail"]) == 0
     path.write_bytes(whole)
     assert main(args) == 0
+
+
+# ---------------------------------------------------------------- bad input: one table, every row exit 2 and nothing written
+
+
+def _manifest_text(path, old, new):
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+def _bad_key(home, mode, text=None):
+    from node.identity import generate_identity
+
+    generate_identity(home / "identity.key")
+    if text is not None:
+        (home / "identity.key").write_text(text)
+    (home / "identity.key").chmod(mode)
+
+
+# name: (edit(tmp_path, manifest, home) -> extra args, words in the message)
+BAD_INPUT = {
+    "negative lr": (lambda t, m, h: _manifest_text(m, "lr = 0.003", "lr = -0.003"), ["[optim] lr = -0.003", "allowed: > 0"]),
+    "zero rank": (lambda t, m, h: _manifest_text(m, "rank = 8", "rank = 0"), ["[lora] rank = 0", ">= 1"]),
+    "beta of 1": (lambda t, m, h: _manifest_text(m, "0.999,", "1.0,"), ["betas", "[0, 1)"]),
+    "log level": (lambda t, m, h: ["--log-level", "shouty"], ["--log-level", "shouty", "debug, info, warning, error"]),
+    "toml syntax": (lambda t, m, h: _manifest_text(m, "[optim]", "[optim\n"), ["not valid TOML", "line", "col"]),
+    "unknown key": (lambda t, m, h: _manifest_text(m, "[optim]", "[optim]\nlearning_rate = 1.0"), ["learning_rate", "allowed"]),
+    "bad multiaddr": (lambda t, m, h: ["--initial-peers", "/ip4/127.0.0.1/tcp/notaport"], ["notaport"]),
+    "key 0644": (lambda t, m, h: _bad_key(h, 0o644), ["permissions 0644", "chmod 600"]),
+    "corrupt key": (lambda t, m, h: _bad_key(h, 0o600, "not a key"), ["corrupt", "backup"]),
+    "shard 7": (lambda t, m, h: ["--shards", "7"], ["shards 0..1"]),
+    "cuda without gpu": (lambda t, m, h: ["--device", "cuda"], ["cuda", "--device cpu"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_refused_with_the_fix_and_nothing_written(tmp_path, tiny_base, case, capsys):
+    if case == "cuda without gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    edit, words = BAD_INPUT[case]
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base)
+    home = tmp_path / "home"
+    home.mkdir()
+    extra = edit(tmp_path, manifest, home) or []
+    before = _files(home)
+    assert _run(manifest, home, *extra) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "Traceback" not in err, (case, err)
+    assert _files(home) == before

@@ -293,8 +293,8 @@ def check_no_twin(dht, swarm_id: str, peer_ttl: float) -> None:
 
     def theirs() -> PeerInfo | None:
         try:
-            found = dht.get(key, latest=True)
-        except Exception as e:  # a failed lookup must not stop a node; the twin is then seen by the swarm instead
+            found = dht.get(key, latest=True, return_future=True).result(timeout=max(2.0, peer_ttl / 2))
+        except Exception as e:  # a failed or slow lookup must not stop a node; the twin is then seen by the swarm instead
             logger.info("could not look up peers to check for another node with this key: %s", e)
             return None
         item = found.value.get(me) if found is not None and isinstance(found.value, dict) else None
@@ -307,11 +307,14 @@ def check_no_twin(dht, swarm_id: str, peer_ttl: float) -> None:
             return None
 
     first = theirs()
-    if first is None or first.expires_at <= dht_time():
+    looked_at = dht_time()
+    if first is None or first.expires_at <= looked_at:
         return
     time.sleep(max(0.5, peer_ttl / 4) + 1.0)  # one heartbeat period (Membership._heartbeat_loop), plus the store
     again = theirs()
-    if again is not None and again.expires_at > first.expires_at:
+    # refreshed, and stored after we first looked (a replica that lagged behind could make a dead node's
+    # last heartbeat look newer the second time; a store made after our first look is a live process's)
+    if again is not None and again.expires_at > first.expires_at and again.expires_at - peer_ttl > looked_at - 1.0:
         from node.identity import second_node_message
 
         raise SwarmError(second_node_message(me, again.maddrs))
