@@ -98,6 +98,20 @@ def test_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, monke
     assert "Traceback" in crash.read_text() and "a bug" in crash.read_text()
 
 
+def test_a_full_disk_anywhere_is_the_users_error_not_a_bug(tmp_path, monkeypatch, capsys):
+    import node.cli.ledger
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.csv"))
+
+    monkeypatch.setenv("SWARMTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(node.cli.ledger, "_export", full)
+    assert main(["ledger", "export", "--ledger", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "out.csv" in err and "free space" in err, err
+    assert not (tmp_path / "home").exists()  # no crash report: nothing to report
+
+
 # ---------------------------------------------------------------- storage: read-only, too small, full mid-run
 
 
