@@ -225,7 +225,8 @@ class KeyLock:
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # releases the flock; the file stays (unlinking a lock file races with its next user)
+            self.path.unlink(missing_ok=True)  # while still held: a waiter that opened it sees it unlinked and retries
+            os.close(self.fd)
             self.fd = -1
 
 
@@ -238,22 +239,29 @@ def key_lock_path(peer_id: str) -> Path:
 def lock_identity(identity: Identity, home: str | os.PathLike) -> KeyLock:
     """Take this machine's lock on the identity; IdentityError when another running node holds it."""
     path = key_lock_path(identity.peer_id)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise IdentityError(f"cannot create the key lock {path}: {e.strerror}; check that {path.parent} is writable") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
         try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            holder = {}
-        os.close(fd)
-        who = f" (pid {holder.get('pid', '?')}, home {holder.get('home', '?')})" if holder else ""
-        raise IdentityError(
-            f"the identity key {identity.path or ''} (peer id {identity.peer_id}) is already in use by another swarmtune "
-            f"node on this machine{who}. {_SECOND_NODE}") from None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise IdentityError(f"cannot create the key lock {path}: {e.strerror}; check that {path.parent} is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            who = f" (pid {holder.get('pid', '?')}, home {holder.get('home', '?')})" if holder else ""
+            key = f"the identity key {identity.path}" if identity.path else "this identity key"
+            raise IdentityError(f"{key} (peer id {identity.peer_id}) is already in use by another swarmtune node on this "
+                                f"machine{who}. {_SECOND_NODE}") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder released (and unlinked) it between our open and flock: take the new file
     info = json.dumps({"pid": os.getpid(), "home": str(home), "key": str(identity.path or "")}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, info, 0)
