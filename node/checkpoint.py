@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
-from node.durable import fsync_dir
+from node.durable import STORAGE_ERRNOS, StorageError, fsync_dir, write_all
 
 logger = logging.getLogger(__name__)
 KEEP = 3
@@ -49,6 +50,18 @@ def _payload_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def size_of(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes one checkpoint of these tensors takes on disk (payload plus a generous header)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * len(tensors) + 4096
+
+
+def space_needed(directory: Path, tensors: dict[str, torch.Tensor]) -> int:
+    """More disk this node's checkpoints will take: KEEP kept while the next one is written, less what
+    the checkpoints already in `directory` hold (they are among the KEEP)."""
+    held = sum(p.stat().st_size for p in directory.glob("round-*.safetensors")) if directory.is_dir() else 0
+    return max(0, (KEEP + 1) * size_of(tensors) - held)
+
+
 def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -58,15 +71,21 @@ def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_i
     }
     final = directory / f"round-{round:08d}.safetensors"
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    data = serialize(tensors, metadata=meta)  # in memory: the write below is ours, so a full disk is an OSError with its errno
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
         fsync_dir(directory)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; free disk space in {directory}") from None
+        tmp.unlink(missing_ok=True)  # the previous checkpoints are untouched until this one is complete
+        if e.errno in STORAGE_ERRNOS:
+            raise StorageError(final, e) from None
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from None
     for old in sorted(directory.glob("round-*.safetensors"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return final

@@ -28,7 +28,8 @@ import time
 
 from node import checkpoint
 from node.config import NodeConfig
-from node.identity import IdentityError, load_identity, new_identity, save_identity
+from node.durable import StorageError, is_storage_error, repair_lines, storage_problem
+from node.identity import IdentityError, load_identity, lock_identity, new_identity, save_identity
 from node.ledger import Ledger, LedgerError
 from node.rounds import RoundResult, RoundRunner
 from node.splitguard import SplitGuard
@@ -41,6 +42,7 @@ from node.swarm.swarm import Swarm, start_network
 from node.swarm.traffic import Traffic
 
 logger = logging.getLogger("swarmtune.node")
+LOG_RESERVE = 1 << 20  # bytes kept free for the ledger and rounds.jsonl (~1.5 KB a round)
 
 
 class NodeError(RuntimeError):
@@ -64,6 +66,8 @@ class Node:
         self._probed_at = float("-inf")
         self.reach = None  # node.swarm.reach.Reachability, detected when the node joins
         self._alone_since: float | None = None  # outbound-only, and no peer that can be dialled in sight
+        self._key_lock = None
+        self.storage_failed = False  # a write was refused (disk full, read-only): no final checkpoint
 
     # ------------------------------------------------------------------ prepare (no side effects on failure)
 
@@ -73,12 +77,21 @@ class Node:
         try:
             # a new key is made in memory and written in start() once the swarm accepted us: bad input writes nothing
             self.identity = new_identity() if self._new_key else load_identity(cfg.key_path)
+            self._key_lock = lock_identity(self.identity, cfg.home_dir)  # one running node per key on this machine
             stack = load_stack(cfg, load_data=True)
         except (IdentityError, StackError) as e:
+            self.release_key()
             raise NodeError(str(e)) from None
         self.stack = stack
         self.manifest, self.adapter, self.trainer, self.trained = stack.manifest, stack.adapter, stack.trainer, stack.trained
         self.swarm_id, self.workdir, self.peer_id = stack.manifest.swarm_id, stack.workdir, self.identity.peer_id
+        # a read-only or too small home is refused now, not at the first checkpoint
+        need = checkpoint.space_needed(self.workdir / "checkpoints",
+                                       checkpoint.training_tensors(self.trainer, self.adapter, self.trained)) + LOG_RESERVE
+        problem = storage_problem(cfg.home_dir, need, "the checkpoints and the ledger")
+        if problem:
+            self.release_key()
+            raise NodeError(problem)
 
     # ------------------------------------------------------------------ start (side effects begin)
 
@@ -127,10 +140,14 @@ class Node:
         maddrs = swarm.visible_maddrs()
         logger.info("swarm %s… peer %s", self.swarm_id[:16], self.peer_id)
         if self.reach.dialable:
-            print("To join this swarm, start other nodes with:\n  --initial-peers " + " ".join(maddrs), flush=True)
+            join = "To join this swarm, start other nodes with:\n  --initial-peers " + " ".join(maddrs)
         else:
-            print(f"This node is {self.reach.kind}: peers cannot dial it, so newcomers must use a public node's address "
-                  "as --initial-peers.", flush=True)
+            join = (f"This node is {self.reach.kind}: peers cannot dial it, so newcomers must use a public node's address "
+                    "as --initial-peers.")
+        if cfg.log_format == "json":  # every line JSON
+            logger.info(join.replace("\n ", ""), extra={"maddrs": maddrs})
+        else:
+            print(join, flush=True)
         self._write_status_file(maddrs)
 
         set_state = self._set_state
@@ -263,6 +280,7 @@ class Node:
         sync.publish(self.round)
         swarm.announce(round=self.round, shards=list(self.trained), hashes=sync.shard_hashes())
         untrained = [k for k in range(self.adapter.num_shards) if k not in self.trained]
+        repair_lines(self.workdir / "rounds.jsonl")  # a full disk may have cut its last line
         with open(self.workdir / "rounds.jsonl", "a", buffering=1) as progress:
             trained_here = 0
             while not self._drain.is_set() and not self._should_stop(trained_here):
@@ -410,7 +428,7 @@ class Node:
     def shutdown(self) -> None:
         """Checkpoint, flush the ledger, leave the swarm. Safe to call after a partial start."""
         self._set_state("stopped")
-        if self.ledger is not None and self.swarm is not None:
+        if self.ledger is not None and self.swarm is not None and not self.storage_failed:
             try:
                 self.save_checkpoint()
             except (OSError, RuntimeError) as e:  # disk full or read-only; the previous checkpoint stays good
@@ -432,6 +450,11 @@ class Node:
             self.ledger.close()
         stop_children(timeout=5.0)
         remove_stale_sockets()
+        self.release_key()
+
+    def release_key(self) -> None:
+        if self._key_lock is not None:
+            self._key_lock.release()
 
 
 def run_node(cfg: NodeConfig, export_dir: str | None = None, stop: threading.Event | None = None) -> int:
@@ -450,5 +473,20 @@ def run_node(cfg: NodeConfig, export_dir: str | None = None, stop: threading.Eve
             export_peft(node.stack.model, export_dir, base_name=node.manifest.base.model)
             logger.info("exported the adapter to %s", export_dir)
         return code
+    except (StorageError, OSError) as e:
+        if not is_storage_error(e):
+            raise
+        node.storage_failed = True
+        raise NodeError(_storage_stop(node, e)) from None
     finally:
         node.shutdown()
+
+
+def _storage_stop(node: Node, e: BaseException) -> str:
+    """The message of a node stopped by a full or read-only disk: the cause, what is safe, how to resume."""
+    cause = str(e) if isinstance(e, StorageError) else f"cannot write {e.filename or 'a file'}: {e.strerror}; free space there"
+    ckpt = sorted((node.workdir / "checkpoints").glob("round-*.safetensors"))
+    kept = f"the last good checkpoint is {ckpt[-1]}" if ckpt else "no checkpoint was written yet"
+    seq = node.ledger.next_seq - 1 if node.ledger is not None else -1
+    return (f"stopped: {cause}. Nothing half-written was kept: the ledger is valid up to seq {seq}, {kept}. "
+            "Run the same command again once there is space: the node resumes from that checkpoint")

@@ -29,7 +29,6 @@ Every DHT started here is shut down before the function that started it returns.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -302,19 +301,19 @@ def check_ram() -> Check:
 
 
 def check_disk(home: Path, min_free: int = MIN_DISK_BYTES) -> Check:
+    """Writable and roomy enough; `swarmtune run` repeats this with the manifest's own checkpoint size."""
+    from node.durable import free_bytes, storage_problem
+
     name = "disk space"
-    probe = Path(home).expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     try:
-        free = shutil.disk_usage(probe).free
+        problem = storage_problem(home, min_free, "checkpoints and ledgers")
+        free = free_bytes(home)
     except OSError as e:
-        return Check(name, FAIL, f"cannot stat {probe}: {e.strerror}", f"create {home} or set --home to a writable folder")
-    detail = f"{_gib(free)} free in {home}"
-    if free < min_free:
-        return Check(name, FAIL, detail + f" (checkpoints and ledgers need at least {_gib(min_free)})",
-                     f"free space in {probe} or set --home to a folder on a bigger disk")
-    return Check(name, PASS, detail)
+        return Check(name, FAIL, f"cannot stat {home}: {e.strerror}", f"create {home} or set --home to a writable folder")
+    if problem:
+        detail, _, fix = problem.partition("; ")
+        return Check(name, FAIL, detail, fix)
+    return Check(name, PASS, f"{_gib(free)} free in {home}")
 
 
 # --------------------------------------------------------------------------- identity, model, data

@@ -25,13 +25,17 @@ Usage:
     identity = load_identity(path)          # IdentityError naming the path and the fix
     identity.peer_id, identity.private_key    # records are signed by protocol.record, nowhere else
     identity = new_identity()               # in memory only; save_identity(identity, path) writes it
+    lock = lock_identity(identity, home)    # IdentityError when another node on this machine runs this key
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -203,3 +207,68 @@ def rotate_identity(
         time_ms=time_ms,
     )
     return new, sign_rotation(rotation, old.private_key, new.private_key)
+
+
+# ---------------------------------------------------------------- one key, one running node
+
+_SECOND_NODE = ("Two nodes with one key sign conflicting records under one peer id (the swarm sees one peer "
+                "flapping between addresses, and the ledgers equivocate). To run a second node, give it its own "
+                "home and key: `swarmtune run --home ~/.swarmtune-2 --create-key ...` (or `swarmtune keygen --key "
+                "FILE` and --key FILE)")
+
+
+class KeyLock:
+    """An exclusive flock held while a node runs with a key; released by `release()` or the process's exit."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            self.path.unlink(missing_ok=True)  # while still held: a waiter that opened it sees it unlinked and retries
+            os.close(self.fd)
+            self.fd = -1
+
+
+def key_lock_path(peer_id: str) -> Path:
+    """Machine-wide, keyed by the peer id rather than the key file's path: a copy of the key in a second
+    home is the same identity and is refused too."""
+    return Path(tempfile.gettempdir()) / f"swarmtune-key-{peer_id}.lock"
+
+
+def lock_identity(identity: Identity, home: str | os.PathLike) -> KeyLock:
+    """Take this machine's lock on the identity; IdentityError when another running node holds it."""
+    path = key_lock_path(identity.peer_id)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise IdentityError(f"cannot create the key lock {path}: {e.strerror}; check that {path.parent} is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            who = f" (pid {holder.get('pid', '?')}, home {holder.get('home', '?')})" if holder else ""
+            key = f"the identity key {identity.path}" if identity.path else "this identity key"
+            raise IdentityError(f"{key} (peer id {identity.peer_id}) is already in use by another swarmtune node on this "
+                                f"machine{who}. {_SECOND_NODE}") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder released (and unlinked) it between our open and flock: take the new file
+    info = json.dumps({"pid": os.getpid(), "home": str(home), "key": str(identity.path or "")}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    return KeyLock(fd, path)
+
+
+def second_node_message(peer_id: str, maddrs) -> str:
+    """What a node is told when the swarm shows its peer id live at other addresses (another machine)."""
+    return (f"peer id {peer_id} is already running in this swarm from {', '.join(maddrs) or 'another address'} "
+            f"(its heartbeat is fresh): another machine runs a node with this identity key. {_SECOND_NODE}")

@@ -38,7 +38,7 @@ from typing import Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.durable import fsync_dir
+from node.durable import STORAGE_ERRNOS, StorageError, fsync_dir, write_all
 
 from protocol.peerid import peer_id_from_public_key
 from protocol.record import (
@@ -183,11 +183,17 @@ class Ledger:
             raise LedgerError(f"ledger {self.path} is closed")
         record = _check_next(self._entries, blob)
         line = bytes(blob) + b"\n"
-        written = os.write(self._fd, line)
-        if written != len(line):  # a short write would leave a torn line; cut it off now
-            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise LedgerError(f"short write to {self.path} ({written} of {len(line)} bytes); disk full?")
-        os.fsync(self._fd)
+        size = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):  # a short write: the disk filled up (the retry says why)
+                write_all(self._fd, line[written:])
+            os.fsync(self._fd)
+        except OSError as e:  # cut off what was written: the ledger ends at its last whole record
+            os.ftruncate(self._fd, size)
+            if e.errno in STORAGE_ERRNOS:
+                raise StorageError(self.path, e) from None
+            raise LedgerError(f"cannot append to {self.path}: {e.strerror or e}") from None
         self._entries.append((bytes(blob), record))
         return record
 

@@ -127,4 +127,23 @@ def setup_logging(level: str | int = "info", json: bool = False, stream: TextIO 
         logging.getLogger(name).setLevel(library_level)
     quiet_unactionable()
     logging.captureWarnings(True)  # library warnings (FutureWarning, ...) become log records: JSON too
+    if json:
+        _libraries_through_logging()
     return handler
+
+
+def _libraries_through_logging() -> None:
+    """For JSON output: progress bars off (a bar is not a line a log collector can read, and nobody watches
+    a daemon's), and transformers' own stderr handler replaced by propagation to ours."""
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ[var] = "1"  # read when huggingface_hub / datasets load, and by transformers' tqdm
+    import transformers.utils.logging as hf_logging  # the node loads transformers anyway; this part is light
+
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
+def json_active() -> bool:
+    """Whether `setup_logging(json=True)` is in force (then even the CLI's last words must be JSON)."""
+    return any(getattr(h, "_swarmtune", False) and isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)

@@ -2,7 +2,7 @@
 
     swarmtune ledger show   [--ledger PATH...] [--peer P] [--round R] [--json]
     swarmtune ledger verify --ledger PATH... [--dht-peer MADDR...] (--manifest M | --swarm-id HEX --max-samples N)
-                            [--rotations FILE] [--json]          # exit 1 if anything fails
+                            [--rotations FILE] [--json] [--allow-torn-tail]   # exit 1 if anything fails or is torn
     swarmtune ledger export --ledger PATH... --format jsonl|csv [--out FILE]
     swarmtune credit        --ledger PATH... (--manifest M | --swarm-id HEX --max-samples N) [--json]
 
@@ -37,6 +37,9 @@ def register(sub) -> None:
     _add_sources(verify, required=False)
     _add_swarm(verify)
     verify.add_argument("--json", action="store_true", help="verdicts as JSON lines")
+    verify.add_argument("--allow-torn-tail", action="store_true",
+                        help="accept a ledger whose last line was cut short by a crash (that line is never credited; "
+                             "default: such a ledger fails verification, exit 1)")
     verify.set_defaults(func=_verify)
 
     export = lsub.add_parser("export", help="export records as JSON lines or CSV")
@@ -97,7 +100,8 @@ def _ledger_paths(args: argparse.Namespace, *, allow_empty: bool = False) -> lis
     return found
 
 
-def _read_sources(paths: list[Path]) -> dict[str, list[bytes]]:
+def _read_sources(paths: list[Path], torn: list[str] | None = None) -> dict[str, list[bytes]]:
+    """Every ledger's complete lines; a torn last line is noted on stderr (and its description added to `torn`)."""
     from node.cli.errors import UserError
     from node.ledger import LedgerError, read_log
 
@@ -108,6 +112,8 @@ def _read_sources(paths: list[Path]) -> dict[str, list[bytes]]:
         except LedgerError as e:
             raise UserError(f"{e}; check the --ledger path") from None
         if contents.torn is not None:
+            if torn is not None:
+                torn.append(f"{path}: torn last line at byte {contents.torn.offset} ({contents.torn.reason})")
             print(
                 f"note: {path}: torn last line at byte {contents.torn.offset} ignored, not credited ({contents.torn.reason})",
                 file=sys.stderr,
@@ -151,12 +157,12 @@ def _collect_dht(peers: list[str], swarm_id: str) -> list[bytes]:
         raise UserError(f"cannot read records from the DHT through --dht-peer: {e}") from None
 
 
-def _report(args: argparse.Namespace):
+def _report(args: argparse.Namespace, torn: list[str] | None = None):
     from node.cli.errors import UserError
     from node.ledger import verify_logs
 
     swarm_id, cap, token_cap = _swarm_params(args)
-    sources = _read_sources(_ledger_paths(args, allow_empty=bool(args.dht_peer)))
+    sources = _read_sources(_ledger_paths(args, allow_empty=bool(args.dht_peer)), torn)
     if args.dht_peer:
         sources["dht"] = _collect_dht(args.dht_peer, swarm_id)
     rotations: list[bytes] = []
@@ -229,7 +235,8 @@ def _verify(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    report = _report(args)
+    torn: list[str] = []
+    report = _report(args, torn)
     if args.json:
         for v in report.records:
             print(json.dumps({"source": v.source, "index": v.index, "status": v.status, "reason": v.reason,
@@ -256,8 +263,11 @@ def _verify(args: argparse.Namespace) -> int:
     failed = sum(not v.ok for v in report.records) + sum(not p.ok for p in report.peers.values()) + len(report.rotation_errors)
     if failed:
         print(f"verification FAILED: {failed} problem(s)", file=sys.stderr)
+    if torn and not args.allow_torn_tail:  # bytes it could not credit: not a clean verification
+        print(f"verification FAILED: {len(torn)} ledger(s) end in a torn line that was neither verified nor credited "
+              f"({'; '.join(torn)}); pass --allow-torn-tail to accept that (a crash mid-write leaves one)", file=sys.stderr)
         return 1
-    return 0
+    return 1 if failed else 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -35,10 +35,7 @@ def cmd_run(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     from node.config import FIELDS, ConfigError, load_node_config
-    from node.daemon import NodeError, run_node
     from node.logs import setup_logging
-    from node.manifest import ManifestError
-    from node.swarm.dht import SwarmError
 
     overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
     try:
@@ -52,7 +49,11 @@ def cmd_run(args) -> int:
             check_target(args.export)
         except ExportError as e:
             raise UserError(str(e)) from None
-    setup_logging(cfg.log_level, json=cfg.log_format == "json")
+    setup_logging(cfg.log_level, json=cfg.log_format == "json")  # before torch & co. load: their warnings are logged too
+    from node.daemon import NodeError, run_node
+    from node.manifest import ManifestError
+    from node.swarm.dht import SwarmError
+
     try:
         return run_node(cfg, export_dir=args.export, stop=stop)
     except (NodeError, ManifestError, SwarmError) as e:

@@ -8,6 +8,8 @@ into `PeerInfo`s; `node.swarm.quorum` decides from one such view.
 
 The member check (`check_membership`) runs once at start: a newcomer whose initial peers
 train another swarm is told which manifest fields differ instead of training alone.
+`check_no_twin` runs right after it: a node whose peer id already has a live heartbeat (another
+machine runs the same key) is refused before it publishes anything under that id.
 """
 
 from __future__ import annotations
@@ -277,3 +279,44 @@ def check_membership(dht, manifest: Manifest, initial_peers: Sequence[str], *, a
         f"hashes to {manifest.swarm_id[:16]}…: the manifests differ in {shown}. Get that swarm's manifest file and pass it "
         "with --manifest (every node of a swarm must hold the same one)"
     )
+
+
+def check_no_twin(dht, swarm_id: str, peer_ttl: float) -> None:
+    """Refuse to start when another process in the swarm runs with this node's peer id (the same key on
+    another machine; on one machine the key lock in node.identity refuses it first).
+
+    Nothing under our id has been published yet, so a heartbeat for it is someone else's, or the
+    leftover of our own previous run that crashed. The two are told apart by waiting one heartbeat
+    period: a live twin refreshes its heartbeat (a later expiration), a leftover does not."""
+    me = str(dht.peer_id)
+    key = f"{swarm_id}/peers"
+
+    def theirs() -> PeerInfo | None:
+        try:
+            found = dht.get(key, latest=True, return_future=True).result(timeout=max(2.0, peer_ttl / 2))
+        except Exception as e:  # a failed or slow lookup must not stop a node; the twin is then seen by the swarm instead
+            logger.info("could not look up peers to check for another node with this key: %s", e)
+            return None
+        item = found.value.get(me) if found is not None and isinstance(found.value, dict) else None
+        value = getattr(item, "value", None)
+        if not isinstance(value, dict):
+            return None
+        try:
+            return parse_heartbeat(me, value, item.expiration_time)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    first = theirs()
+    looked_at = dht_time()
+    if first is None or first.expires_at <= looked_at:
+        return
+    time.sleep(max(0.5, peer_ttl / 4) + 1.0)  # one heartbeat period (Membership._heartbeat_loop), plus the store
+    again = theirs()
+    # refreshed, and stored after we first looked (a replica that lagged behind could make a dead node's
+    # last heartbeat look newer the second time; a store made after our first look is a live process's)
+    if again is not None and again.expires_at > first.expires_at and again.expires_at - peer_ttl > looked_at - 1.0:
+        from node.identity import second_node_message
+
+        raise SwarmError(second_node_message(me, again.maddrs))
+    logger.info("a heartbeat of this peer id from a previous run (%s) was not refreshed: it is ours, not another node's",
+                ", ".join(first.maddrs) or "no address")

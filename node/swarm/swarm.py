@@ -39,7 +39,7 @@ from node.swarm.dht import dht_time, peer_id_of, start_dht
 from node.swarm.exact import (
     GRIDS, MAX_GROUP, Layout, WireError, block_exponents, dequantize, group_exponents, quantize, wire_bytes_per_value,
 )
-from node.swarm.membership import Membership, PeerInfo, check_membership
+from node.swarm.membership import Membership, PeerInfo, check_membership, check_no_twin
 from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
 from node.swarm.reach import PUBLIC, Reachability, detect_reachability, serve_dialback
 from node.swarm.validator import RecordsValidator, collect_records, publish_record
@@ -136,6 +136,7 @@ def start_network(identity, manifest, *, initial_peers: Sequence[str], host_madd
                             announce_maddrs=announce_maddrs, client_mode=False)
     try:
         check_membership(dht, manifest, initial_peers)
+        check_no_twin(dht, manifest.swarm_id, manifest.averaging.peer_ttl)
         serve_dialback(dht)
         reach = detect_reachability(dht, [peer_id_of(a) for a in initial_peers if peer_id_of(a)], peer_maddrs=initial_peers)
     except BaseException:
