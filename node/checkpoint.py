@@ -11,9 +11,10 @@ corrupt, naming the bad file.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ class Checkpoint:
     swarm_id: str
     tensors: dict[str, torch.Tensor]
     path: Path
+    shard_steps: dict[int, int] = field(default_factory=dict)  # trained shard -> its optimizer's step count
 
 
 def _payload_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -62,12 +64,16 @@ def space_needed(directory: Path, tensors: dict[str, torch.Tensor]) -> int:
     return max(0, (KEEP + 1) * size_of(tensors) - held)
 
 
-def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor]) -> Path:
+def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor],
+         shard_steps: dict[int, int] | None = None) -> Path:
+    """`shard_steps`: each trained shard's own step count (a round that applied only some shards advanced
+    only theirs); a checkpoint without them restores every shard at `opt_step`."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {
         "round": str(round), "opt_step": str(opt_step), "ledger_seq": str(ledger_seq),
         "swarm_id": swarm_id, "sha256": _payload_hash(tensors), "format": "swarmtune/checkpoint/v1",
+        "shard_steps": json.dumps({str(k): int(v) for k, v in (shard_steps or {}).items()}),
     }
     final = directory / f"round-{round:08d}.safetensors"
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
@@ -101,7 +107,11 @@ def _read(path: Path) -> Checkpoint:
     tensors = load_file(str(path))
     if _payload_hash(tensors) != meta.get("sha256"):
         raise CheckpointError("payload hash mismatch (file damaged)")
-    return Checkpoint(int(meta["round"]), int(meta["opt_step"]), int(meta["ledger_seq"]), meta["swarm_id"], tensors, path)
+    try:
+        steps = {int(k): int(v) for k, v in json.loads(meta.get("shard_steps") or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        raise CheckpointError("malformed shard_steps metadata") from None
+    return Checkpoint(int(meta["round"]), int(meta["opt_step"]), int(meta["ledger_seq"]), meta["swarm_id"], tensors, path, steps)
 
 
 def load_latest(directory: Path, swarm_id: str) -> Checkpoint | None:
@@ -155,7 +165,7 @@ def restore_training(ckpt: Checkpoint, trainer, adapter, trained) -> None:
         params = [ckpt.tensors[f"param/{n}"] for n in names]
         if k in trained and all(f"{key}/{n}" in ckpt.tensors for key in keys for n in names):
             shared = [ckpt.tensors[f"{key}/{n}"] for key in keys for n in names]
-            trainer.load_shard_state(k, params + shared, ckpt.opt_step)
+            trainer.load_shard_state(k, params + shared, ckpt.shard_steps.get(k, ckpt.opt_step))
         else:
             adapter.load_shard(k, params)
     trainer.opt_step = ckpt.opt_step

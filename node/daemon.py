@@ -235,6 +235,7 @@ class Node:
             self.workdir / "checkpoints", round=self.round, opt_step=self.trainer.opt_step,
             ledger_seq=self.ledger.next_seq - 1, swarm_id=self.swarm_id,
             tensors=checkpoint.training_tensors(self.trainer, self.adapter, self.trained),
+            shard_steps={k: self.trainer.shard_step(k) for k in self.trained},
         )
 
     # ------------------------------------------------------------------ main loop

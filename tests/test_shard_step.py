@@ -38,3 +38,25 @@ def test_state_loaded_after_a_partial_round_steps_like_its_donor(tmp_path, tiny_
         t.apply(grads, 1e-3)
     for k in range(2):
         assert torch.equal(donor.flat_shard(k), joiner.flat_shard(k)), f"shard {k} differs after the next step"
+
+
+def test_a_checkpoint_after_a_partial_round_restores_each_shards_step(tmp_path, tiny_base):
+    from node import checkpoint
+    from node.manifest import load_manifest
+
+    m = load_manifest(write_test_manifest(tmp_path / "swarm.toml", tiny_base))
+    before, after = _trainer(m, tiny_base), _trainer(m, tiny_base)
+    gen = torch.Generator().manual_seed(2)
+    grads = {k: torch.randn(before.flat_shard(k).numel(), generator=gen) * 1e-2 for k in range(2)}
+    before.apply(grads, 1e-3)
+    before.apply({0: grads[0]}, 1e-3)  # a partial round: only shard 0 stepped
+    trained = range(before.adapter.num_shards)
+    path = checkpoint.save(tmp_path / "ckpt", round=2, opt_step=before.opt_step, ledger_seq=-1, swarm_id="s",
+                           tensors=checkpoint.training_tensors(before, before.adapter, trained),
+                           shard_steps={k: before.shard_step(k) for k in trained})
+    checkpoint.restore_training(checkpoint.load_latest(tmp_path / "ckpt", "s"), after, after.adapter, trained)
+    assert [after.shard_step(k) for k in range(2)] == [2, 1]
+    for t in (before, after):
+        t.apply(grads, 1e-3)
+    for k in range(2):
+        assert torch.equal(before.flat_shard(k), after.flat_shard(k)), f"shard {k} differs after the next step"
