@@ -30,7 +30,7 @@ def _free_port() -> int:
 def _dom(b: Browser) -> dict:
     """What the page shows now (empty strings while it is still loading)."""
     return b.eval("({peer: document.getElementById('peer-id')?.textContent ?? '', round: document.getElementById('round')?.textContent"
-                  " ?? '', state: document.getElementById('state')?.textContent ?? '', lines: document.querySelectorAll("
+                  " ?? '', state: document.getElementById('state')?.textContent ?? '', reach: document.getElementById('reach')?.textContent ?? '', lines: document.querySelectorAll("
                   "'#loss-chart polyline').length, rows: document.querySelectorAll('#shard-rows tr').length})")
 
 
@@ -62,6 +62,7 @@ def test_dashboard_in_chromium_shows_peer_and_advancing_round(tmp_path, tiny_bas
                           f"a round past {first['round']}")
         assert later["lines"] == 1 and later["rows"] == 2, later  # the loss curve is drawn; both shards listed
         assert later["state"] == "training", later
+        assert later["reach"] == "public", later  # the first node of a swarm: nobody to dial it back, reported public
         overview = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/overview", timeout=10).read())
         assert overview["status"]["peer_id"] == peer_id and len(overview["history"]) >= 2
         assert overview["credit"]["own"]["verified_rounds"] >= 1, overview["credit"]  # from verified ledger records
