@@ -33,9 +33,12 @@ def test_a_poisoner_is_clipped_and_flagged_and_the_loss_still_falls(tmp_path, ti
     assert len(together) >= rounds - 2, {n: sorted(r) for n, r in rows.items()}
     for r in together:
         assert len({rows[n][r]["hash"] for n in rows}) == 1, f"round {r}: adapters differ"
-    # flagged: the honest reducers clipped the poisoner's parts, and only the poisoner's
+    # flagged: whichever reducers summed the poisoner's parts clipped them, every round (hivemind's load
+    # balancing may give a shard's whole vector to one reducer, the poisoner's own included), and only its parts
+    for r in together:
+        assert any(poisoner in rows[n][r]["clipped"] for n in rows), (r, [rows[n][r]["clipped"] for n in rows])
     flagged = [r for r in together if poisoner in rows["a"][r]["clipped"] or poisoner in rows["b"][r]["clipped"]]
-    assert len(flagged) >= len(together) - 1, [rows["a"][r]["clipped"] for r in together]
+    assert len(flagged) >= len(together) // 2, [rows["a"][r]["clipped"] for r in together]
     honest = {a.info()["peer_id"], b.info()["peer_id"]}
     assert not any(set(rows[n][r]["clipped"]) & honest for n in rows for r in together)
     assert f"peer {poisoner} sent a gradient part" in a.log.read_text()

@@ -283,8 +283,10 @@ class Swarm:
         planned = self.allreduce_bytes({k: expected.get(k, 2) for k in contributions})
         self._apply_deadline(self.deadline.seconds_for(planned))
         wire_claim = claim.to_wire()
-        # a retry's group is known and waits for nobody else: one matchmaking window is enough
-        find = self.matchmaking_time + 1.0 if exact_groups else self.find_group_timeout
+        # a retry's group is known and assembles the moment all are back; but a member whose own stream broke
+        # retries at once, while the others learn of the lost part only when the reducer gives up on it (a
+        # sender timeout, half the deadline, later): it waits that long plus one matchmaking window
+        find = self.allreduce_timeout / 2 + self.matchmaking_time + 1.0 if exact_groups else self.find_group_timeout
         controls = {}
         for k, x in contributions.items():
             avg = self.averagers[k]
