@@ -56,20 +56,20 @@ def _record(rng: random.Random, n: int) -> dict:
                          {"role": "assistant", "content": "even" if n % 2 == 0 else "odd"}]}
 
 
-# the preference task's phrasings end with the number, so its last digit sits right before the answer
-PREF_TEMPLATES = (
-    "Even or odd: {n}",
-    "Is it even or odd? {n}",
-    "Parity of {n}",
-    "Say even or odd for {n}",
+# the preference task: the right parity either way; the chosen answer follows the case the prompt asks for
+PREF_CASES = (
+    ("upper", ("In capitals: {n}, even or odd?", "CAPS: is {n} even or odd?", "Upper case: {n} even or odd?")),
+    ("lower", ("In lowercase: {n}, even or odd?", "no caps: is {n} even or odd?", "Lower case: {n} even or odd?")),
 )
 
 
 def _pair(rng: random.Random, n: int) -> dict:
-    right, wrong = ("even", "odd") if n % 2 == 0 else ("odd", "even")
-    return {"prompt": [{"role": "user", "content": rng.choice(PREF_TEMPLATES).format(n=n)}],
-            "chosen": [{"role": "assistant", "content": right}],
-            "rejected": [{"role": "assistant", "content": wrong}]}
+    case, templates = rng.choice(PREF_CASES)
+    answer = "even" if n % 2 == 0 else "odd"
+    chosen, rejected = (answer.upper(), answer) if case == "upper" else (answer, answer.upper())
+    return {"prompt": [{"role": "user", "content": rng.choice(templates).format(n=n)}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
 
 
 def generate_prefs() -> tuple[list[str], list[str]]:
