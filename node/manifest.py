@@ -176,20 +176,15 @@ class Manifest:
 
     @property
     def token_cap(self) -> int:
-        """Most tokens one credited sample can have taken: [data] max_length (examples are truncated to it)."""
-        return self.data.max_length
+        """Most tokens one credited sample can have taken: [data] max_length (examples are truncated to it),
+        twice that for a DPO pair (chosen and rejected, each up to max_length)."""
+        return self.data.max_length * (2 if self.objective == "dpo" else 1)
 
     @property
     def credit_cap(self) -> int:
         """Most samples one peer is credited for in one round: [credit] max_samples_per_round, or the
         round's whole batch (one global batch per step, inner_steps steps in diloco)."""
         return self.credit.max_samples_per_round or self.rounds.target_batch_size * self.sync.inner_steps
-
-    @property
-    def max_tokens_per_sample(self) -> int:
-        """Most tokens one sample can carry, the credit cap on a record's tokens per sample: max_length,
-        twice that for a DPO pair (chosen and rejected, each up to max_length)."""
-        return self.data.max_length * (2 if self.objective == "dpo" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain data. An empty `[base] revision` is left out, so manifests written

@@ -195,7 +195,7 @@ def test_three_node_dpo_swarm_from_an_adapter_raises_preference_accuracy(tmp_pat
     before, after = _accuracy(tiny_base, start), _accuracy(tiny_base, tmp_path / "out")
     print(f"held-out preference accuracy: start adapter {before}, after {rounds} DPO rounds {after}")
     assert after["accuracy"] >= before["accuracy"] + 0.1 and after["margin"] > before["margin"]
-    verify_ledgers(manifest, a, b, c)
+    assert "(objective dpo)" in verify_ledgers(manifest, a, b, c)
 
 
 @pytest.mark.swarm
