@@ -189,6 +189,8 @@ def test_three_node_dpo_swarm_from_an_adapter_raises_preference_accuracy(tmp_pat
     # every node started from the adapter's bits (its first round, whether or not that round completed)
     assert [n.rounds()[0]["start_hash"] for n in (a, b, c)] == [m.start.hash] * 3
     runs = [{r["round"]: r for r in n.rounds() if r["applied"]} for n in (a, b, c)]
+    # the reference is the start adapter: before the first step policy and reference agree, the loss is log 2
+    assert all(abs(run[0]["loss"] - math.log(2)) < 1e-5 for run in runs if 0 in run)
     common = set(runs[0]) & set(runs[1]) & set(runs[2])
     assert len(common) >= rounds * 2 // 3
     for r in common:
@@ -220,3 +222,38 @@ def test_two_node_dpo_swarm_matches_single_process(tmp_path, tiny_base, spawn_no
     # a fresh LoRA is the base (B = 0), so the policy equals the reference and the first sigmoid loss is log 2
     assert abs(rs[0]["loss"] - math.log(2)) < 1e-5 and abs(ra[0]["loss"] - math.log(2)) < 1e-5
     assert len({rs[r]["loss"] for r in range(rounds)}) == rounds  # and it trains
+
+
+def test_dpo_trainer_reference_and_partial_shards(tmp_path, tiny_base, tok):
+    """In one process: the reference is the policy's start (loss log 2 before any step), a node that trains one
+    shard keeps the other frozen through PEFT's disable_adapter, and the losses are TRL's at delta = 0."""
+    import torch
+
+    from node.data import builtin_data_path
+    from node.manifest import DpoSection, OptimSection
+    from node.model import Adapter, attach_lora, check_shard_plan, load_base
+    from node.preference import dpo_loss, load_pairs
+    from node.trainer import Trainer
+
+    zero, counts = torch.zeros(4), torch.tensor([2, 4, 2, 4])
+    assert dpo_loss(zero, zero, counts, beta=0.1, loss="sigmoid").tolist() == pytest.approx([math.log(2)] * 2)
+    assert dpo_loss(zero, zero, counts, beta=0.1, loss="hinge").tolist() == [1.0, 1.0]
+    assert dpo_loss(zero, zero, counts, beta=0.1, loss="ipo").tolist() == pytest.approx([25.0, 25.0])
+    pairs = load_pairs(builtin_data_path("train", "prefs"), tok, max_length=64)[:8]
+    model = attach_lora(load_base(tiny_base), rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"), init_seed=0)
+    adapter = Adapter.from_model(model, check_shard_plan((), 4))
+    with torch.no_grad():
+        for p in adapter.params:
+            p.normal_(0, 0.05)  # a start adapter that is not the base
+    for reference in (None, [p.detach().clone() for p in adapter.params]):
+        for p in pairs:
+            p.ref = None
+        trainer = Trainer(model, adapter, (1,), OptimSection(lr=1e-2), microbatch_size=4, device="cpu",
+                          pad_id=tok.pad_token_id, dpo=DpoSection(), reference=reference)
+        local = trainer.local_gradients(pairs)
+        assert all(p.requires_grad == (s == 1) for p, s in zip(adapter.params, adapter.shard_of))
+        assert local.grad_sums[1].abs().sum() > 0 and local.samples == 8
+        if reference is not None:  # the policy is its own reference: every pair's loss is log 2
+            assert local.loss_sum / local.samples == pytest.approx(math.log(2), abs=1e-6)
+        else:
+            assert abs(local.loss_sum / local.samples - math.log(2)) > 1e-4
