@@ -86,6 +86,7 @@ def test_manifest_dpo_and_start_sections(tmp_path, tiny_base):
     dpo = dataclasses.replace(sft, objective="dpo", dpo=DpoSection(beta=0.2, loss="hinge"))
     back = load_manifest(write_manifest(dpo, tmp_path / "dpo.toml"))
     assert back.dpo == DpoSection(beta=0.2, loss="hinge") and back.swarm_id == dpo.swarm_id != sft.swarm_id
+    assert dpo.token_cap == 2 * sft.token_cap == 2 * sft.data.max_length  # credit: chosen + rejected per pair
     # where the start adapter lives is not part of the swarm id; its hash is
     a = dataclasses.replace(dpo, start=StartSection(adapter="/x/a", hash="ab" * 32))
     assert a.swarm_id == dataclasses.replace(a, start=StartSection(adapter="b", hash="ab" * 32)).swarm_id != dpo.swarm_id
