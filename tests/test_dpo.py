@@ -258,3 +258,26 @@ def test_dpo_trainer_reference_and_partial_shards(tmp_path, tiny_base, tok):
             assert local.loss_sum / local.samples == pytest.approx(math.log(2), abs=1e-6)
         else:
             assert abs(local.loss_sum / local.samples - math.log(2)) > 1e-4
+
+
+def test_nodes_and_served_swarm_adapters_load_the_start_adapter_bits(tmp_path, tiny_base):
+    """build_lora_model (every node, export) and `serve --swarm` hold exactly the [start] adapter's bits; a node
+    whose start folder changed since `swarm init` refuses to start."""
+    from node.manifest import StartSection, load_manifest, write_manifest
+    from node.model import ModelError, build_lora_model, check_shard_plan, start_adapter_hash
+    from node.serve import Engine
+    from tests.conftest import write_test_manifest
+
+    start = _make_adapter(tmp_path / "start", tiny_base)
+    lora = dict(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    m = load_manifest(write_test_manifest(tmp_path / "s.toml", tiny_base))
+    m = dataclasses.replace(m, lora=dataclasses.replace(m.lora, **lora), start=StartSection(
+        adapter="start", hash=start_adapter_hash(tiny_base, lora, check_shard_plan((), 4), start)))
+    m = load_manifest(write_manifest(m, tmp_path / "s.toml"))  # "start" resolves beside the manifest
+    assert build_lora_model(m, tiny_base, device="cpu")[1].state_hash() == m.start.hash
+    engine = Engine.load(str(tiny_base), device="cpu")
+    _, served = engine.attach_manifest_lora("live", *engine.swarm_manifest(tmp_path / "s.toml"), source="test")
+    assert served.state_hash() == m.start.hash
+    _make_adapter(tmp_path / "start", tiny_base, seed=2)  # same shapes, other bits
+    with pytest.raises(ModelError, match="holds other bits than the manifest's"):
+        build_lora_model(m, tiny_base, device="cpu")
