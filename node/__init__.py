@@ -3,7 +3,8 @@
 Module map, lowest layer first (tests/test_layering.py keeps imports pointing downward):
     config, durable, logs   the node's config (the one place SWARMTUNE_HOME is read), fsync, logging
     manifest, identity      what the swarm trains (+ manifest diff); the node's Ed25519 key
-    data, tiny, model       datasets and the one batch split; the built-in tiny Llama; base + LoRA
+    data, preference        datasets and the one batch split; preference pairs and the DPO loss
+    tiny, model             the built-in tiny Llama; base + LoRA (and start adapters)
     shards, checkpoint      which shards to train; atomic checkpoints
     ledger, metrics         signed records, verification, credit; Prometheus metrics
     trainer                 local forward/backward and the AdamW step

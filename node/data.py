@@ -58,16 +58,19 @@ MAX_RECORD_BYTES = 1 << 20
 
 
 BUILTIN_DATA = "builtin:task"  # the demo's parity task, shipped in node/builtin
+BUILTIN_PREFS = "builtin:prefs"  # the same task as preference pairs (DPO), shipped in node/builtin
 
 
-def builtin_data_path(split: str = "train") -> Path:
-    """A split (train, eval) of the built-in task."""
-    return Path(__file__).resolve().parent / "builtin" / f"task_{split}.jsonl"
+def builtin_data_path(split: str = "train", task: str = "task") -> Path:
+    """A split (train, eval) of a built-in task: "task" (SFT) or "prefs" (preference pairs)."""
+    return Path(__file__).resolve().parent / "builtin" / f"{task}_{split}.jsonl"
 
 
 def resolve_data(spec: str) -> str:
-    """A manifest's data source as a path or `hf:` id (the built-in task resolved to its file)."""
-    return str(builtin_data_path("train")) if spec == BUILTIN_DATA else spec
+    """A manifest's data source as a path or `hf:` id (the built-in tasks resolved to their files)."""
+    if spec in (BUILTIN_DATA, BUILTIN_PREFS):
+        return str(builtin_data_path("train", spec.partition(":")[2]))
+    return spec
 
 
 class DataError(ValueError):

@@ -121,6 +121,22 @@ class SyncSection:
     clip: float = 4.0  # a peer's part more than clip x the group's median part norm is scaled down to that, and the peer flagged (0 = off)
 
 
+OBJECTIVES = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "hinge", "ipo")  # TRL's DPOConfig.loss_type names (trl/trainer/dpo_trainer.py)
+
+
+@dataclass(frozen=True)
+class DpoSection:
+    beta: float = 0.1  # DPO temperature: how far the policy may move from the reference (TRL's default 0.1)
+    loss: str = "sigmoid"  # sigmoid (DPO) | hinge (SLiC) | ipo (IPO, log-ratios averaged over completion tokens)
+
+
+@dataclass(frozen=True)
+class StartSection:
+    adapter: str = ""  # PEFT adapter folder every node starts from (where it lives: not part of the swarm_id)
+    hash: str = ""  # the adapter state hash of its bits on this base (node.model.Adapter.state_hash); "" = fresh LoRA
+
+
 @dataclass(frozen=True)
 class CreditSection:
     max_samples_per_round: int = 0  # most samples one peer is credited for in one round; 0 = the round's whole batch (target_batch_size x inner_steps)
@@ -133,7 +149,9 @@ class Manifest:
     data: DataSection
     lora: LoraSection = field(default_factory=LoraSection)
     shards: ShardSection = field(default_factory=ShardSection)
-    objective: str = "sft"  # sft (dpo is planned)
+    objective: str = "sft"  # sft | dpo (preference pairs; [dpo] holds beta and the loss)
+    dpo: DpoSection = field(default_factory=DpoSection)
+    start: StartSection = field(default_factory=StartSection)
     optim: OptimSection = field(default_factory=OptimSection)
     rounds: RoundSection = field(default_factory=RoundSection)
     averaging: AveragingSection = field(default_factory=AveragingSection)
@@ -153,12 +171,14 @@ class Manifest:
         d = self.to_dict()
         del d["base"]["model"], d["data"]["source"]
         d["base"].pop("revision", None)
+        d.get("start", {}).pop("adapter", None)
         return hashlib.sha256(canonical_json(d).encode()).hexdigest()
 
     @property
     def token_cap(self) -> int:
-        """Most tokens one credited sample can have taken: [data] max_length (examples are truncated to it)."""
-        return self.data.max_length
+        """Most tokens one credited sample can have taken: [data] max_length (examples are truncated to it),
+        twice that for a DPO pair (chosen and rejected, each up to max_length)."""
+        return self.data.max_length * (2 if self.objective == "dpo" else 1)
 
     @property
     def credit_cap(self) -> int:
@@ -173,6 +193,10 @@ class Manifest:
         d.pop("source_path")
         if not d["base"]["revision"]:
             del d["base"]["revision"]
+        if self.objective != "dpo":  # likewise [dpo] and [start] appear only where used: SFT swarm ids stay as they were
+            del d["dpo"]
+        if not self.start.hash:
+            del d["start"]
         return _lists(d)
 
     def resolve_path(self, value: str) -> str:
@@ -215,6 +239,8 @@ _SECTIONS = {
     "averaging": AveragingSection,
     "sync": SyncSection,
     "credit": CreditSection,
+    "dpo": DpoSection,
+    "start": StartSection,
 }
 # keys older manifests may hold, and what to do about them
 _REMOVED = {
@@ -293,6 +319,9 @@ def parse_manifest(raw: dict[str, Any], where: str = "manifest") -> Manifest:
         if required not in raw:
             raise ManifestError(f"{where}: missing [{required}] section")
     sections = {name: _build(cls, raw[name], f"{where} [{name}]") for name, cls in _SECTIONS.items() if name in raw}
+    if "dpo" in raw and swarm.get("objective", "sft") != "dpo":
+        raise ManifestError(f"{where}: a [dpo] section needs [swarm] objective = \"dpo\"; set it, or remove [dpo]",
+                            "swarm.objective")
     m = Manifest(name=str(swarm["name"]), objective=str(swarm.get("objective", "sft")), format=fmt, **sections)
     validate(m, where)
     return m
@@ -321,6 +350,7 @@ _RANGES: tuple[tuple[str, str, str, Any], ...] = (
     ("sync", "outer_momentum", "[0, 1)", lambda v: 0.0 <= v < 1.0),
     ("sync", "clip", "0 (off) or >= 1", lambda v: v == 0 or v >= 1),
     ("credit", "max_samples_per_round", ">= 0 (0 = the round's whole batch)", lambda v: v >= 0),
+    ("dpo", "beta", "> 0", lambda v: v > 0),
 )
 # (section, field, allowed values) for every choice
 _CHOICES = (
@@ -330,6 +360,7 @@ _CHOICES = (
     ("averaging", "on_split", ("train", "wait")),
     ("sync", "mode", ("per-step", "diloco")),
     ("sync", "wire", ("int8", "int32")),
+    ("dpo", "loss", DPO_LOSSES),
 )
 
 
@@ -343,8 +374,16 @@ def validate(m: Manifest, where: str = "manifest") -> None:
     def out_of_range(section: str, name: str, value: Any, allowed: str):
         bad(f"[{section}] {name} = {value!r} is out of range (allowed: {allowed})", f"{section}.{name}")
 
-    if m.objective != "sft":
-        bad(f"objective '{m.objective}' is not supported yet; use 'sft'", "swarm.objective")
+    if m.objective not in OBJECTIVES:
+        bad(f"objective '{m.objective}' must be one of {', '.join(OBJECTIVES)}", "swarm.objective")
+    if m.objective == "dpo" and m.data.packing:
+        bad("[data] packing = true does not apply to objective 'dpo' (each pair is scored whole); set packing = false",
+            "data.packing")
+    if m.start.hash and not re.fullmatch(r"[0-9a-f]{64}", m.start.hash):
+        bad("[start] hash must be 64 lowercase hex chars; compute it with `swarmtune swarm init --adapter PATH`", "start.hash")
+    if bool(m.start.hash) != bool(m.start.adapter):
+        bad("[start] needs both adapter (the folder) and hash; write it with `swarmtune swarm init --adapter PATH`",
+            "start.adapter")
     for section, name, allowed in _CHOICES:
         value = getattr(getattr(m, section), name)
         if value not in allowed:
@@ -401,7 +440,8 @@ def dump_manifest(m: Manifest) -> str:
     d = m.to_dict()
     out: dict[str, Any] = {"swarm": {"name": d.pop("name"), "format": d.pop("format"), "objective": d.pop("objective")}}
     for name in _SECTIONS:
-        out[name] = d[name]
+        if name in d:
+            out[name] = d[name]
     header = (
         f"# swarmtune swarm manifest. swarm_id = {m.swarm_id}\n"
         "# Every node of the swarm must hold this exact content (comments aside).\n\n"
@@ -423,7 +463,7 @@ def manifest_diff(theirs: dict, mine: dict, prefix: str = "") -> list[tuple[str,
     leaving out where the base model and the data live (fingerprint and digest compare them)."""
     out = []
     for key in sorted(set(theirs) | set(mine)):
-        if (prefix, key) in (("base.", "model"), ("base.", "revision"), ("data.", "source")):
+        if (prefix, key) in (("base.", "model"), ("base.", "revision"), ("data.", "source"), ("start.", "adapter")):
             continue
         a, b = theirs.get(key), mine.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

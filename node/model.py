@@ -11,6 +11,10 @@
 - `attach_lora(...)`: PEFT LoRA with the manifest's config and a seeded init, so every
   node starts from the same adapter bits; `check_target_modules` runs the same check on
   a weightless (meta-device) copy of the model, so `swarm init` refuses bad modules cheaply.
+- Start adapters (`swarm init --adapter PATH`): `read_peft_adapter` reads a stock PEFT LoRA
+  folder, `fit_adapter` checks it against the base (every adapted weight, every shape), and
+  `start_adapter_hash` gives, from a meta-device copy, the state hash every node must hold
+  once `build_lora_model` has loaded it.
 - `Adapter`: the LoRA parameters grouped by shard (contiguous layer ranges), with
   hashes, flatten/unflatten for averaging and state sync, and the trainable switch.
 """
@@ -332,7 +336,8 @@ def check_target_modules(model_dir: Path, target_modules) -> None:
 
 def build_lora_model(manifest, model_dir: Path, *, device: str, gradient_checkpointing: bool = False):
     """The manifest's base with its LoRA attached and cut into its shard plan: (peft model, Adapter).
-    Every node calls this, so every node starts from the same adapter bits."""
+    Every node calls this, so every node starts from the same adapter bits: the seeded init, or the
+    manifest's start adapter ([start], checked against the hash `swarm init` recorded)."""
     m = manifest
     base = load_base(model_dir, dtype=m.base.dtype, quantization=m.base.quantization, device=device)
     plan = check_shard_plan(m.shards.plan, num_layers(base))
@@ -340,7 +345,131 @@ def build_lora_model(manifest, model_dir: Path, *, device: str, gradient_checkpo
         base, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules,
         init_seed=m.lora.init_seed, gradient_checkpointing=gradient_checkpointing,
     )
-    return model, Adapter.from_model(model, plan)
+    adapter = Adapter.from_model(model, plan)
+    if m.start.hash:
+        folder = m.resolve_path(m.start.adapter)
+        _, tensors = read_peft_adapter(folder)
+        adapter.load_all(fit_adapter(adapter, tensors, folder))
+        if adapter.state_hash() != m.start.hash:
+            raise ModelError(f"the start adapter {folder} holds other bits than the manifest's [start] hash "
+                             f"({adapter.state_hash()[:16]}… vs {m.start.hash[:16]}…): every node must start from the "
+                             "adapter the swarm was created with; get that exact folder")
+    return model, adapter
+
+
+# --------------------------------------------------------------------------- start adapters (PEFT folders)
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# adapter_config.json fields a start adapter must leave at PEFT's defaults: the manifest's [lora] cannot say them
+_PLAIN_LORA = {"bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None, "rank_pattern": {},
+               "alpha_pattern": {}, "layers_to_transform": None, "fan_in_fan_out": False, "lora_bias": False,
+               "exclude_modules": None, "layer_replication": None, "trainable_token_indices": None,
+               "target_parameters": None}
+
+
+def read_peft_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors) of a stock PEFT LoRA adapter folder; ModelError when it is not one."""
+    folder = Path(folder).expanduser()
+    how = ("a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors, as `swarmtune export` and "
+           "PeftModel.save_pretrained write them")
+    if not folder.is_dir():
+        raise ModelError(f"adapter folder {folder} not found; {how}")
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder} is not a PEFT adapter folder: it has no adapter_config.json; {how}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{cfg_path} is not valid JSON ({e}); re-export the adapter") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+        raise ModelError(f"{cfg_path}: peft_type is {kind!r}; only LoRA adapters (peft_type \"LORA\") can start a swarm")
+    if not any((folder / w).is_file() for w in ADAPTER_WEIGHTS):
+        raise ModelError(f"{folder} has adapter_config.json but no weights ({' or '.join(ADAPTER_WEIGHTS)}); {how}")
+    from peft.utils import load_peft_weights
+
+    try:
+        tensors = load_peft_weights(str(folder), device="cpu")
+    except Exception as e:  # safetensors / torch.load raise many types for a damaged file; name the file
+        raise ModelError(f"{folder}: cannot read the adapter weights ({type(e).__name__}: {e}); re-export it") from None
+    return cfg, tensors
+
+
+def adapter_lora_fields(cfg: dict, folder) -> dict:
+    """The manifest [lora] values of an adapter_config.json (rank, alpha, dropout, target_modules); ModelError for
+    a LoRA variant the manifest cannot describe (DoRA, rsLoRA, per-module ranks, bias, modules_to_save)."""
+    where = Path(folder) / "adapter_config.json"
+    for key, plain in _PLAIN_LORA.items():
+        value = cfg.get(key, plain)
+        if (value or None) != (plain or None):  # None, False, {} and [] all mean "not used"
+            raise ModelError(f"{where}: {key} = {value!r}; a swarm trains plain LoRA ({key} = {plain!r}), so this "
+                             "adapter cannot start one")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = ["all-linear"] if targets == "all-linear" else None
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise ModelError(f"{where}: target_modules = {cfg.get('target_modules')!r}; a start adapter must name its "
+                         "modules (a list, as PEFT writes it)")
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if type(rank) is not int or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ModelError(f"{where}: r = {rank!r}, lora_alpha = {alpha!r}; expected positive numbers")
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    if not isinstance(alpha, int):
+        raise ModelError(f"{where}: lora_alpha = {alpha!r} is not an integer; the manifest's [lora] alpha is one")
+    return {"rank": rank, "alpha": alpha, "dropout": float(cfg.get("lora_dropout") or 0.0),
+            "target_modules": tuple(sorted(targets))}
+
+
+def _file_key(name: str) -> str:
+    """The key PEFT's save_pretrained gives a parameter of the "default" adapter (get_peft_model_state_dict)."""
+    return name.replace(".default", "")
+
+
+def fit_adapter(adapter: "Adapter", tensors: dict[str, torch.Tensor], folder) -> list[torch.Tensor]:
+    """An adapter file's tensors in `adapter.params` order (as their dtype), or ModelError naming the first that
+    does not fit: a weight of this base the file lacks, a tensor with no place in it, another shape (base or rank)."""
+    keys = [_file_key(n) for n in adapter.names]
+    missing = [k for k in keys if k not in tensors]
+    extra = sorted(set(tensors) - set(keys))
+    fix = "start the swarm from an adapter trained on this base with this LoRA config"
+    if missing:
+        raise ModelError(f"the adapter {folder} does not fit this base: {len(missing)} of the base's adapted weights have "
+                         f"no tensor in it (e.g. {missing[0]}); {fix}")
+    if extra:
+        raise ModelError(f"the adapter {folder} does not fit this base: {len(extra)} of its tensors have no place in it "
+                         f"(e.g. {extra[0]}); {fix}")
+    out = []
+    for k, p in zip(keys, adapter.params):
+        t = tensors[k]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ModelError(f"the adapter {folder} does not fit this base: {k} has shape {list(t.shape)}, the base with "
+                             f"this LoRA needs {list(p.shape)} (another base, or another rank); {fix}")
+        out.append(t.to(p.dtype))
+    return out
+
+
+def start_adapter_hash(model_dir: Path, lora: dict, plan, folder) -> str:
+    """The adapter state hash (Adapter.state_hash) a node will hold after loading `folder` onto this base with
+    this LoRA and shard plan, from a weightless (meta-device) copy of the model: what `swarm init --adapter`
+    writes into the manifest. ModelError when the adapter does not fit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, tensors = read_peft_adapter(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"could not read the model config in {model_dir}: {e}") from None
+    skeleton = attach_lora(skeleton, rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
+                           target_modules=lora["target_modules"], init_seed=0)
+    adapter = Adapter.from_model(skeleton, plan)
+    fitted = fit_adapter(adapter, tensors, folder)
+    h = hashlib.sha256()
+    for k in range(adapter.num_shards):
+        idx = [i for i, s in enumerate(adapter.shard_of) if s == k]
+        h.update(bytes.fromhex(tensors_hash([adapter.names[i] for i in idx], [fitted[i] for i in idx])))
+    return h.hexdigest()
 
 
 def default_shard_plan(n_layers: int) -> tuple[tuple[int, int], ...]:
@@ -435,6 +564,12 @@ class Adapter:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu").clone() for n, p in zip(self.names, self.params)}
+
+    @torch.no_grad()
+    def load_all(self, tensors) -> None:
+        """Every parameter from `tensors`, in `params` order (shapes already checked: fit_adapter)."""
+        for p, t in zip(self.params, tensors):
+            p.copy_(t.to(p.device, p.dtype))
 
     @torch.no_grad()
     def load_shard(self, k: int, tensors) -> None:

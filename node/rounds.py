@@ -165,11 +165,11 @@ class RoundRunner:
             group_samples = sum(c.samples for c in res.claims.values())
             if self.trainer.diloco:  # the samples-weighted mean pseudo-gradient
                 updates[k] = res.value() * (m.sync.inner_steps * total / max(group_samples, 1))
-            else:  # the gradient of the group's mean token loss
-                updates[k] = res.value() * (total / max(group_tokens, 1))
+            else:  # the gradient of the group's mean token loss (DPO: mean pair loss)
+                updates[k] = res.value() * (total / max(self.trainer.loss_count(group_samples, group_tokens), 1))
             if not loss_den:
                 loss_num = sum(c.loss_sum for c in res.claims.values())
-                loss_den = group_tokens
+                loss_den = self.trainer.loss_count(group_samples, group_tokens)
         if updates and not resync:
             # Shards are summed by separate groups: one whose sum came back was applied by its whole group,
             # so it is applied here too, even when another shard's group failed; that one stays at the
@@ -194,7 +194,7 @@ class RoundRunner:
 
         result = RoundResult(
             round=r, start_hash=start_hash, shard_hashes=shard_hashes, loss=(loss_num / loss_den) if loss_den else None,
-            local_loss=(local.loss_sum / local.tokens) if local.tokens else None,
+            local_loss=(local.loss_sum / self.trainer.loss_count(local.samples, local.tokens)) if local.tokens else None,
             samples=local.samples, tokens=local.tokens, groups=groups, applied=sorted(updates), resync=resync,
             seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg, clipped=clipped,
         )

@@ -358,8 +358,17 @@ class Engine:
 
     def attach_manifest_lora(self, name: str, m, plan, *, source: str):
         """A served adapter with the manifest's LoRA config and the nodes' initial bits (shards nobody trains
-        keep them, as at every node): (Served, the node.model.Adapter view of its parameters)."""
-        from node.model import Adapter, lora_config
+        keep them, as at every node; the manifest's [start] adapter when it has one): (Served, the
+        node.model.Adapter view of its parameters)."""
+        from node.model import Adapter, ModelError, fit_adapter, lora_config, read_peft_adapter
+
+        start = None
+        if m.start.hash:
+            folder = m.resolve_path(m.start.adapter)
+            try:
+                start = (folder, read_peft_adapter(folder)[1])
+            except ModelError as e:
+                raise ServeError(str(e)) from None
 
         with self.lock:
             self._claim(name)
@@ -369,6 +378,14 @@ class Engine:
                                                target_modules=m.lora.target_modules))
             self.peft.eval()
             adapter = Adapter.from_model(self.peft, plan, adapter=internal)
+            if start is not None:
+                try:
+                    adapter.load_all(fit_adapter(adapter, start[1], start[0]))
+                    if adapter.state_hash() != m.start.hash:
+                        raise ModelError(f"the start adapter {start[0]} is not the one the manifest names ([start] hash)")
+                except ModelError as e:
+                    self._detach(internal)
+                    raise ServeError(str(e)) from None
             served = self.models[name] = Served(name, "swarm", source, internal)
         return served, adapter
 

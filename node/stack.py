@@ -28,6 +28,16 @@ class StackError(RuntimeError):
     """Input that stops the node before it joins; the message says what to fix."""
 
 
+def load_training_data(m: Manifest, data_spec: str, tokenizer) -> list:
+    """The manifest objective's examples: tokenized sequences (sft) or preference pairs (dpo). DataError names
+    file:line."""
+    if m.objective == "dpo":
+        from node.preference import load_pairs
+
+        return load_pairs(data_spec, tokenizer, max_length=m.data.max_length)
+    return load_examples(data_spec, tokenizer, max_length=m.data.max_length, packing=m.data.packing)
+
+
 @dataclass
 class Stack:
     manifest: Manifest
@@ -73,7 +83,7 @@ def load_stack(cfg: NodeConfig, *, load_data: bool) -> Stack:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     try:
-        examples = load_examples(data_spec, tokenizer, max_length=m.data.max_length, packing=m.data.packing) if load_data else []
+        examples = load_training_data(m, data_spec, tokenizer) if load_data else []
     except DataError as e:
         raise StackError(str(e)) from None
 
@@ -88,7 +98,10 @@ def load_stack(cfg: NodeConfig, *, load_data: bool) -> Stack:
     except (ModelError, ShardChoiceError) as e:
         raise StackError(str(e)) from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dpo = m.dpo if m.objective == "dpo" else None
+    # DPO's reference: the start adapter's bits (held now, before any checkpoint replaces them), else the base
+    reference = [p.detach().clone() for p in adapter.params] if dpo and m.start.hash else None
     trainer = Trainer(model, adapter, trained, m.optim, microbatch_size=m.rounds.microbatch_size, device=device, pad_id=pad,
-                      sync=m.sync)
+                      sync=m.sync, dpo=dpo, reference=reference)
     return Stack(manifest=m, model_dir=model_dir, data_digest=digest, tokenizer=tokenizer, examples=examples, device=device,
                  model=model, adapter=adapter, trained=trained, trainer=trainer, workdir=cfg.swarm_dir(m.swarm_id))

@@ -6,8 +6,8 @@ among the peers ([sync] mode = "per-step"), or `inner_steps` such batches ("dilo
 - per-step: each node computes the gradient of the summed token loss over its share
   (`local_gradients`); node.rounds sums the shares exactly across the shard's group, and every
   trainer applies the same AdamW step to the same bits (`apply`). The loss a round optimises is
-  sum(token CE) / sum(tokens) over the global batch, so a swarm and a single process that sees the
-  same global batch follow the same curve.
+  sum(token CE) / sum(tokens) over the global batch (DPO: sum(pair loss) / pairs, node.preference),
+  so a swarm and a single process that sees the same global batch follow the same curve.
 - diloco: each node takes `inner_steps` local AdamW steps on its own shares (`inner_step`, the
   inner optimizer and its moments are this node's alone), node.rounds sums the pseudo-gradients
   (start - end) exactly, and every trainer applies the same outer Nesterov SGD step from the same
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from node.manifest import OptimSection, SyncSection
+from node.manifest import DpoSection, OptimSection, SyncSection
 from node.model import Adapter
+from node.preference import collate_pairs, dpo_loss, sequence_logps
 
 
 @dataclass
@@ -37,7 +38,7 @@ class LocalResult:
     grad_sums: dict[int, torch.Tensor]  # shard -> flat float32 gradient of the summed token loss
     samples: int
     tokens: int
-    loss_sum: float  # sum of token cross-entropies (nats)
+    loss_sum: float  # sum of token cross-entropies (nats); DPO: sum of the pairs' losses
 
 
 def lr_at(round_: int, optim: OptimSection, max_rounds: int) -> float:
@@ -61,9 +62,16 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 class Trainer:
+    """`dpo`: train on preference pairs with this [dpo] config (else SFT on token cross-entropy).
+    `reference`: the start adapter's tensors (in `adapter.params` order) as DPO's reference policy;
+    None = the base with the adapter switched off."""
+
     def __init__(self, model, adapter: Adapter, trained_shards, optim: OptimSection, *, microbatch_size: int, device: str,
-                 pad_id: int, sync: SyncSection | None = None):
+                 pad_id: int, sync: SyncSection | None = None, dpo: DpoSection | None = None,
+                 reference: list[torch.Tensor] | None = None):
         self.model = model
+        self.dpo = dpo
+        self.reference = [t.detach().to(device).clone() for t in reference] if reference is not None else None
         self.adapter = adapter
         self.trained = tuple(sorted(trained_shards))
         self.optim_cfg = optim
@@ -104,8 +112,12 @@ class Trainer:
             p.grad = None
         tokens, loss_sum = 0, 0.0
         for i in range(0, len(examples), self.microbatch_size):
-            batch = {k: v.to(self.device) for k, v in collate(examples[i : i + self.microbatch_size], self.pad_id).items()}
-            loss, n_tok = token_loss_sum(self.model, batch)
+            chunk = examples[i : i + self.microbatch_size]
+            if self.dpo is not None:
+                loss, n_tok = self.pair_loss_sum(chunk)
+            else:
+                batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+                loss, n_tok = token_loss_sum(self.model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} in a local microbatch; lower [optim] lr")
             loss.backward()
@@ -118,6 +130,53 @@ class Trainer:
         for p in self.params:
             p.grad = None
         return LocalResult(grads, len(examples), tokens, loss_sum)
+
+    # ------------------------------------------------------------------ DPO
+
+    def loss_count(self, samples: int, tokens: int) -> int:
+        """What a loss sum is divided by to give the objective's mean: tokens (SFT), pairs (DPO)."""
+        return samples if self.dpo is not None else tokens
+
+    def pair_loss_sum(self, pairs) -> tuple[torch.Tensor, int]:
+        """Summed DPO loss of a microbatch of preference pairs (the gradient flows through the policy only), and
+        the completion tokens it scored."""
+        batch = {k: v.to(self.device) for k, v in collate_pairs(pairs, self.pad_id).items()}
+        ref = self.reference_logps(pairs, batch)
+        logps, counts = sequence_logps(self.model, batch)
+        losses = dpo_loss(logps, ref, counts, beta=self.dpo.beta, loss=self.dpo.loss)
+        return losses.sum(), int(counts.sum())
+
+    @torch.no_grad()
+    def reference_logps(self, pairs, batch) -> torch.Tensor:
+        """The reference policy's completion log-probs, chosen rows then rejected. The reference never changes in
+        a swarm, so each pair's are computed once (in eval mode) and kept with the pair."""
+        if any(p.ref is None for p in pairs):
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                if self.reference is None:
+                    with self.model.disable_adapter():
+                        logps, _ = sequence_logps(self.model, batch)
+                    # PEFT's enable_adapters marks every active LoRA weight trainable again: ours are per shard
+                    self.adapter.set_trainable(self.trained)
+                else:
+                    self._swap_reference()
+                    try:
+                        logps, _ = sequence_logps(self.model, batch)
+                    finally:
+                        self._swap_reference()
+            finally:
+                self.model.train(was_training)
+            chosen, rejected = logps.float().cpu().chunk(2)
+            for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+                p.ref = (c, r)
+        return torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], dtype=torch.float32,
+                            device=self.device)
+
+    def _swap_reference(self) -> None:
+        """Exchange the adapter's weights with the reference's (storage only: no copy, optimizer state untouched)."""
+        for i, p in enumerate(self.adapter.params):
+            self.reference[i], p.data = p.data, self.reference[i]
 
     @torch.no_grad()
     def eval_loss(self, examples) -> tuple[float, int]:
@@ -158,10 +217,11 @@ class Trainer:
         self.opt_step += 1
 
     def inner_step(self, local: LocalResult, lr: float) -> None:
-        """diloco: one local AdamW step on this node's own gradient (mean token loss over its share)."""
+        """diloco: one local AdamW step on this node's own gradient (mean token loss over its share; DPO: mean
+        pair loss)."""
         for group in self.inner.param_groups:
             group["lr"] = lr
-        scale = 1.0 / max(local.tokens, 1)
+        scale = 1.0 / max(self.loss_count(local.samples, local.tokens), 1)
         for k in self.trained:
             params = self._set_grads(k, local.grad_sums[k] * scale)
             if self.optim_cfg.max_grad_norm > 0:

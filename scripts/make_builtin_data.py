@@ -1,4 +1,4 @@
-"""Generate the built-in task: node/builtin/task_train.jsonl and task_eval.jsonl.
+"""Generate the built-in tasks: node/builtin/task_{train,eval}.jsonl (SFT) and prefs_{train,eval}.jsonl (DPO).
 
     python scripts/make_builtin_data.py            # rewrites both files
     python scripts/make_builtin_data.py --check    # exits 1 if they differ from a fresh run
@@ -14,6 +14,11 @@ adapter learns to find the last digit and name its parity, which generalises
 to numbers it never saw. Eval numbers are disjoint from train numbers. Chat
 records ({"messages": [...]}) so the demo exercises the chat-template path.
 Deterministic: a fixed seed, no dependence on anything but the Python stdlib.
+
+The preference task (`builtin:prefs`, for `objective = "dpo"`) asks the same question as TRL
+preference pairs in chat form: {"prompt": [user turn], "chosen": [assistant: the right parity],
+"rejected": [assistant: the wrong one]}. Its numbers are drawn apart from the SFT task's (own seed)
+and its eval numbers are disjoint from its train numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent.parent / "node" / "builtin"
 SEED = 20261129
 N_TRAIN, N_EVAL = 4000, 400
+PREF_SEED = 20261202
+N_PREF_TRAIN, N_PREF_EVAL = 2000, 200
 
 TEMPLATES = (
     "Is {n} even or odd?",
@@ -47,6 +54,47 @@ def _record(rng: random.Random, n: int) -> dict:
     question = rng.choice(TEMPLATES).format(n=n)
     return {"messages": [{"role": "user", "content": question},
                          {"role": "assistant", "content": "even" if n % 2 == 0 else "odd"}]}
+
+
+# the preference task: the right parity either way; the chosen answer follows the case the prompt asks for
+PREF_CASES = (
+    ("upper", ("In capitals: {n}, even or odd?", "CAPS: is {n} even or odd?", "Upper case: {n} even or odd?")),
+    ("lower", ("In lowercase: {n}, even or odd?", "no caps: is {n} even or odd?", "Lower case: {n} even or odd?")),
+)
+
+
+def _pair(rng: random.Random, n: int) -> dict:
+    case, templates = rng.choice(PREF_CASES)
+    answer = "even" if n % 2 == 0 else "odd"
+    chosen, rejected = (answer.upper(), answer) if case == "upper" else (answer, answer.upper())
+    return {"prompt": [{"role": "user", "content": rng.choice(templates).format(n=n)}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def generate_prefs() -> tuple[list[str], list[str]]:
+    rng = random.Random(PREF_SEED)
+    train_numbers, eval_numbers = _split(rng, N_PREF_TRAIN, N_PREF_EVAL)
+    dump = lambda r: json.dumps(r, ensure_ascii=False, separators=(", ", ": "))  # noqa: E731
+    return [dump(_pair(rng, n)) for n in train_numbers], [dump(_pair(rng, n)) for n in eval_numbers]
+
+
+def _split(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[int], list[int]]:
+    numbers: list[int] = []
+    seen: set[int] = set()
+    while len(numbers) < n_train + n_eval:
+        n = _number(rng)
+        if n not in seen:
+            seen.add(n)
+            numbers.append(n)
+    evens = [n for n in numbers if n % 2 == 0]
+    odds = [n for n in numbers if n % 2 == 1]
+    half = n_eval // 2
+    eval_numbers = evens[:half] + odds[:half]
+    train_numbers = evens[half:] + odds[half:]
+    rng.shuffle(eval_numbers)
+    rng.shuffle(train_numbers)
+    return train_numbers[:n_train], eval_numbers
 
 
 def generate() -> tuple[list[str], list[str]]:
@@ -136,7 +184,9 @@ def main() -> int:
         print(json.dumps(verify(args.steps, args.lr, args.batch, args.eval_every), indent=2))
         return 0
     train, evals = generate()
-    files = {OUT / "task_train.jsonl": train, OUT / "task_eval.jsonl": evals}
+    pref_train, pref_evals = generate_prefs()
+    files = {OUT / "task_train.jsonl": train, OUT / "task_eval.jsonl": evals,
+             OUT / "prefs_train.jsonl": pref_train, OUT / "prefs_eval.jsonl": pref_evals}
     if args.check:
         stale = [p for p, lines in files.items()
                  if not p.exists() or p.read_text() != "\n".join(lines) + "\n"]

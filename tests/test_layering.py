@@ -40,7 +40,7 @@ LAYERS = [
     ["protocol", "protocol.*"],
     ["node", "node.durable", "node.config", "node.logs"],
     ["node.manifest", "node.identity"],
-    ["node.data"],
+    ["node.data", "node.preference"],
     ["node.tiny"],
     ["node.model"],
     ["node.shards", "node.checkpoint", "node.ledger", "node.metrics", "node.trainer"],

@@ -128,6 +128,7 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int, int | None]:
     from node.cli.errors import UserError
 
     swarm_id, cap, token_cap = args.swarm_id, args.max_samples, None
+    args.objective = ""  # known from a manifest only
     if args.manifest:
         from node.manifest import load_manifest  # lazy: the manifest pulls in more than we need here
 
@@ -138,6 +139,7 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int, int | None]:
         swarm_id = swarm_id or manifest.swarm_id
         cap = cap if cap is not None else manifest.credit_cap
         token_cap = manifest.token_cap
+        args.objective = manifest.objective
     if not swarm_id or cap is None:
         raise UserError("need the swarm: pass --manifest M, or both --swarm-id HEX and --max-samples N")
     if len(swarm_id) != 64 or not all(c in "0123456789abcdef" for c in swarm_id):
@@ -245,7 +247,8 @@ def _verify(args: argparse.Namespace) -> int:
             print(json.dumps({"peer_id": p.peer_id, "ok": p.ok, "reasons": p.reasons, "head_seq": p.head_seq}))
     else:
         console = Console()
-        table = Table(title=f"swarm {report.swarm_id[:16]}…: {len(report.records)} record(s)")
+        objective = f" (objective {args.objective})" if args.objective else ""
+        table = Table(title=f"swarm {report.swarm_id[:16]}…{objective}: {len(report.records)} record(s)")
         for col in ("source", "#", "peer", "seq", "round", "verdict", "reason"):
             table.add_column(col)
         for v in report.records:
@@ -310,7 +313,10 @@ def _credit(args: argparse.Namespace) -> int:
         for c in credit.values():
             print(json.dumps(dataclasses.asdict(c)))
         return 0
-    table = Table(title=f"credit in swarm {report.swarm_id[:16]}… (cap {report.max_samples_per_round} samples/round)")
+    objective = f"objective {args.objective}, " if args.objective else ""
+    tokens = f", {report.max_tokens_per_sample} tokens/sample" if report.max_tokens_per_sample else ""
+    table = Table(title=f"credit in swarm {report.swarm_id[:16]}… ({objective}cap {report.max_samples_per_round} "
+                        f"samples/round{tokens})")
     for col in ("peer", "rounds", "samples", "tokens", "share"):
         table.add_column(col, justify="left" if col == "peer" else "right")
     for c in sorted(credit.values(), key=lambda c: -c.samples):

@@ -62,7 +62,9 @@ def cmd_run(args) -> int:
 
 # `swarm init` flag of each manifest field whose flag is not "--" + its name
 _INIT_FLAGS = {"averaging.timeout": "--averaging-timeout", "shards.plan": "--shard-plan", "base.model": "--base",
-               "data.source": "--data", "sync.mode": "--sync"}
+               "data.source": "--data", "sync.mode": "--sync", "dpo.loss": "--dpo-loss", "start.adapter": "--adapter",
+               "start.hash": "--adapter"}
+_LORA_FLAGS = ("rank", "alpha", "dropout", "target_modules")
 
 
 def _init_flag(field: str) -> str:
@@ -73,14 +75,16 @@ def cmd_swarm_init(args) -> int:
     import dataclasses
     import json
 
-    from node.data import DataError, dataset_digest, load_examples, resolve_data
+    from node.data import BUILTIN_DATA, BUILTIN_PREFS, DataError, dataset_digest, resolve_data
     from node.manifest import (
-        AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, Manifest, ManifestError,
-        DILOCO_INNER_STEPS, OptimSection, RoundSection, ShardSection, SyncSection, validate, write_manifest,
+        AveragingSection, BaseSection, CreditSection, DataSection, DpoSection, LoraSection, Manifest, ManifestError,
+        DILOCO_INNER_STEPS, OptimSection, RoundSection, ShardSection, StartSection, SyncSection, validate, write_manifest,
     )
     from node.model import (
-        ModelError, base_fingerprint, check_shard_plan, check_target_modules, hub_snapshot_of, load_tokenizer, resolve_base,
+        ModelError, adapter_lora_fields, base_fingerprint, check_shard_plan, check_target_modules, hub_snapshot_of,
+        load_tokenizer, read_peft_adapter, resolve_base, start_adapter_hash,
     )
+    from node.stack import load_training_data
 
     if os.path.exists(args.out) and not args.force:
         raise UserError(f"{args.out} exists; pass --force to overwrite it")
@@ -92,12 +96,33 @@ def cmd_swarm_init(args) -> int:
             raise UserError(f"--shard-plan {args.shard_plan!r}: expected ranges like 0-2,2-4") from None
         if any(len(r) != 2 for r in plan):
             raise UserError(f"--shard-plan {args.shard_plan!r}: expected ranges like 0-2,2-4")
+    # LoRA: the flags, or the start adapter's own config (a flag that contradicts it is refused)
+    lora = {name: getattr(LoraSection, name) for name in _LORA_FLAGS}
+    given = {name: getattr(args, name) for name in _LORA_FLAGS if getattr(args, name) is not None}
+    given = {k: tuple(v) if k == "target_modules" else v for k, v in given.items()}
+    if args.adapter:
+        try:
+            lora = adapter_lora_fields(read_peft_adapter(args.adapter)[0], args.adapter)
+        except ModelError as e:
+            raise UserError(str(e)) from None
+        for name, value in given.items():
+            if value != lora[name] and not (name == "target_modules" and tuple(sorted(value)) == lora[name]):
+                raise UserError(f"--{name.replace('_', '-')} {value if not isinstance(value, tuple) else ' '.join(value)} "
+                                f"contradicts the adapter {args.adapter}, whose adapter_config.json has {name} = "
+                                f"{list(lora[name]) if isinstance(lora[name], tuple) else lora[name]}; drop the flag "
+                                "(the swarm takes the adapter's LoRA config) or start from another adapter")
+    lora.update(given if not args.adapter else {})
+    data = args.data or (BUILTIN_PREFS if args.objective == "dpo" else BUILTIN_DATA)
     m = Manifest(
         name=args.name,
+        objective=args.objective,
+        dpo=DpoSection(beta=args.beta, loss=args.dpo_loss),
+        start=StartSection(adapter=str(args.adapter or ""), hash="0" * 64 if args.adapter else ""),
         base=BaseSection(model=args.base, fingerprint="0" * 64, revision=args.revision, dtype=args.dtype,
                          quantization=args.quantization),
-        data=DataSection(source=args.data, digest="", max_length=args.max_length, packing=args.packing),
-        lora=LoraSection(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.target_modules)),
+        data=DataSection(source=data, digest="", max_length=args.max_length, packing=args.packing),
+        lora=LoraSection(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
+                         target_modules=tuple(lora["target_modules"])),
         shards=ShardSection(plan=plan),
         optim=OptimSection(lr=args.lr, schedule=args.schedule, warmup_rounds=args.warmup_rounds),
         rounds=RoundSection(target_batch_size=args.target_batch_size, microbatch_size=args.microbatch_size, max_rounds=args.max_rounds),
@@ -122,20 +147,25 @@ def cmd_swarm_init(args) -> int:
         check_target_modules(model_dir, m.lora.target_modules)
         n_layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
         plan = check_shard_plan(plan, n_layers)
+        start_hash = start_adapter_hash(model_dir, lora, plan, args.adapter) if args.adapter else ""
         fingerprint = base_fingerprint(model_dir)
-        digest = dataset_digest(resolve_data(args.data))
+        digest = dataset_digest(resolve_data(data))
         # read every example once now, so a malformed line is reported before anyone joins the swarm
-        load_examples(resolve_data(args.data), load_tokenizer(model_dir), max_length=args.max_length, packing=args.packing)
+        load_training_data(m, resolve_data(data), load_tokenizer(model_dir))
     except (ModelError, DataError) as e:
         raise UserError(str(e)) from None
     m = dataclasses.replace(m, base=dataclasses.replace(m.base, fingerprint=fingerprint),
-                            data=dataclasses.replace(m.data, digest=digest), shards=ShardSection(plan=plan))
+                            data=dataclasses.replace(m.data, digest=digest), shards=ShardSection(plan=plan),
+                            start=dataclasses.replace(m.start, hash=start_hash))
     check(m)
     write_manifest(m, args.out)
     hub = hub_snapshot_of(model_dir)
     where = f"{hub[0]} commit {hub[1]}" if hub else str(model_dir)
     print(f"wrote {args.out}\nswarm_id {m.swarm_id}\nbase {where} (fingerprint {fingerprint[:16]}…), "
           f"{len(plan)} shards {list(map(list, plan))}")
+    if start_hash:
+        print(f"start adapter {args.adapter} (state hash {start_hash[:16]}…; every node needs this folder, at the same "
+              "path relative to the manifest or absolute)")
     if hub and not args.revision:
         print(f"the base is not pinned to a revision: peers load whatever their cache or the Hub has for {hub[0]} "
               f"(the fingerprint check refuses another commit); pin it with --revision {hub[1]}")
@@ -168,10 +198,10 @@ def cmd_demo(args) -> int:
 
 def register(sub) -> None:
     from node.cli.flags import add_field_flag, field_help
-    from node.data import BUILTIN_DATA
+    from node.data import BUILTIN_DATA, BUILTIN_PREFS
     from node.manifest import (
-        DILOCO_INNER_STEPS, AveragingSection, BaseSection, CreditSection, DataSection, LoraSection, OptimSection,
-        RoundSection, SyncSection,
+        DILOCO_INNER_STEPS, DPO_LOSSES, AveragingSection, BaseSection, CreditSection, DataSection, DpoSection,
+        LoraSection, OptimSection, RoundSection, SyncSection,
     )
     from node.model import BUILTIN_BASE
 
@@ -193,11 +223,25 @@ def register(sub) -> None:
     i.add_argument("--base", default=BUILTIN_BASE,
                    help=f"base model: local folder, hub id (org/name), or {BUILTIN_BASE} (default: {BUILTIN_BASE})")
     add_field_flag(i, BaseSection, "revision", metavar="REV")
-    i.add_argument("--data", default=BUILTIN_DATA, help=f"JSONL file, hf:<dataset>[:split], or {BUILTIN_DATA} (default: {BUILTIN_DATA})")
+    i.add_argument("--data", default=None,
+                   help=f"JSONL file, hf:<dataset>[:split], {BUILTIN_DATA} or {BUILTIN_PREFS} (default: {BUILTIN_DATA}, or "
+                        f"{BUILTIN_PREFS} with --objective dpo)")
+    i.add_argument("--objective", default="sft", choices=["sft", "dpo"],
+                   help="sft: prompt/completion or messages data; dpo: TRL preference pairs (prompt/chosen/rejected) "
+                        "(default: sft)")
+    add_field_flag(i, DpoSection, "beta")
+    add_field_flag(i, DpoSection, "loss", flag="--dpo-loss", dest="dpo_loss", choices=list(DPO_LOSSES))
+    i.add_argument("--adapter", default=None, metavar="PATH",
+                   help="start every node from this PEFT LoRA adapter folder (checked against the base; its LoRA "
+                        "config becomes the manifest's, its hash goes into [start]); DPO then uses it as the reference "
+                        "(default: a fresh LoRA)")
     add_field_flag(i, BaseSection, "dtype", choices=["float32", "bfloat16"])
     add_field_flag(i, BaseSection, "quantization", choices=["none", "nf4", "int8"])
-    for name in ("rank", "alpha", "dropout", "target_modules"):
-        add_field_flag(i, LoraSection, name)
+    for name in _LORA_FLAGS:
+        add_field_flag(i, LoraSection, name, default=None,
+                       help=f"{field_help(LoraSection, name, show_default=False)} (default: "
+                            f"{' '.join(getattr(LoraSection, name)) if name == 'target_modules' else getattr(LoraSection, name)}, "
+                            "or the --adapter's)")
     i.add_argument("--shard-plan", default="", help="layer ranges like 0-2,2-4 (default: halves for <= 8 layers, else ~4 layers each)")
     add_field_flag(i, DataSection, "max_length")
     add_field_flag(i, DataSection, "packing", help=field_help(DataSection, "packing") + " (default: --no-packing)")
