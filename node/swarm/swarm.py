@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -305,7 +306,14 @@ class Swarm:
         for k, control in controls.items():
             results[k] = Failed("no group", retry=False)
             try:
-                gathered = control.result(timeout=find + self.allreduce_timeout + 5)
+                if exact_groups and k in exact_groups:
+                    gathered = self._await_retry(control, k, round_, timeout=find + self.allreduce_timeout + 5)
+                    if gathered is None:
+                        logger.warning("shard %d: the group completed round %d without this node (its sums did not reach "
+                                       "us); taking its state instead of waiting for a retry", k, round_)
+                        continue
+                else:
+                    gathered = control.result(timeout=find + self.allreduce_timeout + 5)
             except Exception as e:  # hivemind's step raises whatever matchmaking or the all-reduce raised
                 logger.warning("shard %d: averaging failed (%s: %s)", k, type(e).__name__, e)
                 slow = slow or isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "timeout" in type(e).__name__.lower()
@@ -357,6 +365,27 @@ class Swarm:
         elif moved and not any(isinstance(r, Failed) for r in results.values()):
             self.deadline.observe(moved, elapsed)
         return results
+
+    def _await_retry(self, control, shard: int, round_: int, *, timeout: float):
+        """The result of a retry's step, or None as soon as every other trainer of `shard` announced a round
+        past `round_`: they completed it (only this node lost the sums), and nobody is coming to the retry."""
+        deadline = time.monotonic() + timeout
+        next_look = time.monotonic() + 0.5
+        while True:
+            try:
+                return control.result(timeout=0.2)
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            if now > deadline:
+                control.cancel()
+                raise TimeoutError(f"the retry of shard {shard} found no group in {timeout:.0f} s")
+            if now >= next_look:
+                next_look = now + 0.5
+                others = [i for p, i in self.view().items() if p != self.peer_id and shard in i.shards]
+                if others and all(i.round > round_ for i in others):
+                    control.cancel()
+                    return None
 
     def allreduce_bytes(self, group_sizes: dict[int, int]) -> int:
         """Bytes one peer sends (and, alike, receives) to sum these shards ({shard: group size}) on the wire grid."""
