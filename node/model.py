@@ -367,8 +367,9 @@ _PLAIN_LORA = {"bias": "none", "use_rslora": False, "use_dora": False, "modules_
                "target_parameters": None}
 
 
-def read_peft_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json, tensors) of a stock PEFT LoRA adapter folder; ModelError when it is not one."""
+def read_peft_config(folder, use: str = "can start a swarm") -> tuple[Path, dict]:
+    """(folder, adapter_config.json) of a stock PEFT LoRA adapter folder with weights; ModelError when it is
+    not one (`use` ends the message for a non-LoRA adapter: only LoRA adapters `use`)."""
     folder = Path(folder).expanduser()
     how = ("a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors, as `swarmtune export` and "
            "PeftModel.save_pretrained write them")
@@ -383,9 +384,15 @@ def read_peft_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelError(f"{cfg_path} is not valid JSON ({e}); re-export the adapter") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise ModelError(f"{cfg_path}: peft_type is {kind!r}; only LoRA adapters (peft_type \"LORA\") can start a swarm")
+        raise ModelError(f"{cfg_path}: peft_type is {kind!r}; only LoRA adapters (peft_type \"LORA\") {use}")
     if not any((folder / w).is_file() for w in ADAPTER_WEIGHTS):
         raise ModelError(f"{folder} has adapter_config.json but no weights ({' or '.join(ADAPTER_WEIGHTS)}); {how}")
+    return folder, cfg
+
+
+def read_peft_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors) of a stock PEFT LoRA adapter folder; ModelError when it is not one."""
+    folder, cfg = read_peft_config(folder)
     from peft.utils import load_peft_weights
 
     try:

@@ -22,7 +22,6 @@ The HTTP layer (OpenAI's API) is node/serve_api.py; the commands are node/cli/se
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -38,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 BASE_ID = "base"  # the served name of the base model without an adapter
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class ServeError(RuntimeError):
@@ -97,24 +95,12 @@ class Served:
 
 def read_adapter_config(path: str | Path) -> dict:
     """adapter_config.json of a PEFT LoRA adapter folder; ServeError when the folder is not one."""
-    folder = Path(path).expanduser()
-    how = ("a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors, as `swarmtune export` "
-           "and PeftModel.save_pretrained write them")
-    if not folder.is_dir():
-        raise ServeError(f"adapter folder {folder} not found; {how}")
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise ServeError(f"{folder} is not a PEFT adapter folder: it has no adapter_config.json; {how}")
+    from node.model import ModelError, read_peft_config
+
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ServeError(f"{cfg_path} is not valid JSON ({e}); re-export the adapter") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise ServeError(f"{cfg_path}: peft_type is {kind!r}; only LoRA adapters (peft_type \"LORA\") can be served")
-    if not any((folder / w).is_file() for w in ADAPTER_WEIGHTS):
-        raise ServeError(f"{folder} has adapter_config.json but no weights ({' or '.join(ADAPTER_WEIGHTS)}); {how}")
-    return cfg
+        return read_peft_config(path, "can be served")[1]
+    except ModelError as e:
+        raise ServeError(str(e)) from None
 
 
 def adapter_base(path: str | Path) -> tuple[str, str]:
