@@ -46,6 +46,9 @@ from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
 RECORD_VERSION = 1
 DOMAIN_TAG = b"swarmtune/contrib/v1\0"
 ROTATION_DOMAIN_TAG = b"swarmtune/rotate/v1\0"
+RECEIPT_DOMAIN_TAG = b"swarmtune/receipt/v1\0"  # protocol/receipt.py: RoundReceipt
+CHECK_DOMAIN_TAG = b"swarmtune/check/v1\0"  # protocol/receipt.py: SpotCheck
+_DOMAIN_TAGS = (DOMAIN_TAG, ROTATION_DOMAIN_TAG, RECEIPT_DOMAIN_TAG, CHECK_DOMAIN_TAG)
 MAX_BLOB_BYTES = 4096  # whole envelope; a record with 256 shards stays under ~2.5 KiB
 MAX_SHARDS = 256
 MAX_INT = 2**53 - 1  # integers survive any JSON implementation (IEEE double) unchanged
@@ -126,18 +129,26 @@ _SIGNED_INT_FIELDS = {"loss_before", "loss_after"}
 # ---------------------------------------------------------------- validation of values
 
 
+def _check_hex(name: str, value: Any) -> None:
+    if type(value) is not str or len(value) != 64 or not set(value) <= _HEX:
+        raise RecordError("schema", f"field {name!r} must be 64 lowercase hex characters")
+
+
+def _check_peer(name: str, value: Any) -> None:
+    if type(value) is not str:
+        raise RecordError("schema", f"field {name!r} must be a peer id string")
+    try:
+        public_key_from_peer_id(value)
+    except ValueError as e:
+        raise RecordError("schema", f"field {name!r}: {e}") from None
+
+
 def _check_value(name: str, value: Any) -> None:
     """Raise RecordError('schema', ...) unless `value` is a legal value of field `name`."""
     if name in _HEX_FIELDS:
-        if type(value) is not str or len(value) != 64 or not set(value) <= _HEX:
-            raise RecordError("schema", f"field {name!r} must be 64 lowercase hex characters")
+        _check_hex(name, value)
     elif name in _PEER_FIELDS:
-        if type(value) is not str:
-            raise RecordError("schema", f"field {name!r} must be a peer id string")
-        try:
-            public_key_from_peer_id(value)
-        except ValueError as e:
-            raise RecordError("schema", f"field {name!r}: {e}") from None
+        _check_peer(name, value)
     elif name == "shards":
         if type(value) is not tuple:
             raise RecordError("schema", "field 'shards' must be a list of integers")
@@ -186,8 +197,7 @@ def _check_rotation(r: KeyRotation) -> None:
 
 def _encode(obj: Any) -> bytes:
     fields = {name: getattr(obj, name) for name in obj.__dataclass_fields__}
-    if "shards" in fields:
-        fields["shards"] = list(fields["shards"])
+    fields = {name: list(v) if type(v) is tuple else v for name, v in fields.items()}  # list fields
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
         "ascii"
     )
@@ -216,7 +226,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _parse_body(body: bytes, fields: dict[str, dataclasses.Field], cls: type) -> Any:
+def _parse_body(body: bytes, fields: dict[str, dataclasses.Field], cls: type, check: Any = None) -> Any:
+    """Parse canonical body bytes into `cls`, validated by `check` (record and rotation checks by
+    default); list fields (typed tuple[...]) become tuples. Shared by every signed statement."""
     try:
         text = body.decode("ascii")
     except UnicodeDecodeError as e:
@@ -250,13 +262,18 @@ def _parse_body(body: bytes, fields: dict[str, dataclasses.Field], cls: type) ->
         raise RecordError("schema", f"unknown field(s) {', '.join(extra)[:200]}")
     values = {}
     for name, value in obj.items():
-        if name == "shards":
+        if str(fields[name].type).startswith("tuple"):
             if type(value) is not list:
-                raise RecordError("schema", "field 'shards' must be a list of integers")
+                what = "integers" if "int" in str(fields[name].type) else "strings"
+                raise RecordError("schema", f"field {name!r} must be a list of {what}")
             value = tuple(value)
-        values[name] = value  # types are checked, with precise reasons, by _check_record below
+        elif type(value) is list:
+            raise RecordError("schema", f"field {name!r} must not be a list")
+        values[name] = value  # types are checked, with precise reasons, by the check below
     parsed = cls(**values)
-    (_check_record if cls is ContributionRecord else _check_rotation)(parsed)
+    if check is None:
+        check = _check_record if cls is ContributionRecord else _check_rotation
+    check(parsed)
     if _encode(parsed) != body:
         raise RecordError("encoding", "body is not in canonical form (key order, spacing, escapes or number form)")
     return parsed
@@ -280,11 +297,18 @@ def sign_record(record: ContributionRecord, private_key: Ed25519PrivateKey) -> b
     if signer != record.peer_id:
         raise ValueError(f"record names peer {record.peer_id} but the key belongs to {signer}")
     body = encode_record(record)
-    signature = private_key.sign(DOMAIN_TAG + body)
-    blob = _join({"signer": signer, "sig": signature.hex()}, body)
+    blob = _join({"signer": signer, "sig": _sign_statement(private_key, DOMAIN_TAG, body)}, body)
     if len(blob) > MAX_BLOB_BYTES:
         raise ValueError(f"record is {len(blob)} bytes, over the {MAX_BLOB_BYTES}-byte bound")
     return blob
+
+
+def _sign_statement(private_key: Ed25519PrivateKey, domain_tag: bytes, body: bytes) -> str:
+    """The hex signature of `domain_tag + body`: what every swarmtune signature covers (records,
+    rotations, and protocol/receipt.py's receipts and spot checks each with their own tag)."""
+    if domain_tag not in _DOMAIN_TAGS:
+        raise ValueError(f"unknown domain tag {domain_tag!r}")
+    return private_key.sign(domain_tag + body).hex()
 
 
 def _join(strings: dict[str, str], body: bytes) -> bytes:
@@ -292,14 +316,14 @@ def _join(strings: dict[str, str], body: bytes) -> bytes:
     return b"{" + head.encode("ascii") + b',"body":' + body + b"}"
 
 
-def _split(blob: bytes, names: tuple[str, ...]) -> list[bytes]:
+def _split(blob: bytes, names: tuple[str, ...], max_bytes: int = MAX_BLOB_BYTES) -> list[bytes]:
     """The string fields `names` (in this order) and the verbatim body of an envelope."""
     if not isinstance(blob, (bytes, bytearray)):
         raise RecordError("envelope", f"expected bytes, got {type(blob).__name__}")
     if not blob:
         raise RecordError("size", "empty value")
-    if len(blob) > MAX_BLOB_BYTES:
-        raise RecordError("size", f"{len(blob)} bytes, over the {MAX_BLOB_BYTES}-byte bound")
+    if len(blob) > max_bytes:
+        raise RecordError("size", f"{len(blob)} bytes, over the {max_bytes}-byte bound")
     data = bytes(blob)
     pos, out = 0, []
     for i, name in enumerate(names):
@@ -382,8 +406,10 @@ def sign_rotation(
         raise ValueError("the keys do not match the peer ids named in the rotation")
     _check_rotation(rotation)
     body = _encode(rotation)
-    message = ROTATION_DOMAIN_TAG + body
-    signatures = {"sig_old": old_key.sign(message).hex(), "sig_new": new_key.sign(message).hex()}
+    signatures = {
+        "sig_old": _sign_statement(old_key, ROTATION_DOMAIN_TAG, body),
+        "sig_new": _sign_statement(new_key, ROTATION_DOMAIN_TAG, body),
+    }
     return _join({"old": old_id, "new": new_id, **signatures}, body)
 
 
