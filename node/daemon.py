@@ -26,11 +26,12 @@ import signal
 import threading
 import time
 
-from node import checkpoint
+from node import checkpoint, spotcheck
 from node.config import NodeConfig
 from node.durable import StorageError, is_storage_error, repair_lines, storage_problem
 from node.identity import IdentityError, load_identity, lock_identity, new_identity, save_identity
 from node.ledger import Ledger, LedgerError
+from node.receipts import ReceiptBook
 from node.rounds import RoundResult, RoundRunner
 from node.splitguard import SplitGuard
 from node.stack import StackError, load_stack
@@ -133,7 +134,7 @@ class Node:
             self._dht, swarm_id=self.swarm_id, shard_layouts=layouts, trained_shards=self.trained,
             matchmaking_time=m.averaging.matchmaking_time, allreduce_timeout=m.averaging.timeout,
             peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, clip=m.sync.clip, initial_peers=cfg.initial_peers,
-            reach=self.reach,
+            reach=self.reach, spot_check_rate=self._spot_check_rate(),
         )
         if swarm.peer_id != self.peer_id:
             logger.warning("p2p peer id %s differs from the identity key's %s", swarm.peer_id, self.peer_id)
@@ -166,9 +167,13 @@ class Node:
             self._metrics_server = start_metrics_server(self.metrics.registry, port=cfg.metrics_port)
         self.guard = SplitGuard(swarm=swarm, statesync=self.statesync, peer_id=self.peer_id, on_split=m.averaging.on_split,
                                 peer_ttl=m.averaging.peer_ttl, stop=self._drain, metrics=self.metrics, set_state=set_state)
+        self.receipts = ReceiptBook(self.workdir / "receipts.jsonl", swarm=swarm, swarm_id=self.swarm_id,
+                                    private_key=self.identity.private_key, rate=self._spot_check_rate(),
+                                    tolerance=m.credit.spot_check_tolerance, exclude_after=m.credit.exclude_after)
         self.rounds = RoundRunner(manifest=m, swarm=swarm, trainer=self.trainer, adapter=self.adapter, trained=self.trained,
                                   examples=self.stack.examples, data_digest=self.stack.data_digest, peer_id=self.peer_id,
-                                  ledger=self.ledger, private_key=self.identity.private_key, on_record=self._on_record)
+                                  ledger=self.ledger, private_key=self.identity.private_key, on_record=self._on_record,
+                                  receipts=self.receipts)
         self.credit = CreditCache(ledger=self.ledger, read_dht_records=swarm.read_records, swarm_id=self.swarm_id,
                                   max_samples_per_round=m.credit_cap, max_tokens_per_sample=m.token_cap)
         self.board.update(round=self.round, adapter_hash=self.adapter.state_hash(), coverage=self._coverage({}))
@@ -298,6 +303,7 @@ class Node:
                 proceed, self.round = self.guard.before_round(self.round, my_hashes, self._prev_hashes)
                 if not proceed:
                     continue
+                self.receipts.collect(self.round)  # groupmates' receipts and checks of the rounds before
                 view = swarm.view()
                 res = self.rounds.run(self.round, view)
                 self._prev_hashes = res.shard_hashes
@@ -319,8 +325,17 @@ class Node:
                 if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
                     self.save_checkpoint()
                 self._after_round(res, view, progress)
+        if not self.storage_failed:
+            self.receipts.collect(self.round)  # the groupmates' receipts of the last rounds
         self._set_state("stopped")
         return 0
+
+    def _spot_check_rate(self) -> float:
+        """Per shard group: a node that trains every shard is checked with [credit] spot_check_rate per round."""
+        m = self.manifest
+        if m.sync.mode != "per-step" or m.lora.dropout > 0:  # not recomputable (node/spotcheck.py)
+            return 0.0
+        return spotcheck.group_rate(m.credit.spot_check_rate, self.adapter.num_shards)
 
     def _dialable_peer_in_sight(self) -> bool:
         """An outbound-only node can average only through a peer that can be dialled (one that holds the parts).
@@ -403,7 +418,9 @@ class Node:
             "averaging_s": round(res.averaging_seconds, 4), "peers": len(view), "time": time.time(),
             "deadline_s": round(self.swarm.allreduce_timeout, 2),
             "link_mbit": round(deadline.throughput * 8 / 1e6, 2) if deadline.throughput else None,
-            "sent_bytes": sent, "received_bytes": received, "clipped": res.clipped,
+            "sent_bytes": sent, "received_bytes": received, "clipped": res.clipped, "receipt_bytes": self.receipts.take_signed_bytes(),
+            "spot_checks": [{"target": o.target, "shard": o.shard, "error": round(o.error, 6) if o.error != float("inf")
+                             else None, "failed": o.failed, "seconds": round(o.seconds, 4)} for o in res.checks],
         }
         progress.write(json.dumps(entry) + "\n")
         before = self.board.snapshot()

@@ -140,6 +140,9 @@ class StartSection:
 @dataclass(frozen=True)
 class CreditSection:
     max_samples_per_round: int = 0  # most samples one peer is credited for in one round; 0 = the round's whole batch (target_batch_size x inner_steps)
+    spot_check_rate: float = 0.21  # chance each member is spot-checked each round (0.21: a constant cheater is caught within 20 rounds at 99 %)
+    spot_check_tolerance: float = 0.5  # relative L2 error of a recomputed part above which it failed
+    exclude_after: int = 3  # failed spot-checks after which a peer is left out of groups
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,9 @@ _RANGES: tuple[tuple[str, str, str, Any], ...] = (
     ("sync", "outer_momentum", "[0, 1)", lambda v: 0.0 <= v < 1.0),
     ("sync", "clip", "0 (off) or >= 1", lambda v: v == 0 or v >= 1),
     ("credit", "max_samples_per_round", ">= 0 (0 = the round's whole batch)", lambda v: v >= 0),
+    ("credit", "spot_check_rate", "[0, 1] (0 = no spot-checks)", lambda v: 0.0 <= v <= 1.0),
+    ("credit", "spot_check_tolerance", "> 0", lambda v: v > 0),
+    ("credit", "exclude_after", ">= 1", lambda v: v >= 1),
     ("dpo", "beta", "> 0", lambda v: v > 0),
 )
 # (section, field, allowed values) for every choice

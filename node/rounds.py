@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node import spotcheck
 from node.data import assign_examples, data_commitment
 from node.swarm import quorum
 from node.swarm.swarm import Failed, RoundClaim
@@ -38,6 +39,12 @@ RETRIES = 1  # all-reduce retries within a round after a lost part (a retry cost
 # Fault injection for tests (a poisoner, as a modified client would be): SWARMTUNE_FAULT_POISON=F sends, instead of
 # this node's contribution, seeded noise F times its norm.
 _POISON = float(os.environ.get("SWARMTUNE_FAULT_POISON", "0") or 0)
+# SWARMTUNE_FAULT_JUNK=zeros|noise: a node that sends zeros, or seeded noise at its contribution's norm, and records
+# its round as if it had trained (what spot-checks catch)
+_JUNK = os.environ.get("SWARMTUNE_FAULT_JUNK", "")
+# SWARMTUNE_FAULT_FREERIDE=1: a free-rider, which never trains nor averages: it waits for the others to finish each
+# round, signs a record claiming the round's whole batch, and takes their state (what receipts stop)
+_FREERIDE = os.environ.get("SWARMTUNE_FAULT_FREERIDE", "") == "1"
 
 
 @dataclass
@@ -56,13 +63,14 @@ class RoundResult:
     compute_seconds: float
     averaging_seconds: float
     clipped: dict = field(default_factory=dict)  # peer id -> largest norm / median of its parts that we clipped
+    checks: list = field(default_factory=list)  # spot-checks this node made this round (node.spotcheck.Outcome)
 
 
 class RoundRunner:
     """Runs rounds for one node; holds no round number of its own (the daemon does)."""
 
     def __init__(self, *, manifest, swarm, trainer, adapter, trained, examples, data_digest: str, peer_id: str,
-                 ledger, private_key, on_record=lambda: None):
+                 ledger, private_key, on_record=lambda: None, receipts=None):
         self.m = manifest
         self.swarm_id = manifest.swarm_id
         self.swarm = swarm
@@ -75,6 +83,7 @@ class RoundRunner:
         self.ledger = ledger
         self.private_key = private_key
         self.on_record = on_record
+        self.receipts = receipts  # node.receipts.ReceiptBook: signs, keeps and publishes receipts and checks
 
     def _local_work(self, r: int, members) -> tuple[LocalResult, dict[int, torch.Tensor], list[int], dict]:
         """This node's part of round r: (what it computed, its contribution per trained shard before the
@@ -112,19 +121,23 @@ class RoundRunner:
         t0 = time.time()
         start_hash = self.adapter.state_hash()
         shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
-        peers = quorum.others(view, self.peer_id)
+        peers = {p: c for p, c in quorum.others(view, self.peer_id).items() if p not in self.swarm.excluded}
         members = quorum.round_members(peers, self.peer_id, r)
         total = m.rounds.target_batch_size
 
+        if _FREERIDE:
+            return self._free_ride(r, t0, start_hash, shard_hashes)
         local, contribution, indices, start = self._local_work(r, members)
         x = {k: contribution[k] + self.trainer.residual[k] for k in self.trained}
-        if _POISON:
+        if _POISON or _JUNK:
             g = torch.Generator().manual_seed(r)
+            scale = _POISON or 1.0
             for k, v in x.items():
-                noise = torch.randn(v.numel(), generator=g)
-                x[k] = noise * (_POISON * float(contribution[k].norm()) / max(float(noise.norm()), 1e-30))
+                noise = torch.randn(v.numel(), generator=g) if _JUNK != "zeros" else torch.zeros(v.numel())
+                x[k] = noise * (scale * float(contribution[k].norm()) / max(float(noise.norm()), 1e-30))
         t_compute = time.time() - t0
-        claim = RoundClaim(round=r, hashes=shard_hashes, samples=local.samples, tokens=local.tokens, loss_sum=local.loss_sum)
+        claim = RoundClaim(round=r, hashes=shard_hashes, samples=local.samples, tokens=local.tokens, loss_sum=local.loss_sum,
+                           indices=tuple(indices) if not self.trainer.diloco else ())
         expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
 
         t1 = time.time()
@@ -178,16 +191,17 @@ class RoundRunner:
             if failed:
                 logger.info("round %d: shard(s) %s got no sum and stay at the round's start; %s applied", r, failed, sorted(updates))
                 resync = failed
+            checks = self._spot_checks(r, {k: results[k] for k in updates})  # from the round's start state
             if self.trainer.diloco:
                 self.trainer.outer_apply(start, updates)
             else:
                 self.trainer.apply(updates, lr_at(r, m.optim, m.rounds.max_rounds))
             sent = {k: results[k].sent for k in updates}
             for k in updates:  # what the grid did not carry joins the next contribution
-                self.trainer.residual[k] = x[k] - sent[k] if not _POISON else torch.zeros_like(x[k])
+                self.trainer.residual[k] = x[k] - sent[k] if not (_POISON or _JUNK) else torch.zeros_like(x[k])
         else:
             resync = sorted(self.trained)
-            updates, sent = {}, {}
+            updates, sent, checks = {}, {}, []
             for k, flat in start.items():  # diloco: back to the round's start (the swarm's state at r)
                 self.trainer.load_flat_shard(k, flat)
         t_end = time.time()
@@ -196,14 +210,56 @@ class RoundRunner:
             round=r, start_hash=start_hash, shard_hashes=shard_hashes, loss=(loss_num / loss_den) if loss_den else None,
             local_loss=(local.loss_sum / self.trainer.loss_count(local.samples, local.tokens)) if local.tokens else None,
             samples=local.samples, tokens=local.tokens, groups=groups, applied=sorted(updates), resync=resync,
-            seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg, clipped=clipped,
+            seconds=t_end - t0, compute_seconds=t_compute, averaging_seconds=t_avg, clipped=clipped, checks=checks,
         )
         for peer, ratio in sorted(clipped.items()):
             logger.warning("round %d: peer %s sent a gradient part %.3g x the group's median norm; it was clipped to "
                            "%g x (flagged)", r, peer, ratio, m.sync.clip)
         if result.applied:
             self._record(result, indices, sent, t0, t_end)
+            if self.receipts is not None:
+                self.receipts.round_done(r, {k: results[k] for k in updates}, checks)
         return result
+
+    def _spot_checks(self, r: int, summed: dict) -> list:
+        """Recompute the contribution of each member the round's results draw for a check by this node."""
+        if self.trainer.diloco or self.m.lora.dropout > 0:
+            return []
+        outcomes, recomputed = [], {}
+        total = self.m.rounds.target_batch_size
+        for k, res in summed.items():
+            if res.view is None:
+                continue
+            for target, part in res.view.check_parts.items():
+                claim = res.claims.get(target)
+                if claim is None or any(not 0 <= i < len(self.examples) for i in claim.indices):
+                    continue
+                t = time.time()
+                if target not in recomputed:
+                    recomputed[target] = self._gradients(list(claim.indices))
+                contribution = recomputed[target].grad_sums[k] / total
+                outcome = spotcheck.compare(part, res.view.offset, res, contribution, shard=k, target=target,
+                                            seconds=time.time() - t)
+                outcomes.append(outcome)
+                log = logger.warning if outcome.failed else logger.info
+                log("round %d shard %d: spot-check of %s…: error %.3g (tolerance %g): %s", r, k, target[:16],
+                    outcome.error, spotcheck.TOLERANCE, "FAILED" if outcome.failed else "passed")
+        return outcomes
+
+    def _free_ride(self, r: int, t0: float, start_hash: str, shard_hashes: dict) -> RoundResult:
+        """Fault injection: record round r without training once the other trainers are past it."""
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            others = [i for p, i in self.swarm.view().items() if p != self.peer_id]
+            if others and all(i.round > r for i in others):
+                break
+            time.sleep(0.3)
+        samples = self.m.credit_cap
+        res = RoundResult(round=r, start_hash=start_hash, shard_hashes=shard_hashes, loss=None, local_loss=None,
+                          samples=samples, tokens=samples * 32, groups={}, applied=sorted(self.trained), resync=[],
+                          seconds=time.time() - t0, compute_seconds=0.0, averaging_seconds=0.0)
+        self._record(res, list(range(samples)), {k: torch.zeros(1) for k in self.trained}, t0, time.time())
+        return dataclasses.replace(res, applied=[], resync=sorted(self.trained))
 
     def _empty_local(self) -> LocalResult:
         return LocalResult({k: torch.zeros(self.adapter.shard_numel(k)) for k in self.trained}, 0, 0, 0.0)

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.swarm
 @pytest.mark.timeout(300)
 def test_a_poisoner_is_clipped_and_flagged_and_the_loss_still_falls(tmp_path, tiny_base, spawn_node):
     rounds = 12
-    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds})
+    # spot-checks off: this test is about clipping (tests/test_cheaters.py has the poisoner caught and left out)
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
+                                   credit={"spot_check_rate": 0.0})
     a = spawn_node(manifest, "a", "--min-peers", "3")
     peers = a.wait_info()["maddrs"]
     b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)

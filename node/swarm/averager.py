@@ -19,6 +19,7 @@ When hivemind changes, this is the file to read.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -35,6 +36,8 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
 
+from protocol.receipt import spot_checks
+
 from node.swarm.exact import Grid, Layout, check_part, decode_sum, encode_sum, group_exponents, quantize, robust_sum
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ FAILED_KEY = "__swarmtune_failed_values__"  # values a reducer never sent back (
 INCOMPLETE_KEY = "__swarmtune_incomplete_values__"  # values summed without every sender (the whole group saw it)
 ELAPSED_KEY = "__swarmtune_allreduce_seconds__"
 CLIPPED_KEY = "__swarmtune_clipped__"  # {peer id: its part's norm / the median} for parts this node's reducer clipped
+RECEIPT_KEY = "__swarmtune_receipt__"  # what this node's reducer saw: ReducerView.to_wire()
 EXPONENTS_KEY = "e"  # in each member's gathered metadata: its block exponents for this shard
 SUM_DTYPE = "swarmtune-sum"  # marks a reducer's reply (node.swarm.exact.encode_sum) on the wire
 CONNECT_TIMEOUT_S = 5.0  # opening a connection or a stream to a peer (latency-bound, not size-bound)
@@ -89,6 +93,10 @@ class _ExactPartReducer(TensorPartReducer):
     def __init__(self, part_shapes, num_senders: int, clip: float = 0.0):
         self.clip = clip
         self.clipped: dict[int, float] = {}
+        # per sender: sha256 over its parts as received (its commitment in this node's receipt), and the parts
+        # themselves (a drawn spot-check compares them with a recomputation)
+        self.hashes: dict[int, Any] = {}
+        self.kept: dict[int, list[torch.Tensor]] = {}
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -113,11 +121,34 @@ class _ExactPartReducer(TensorPartReducer):
             total = None
             if complete:
                 senders = sorted(self.accumulator.by_sender)
+                for i in senders:
+                    part = self.accumulator.by_sender[i]
+                    self.hashes.setdefault(i, hashlib.sha256()).update(part.numpy().tobytes())
+                    self.kept.setdefault(i, []).append(part)
                 total, clipped = robust_sum([self.accumulator.by_sender[i] for i in senders], self.clip)
                 for pos, ratio in clipped.items():
                     self.clipped[senders[pos]] = max(ratio, self.clipped.get(senders[pos], 0.0))
             self.current_part_future.set_result(total)
             self.reset_accumulators()
+
+
+class ReducerView:
+    """What one member learnt from a completed all-reduce, beyond the sum: the group (sorted peer ids), the
+    sha256 of the exact integer sum, and, when this node reduced a part, each sender's part hash
+    (`commitments`) and the parts of the members it must spot-check (`check_parts`, values from `offset`
+    of the flat shard on)."""
+
+    def __init__(self, members, result_hash, commitments, offset, check_parts):
+        self.members, self.result_hash, self.commitments = list(members), str(result_hash), dict(commitments)
+        self.offset, self.check_parts = int(offset), dict(check_parts)
+
+    def to_wire(self):
+        return (self.members, self.result_hash, self.commitments, self.offset, self.check_parts)
+
+    @classmethod
+    def from_wire(cls, value) -> "ReducerView":
+        members, result_hash, commitments, offset, parts = value
+        return cls(members, result_hash, commitments, offset, parts)
 
 
 class _ExactSumRunner(AllReduceRunner):
@@ -137,6 +168,24 @@ class _ExactSumRunner(AllReduceRunner):
         self._replies: dict[int, bytes] = {}  # part index -> the encoded sum every sender gets
         self.tensor_part_reducer.finished.set()  # the float reducer hivemind made is never used
         self.tensor_part_reducer = _ExactPartReducer(tuple(p.shape for p in self.parts_for_local_averaging), self.group, clip)
+
+    def reducer_view(self, sums: torch.Tensor, checker_rate: float) -> "ReducerView":
+        """What this node's reducer saw of a completed sum: every sender's part hash, the result's hash and,
+        for each member the round's result draws for a spot-check by this node, its part (node.spotcheck)."""
+        reducer = self.tensor_part_reducer
+        members = sorted(p.to_base58() for p in self.ordered_peer_ids)
+        result = hashlib.sha256(sums.contiguous().numpy().tobytes()).hexdigest()
+        commitments = {self.sender_peer_ids[i].to_base58(): h.hexdigest() for i, h in reducer.hashes.items()}
+        my_index = self.ordered_peer_ids.index(self.peer_id)
+        offset = sum(sum(sizes) for sizes in self._part_sizes[:my_index])
+        me = self.peer_id.to_base58()
+        parts = {}
+        if commitments and checker_rate > 0:
+            for checker, target in spot_checks(result, members, checker_rate):
+                index = next((i for i, p in enumerate(self.sender_peer_ids) if p.to_base58() == target), None)
+                if checker == me and index in reducer.kept:
+                    parts[target] = torch.cat(reducer.kept[index])
+        return ReducerView(members, result, commitments, offset, parts)
 
     def clipped_senders(self) -> dict[str, float]:
         """{peer id: norm / median} of the senders whose parts this reducer clipped."""
@@ -220,10 +269,11 @@ class ShardAverager(DecentralizedAverager):
     (adapter tensors + optimizer state + round), captured at a round boundary.
     """
 
-    def __init__(self, sizes: Sequence[int], grid: Grid, clip: float = 0.0, **kwargs):
+    def __init__(self, sizes: Sequence[int], grid: Grid, clip: float = 0.0, spot_check_rate: float = 0.0, **kwargs):
         self.layout = Layout(sizes)
         self.grid = grid
         self.clip = clip
+        self.spot_check_rate = spot_check_rate  # members drawn for a spot-check keep their parts (ReducerView)
         self.values = torch.zeros(self.layout.numel, dtype=torch.float32)
         self.sums = torch.zeros(self.layout.numel, dtype=torch.int32)
         self._published: tuple[Any, list[torch.Tensor]] | None = None
@@ -255,12 +305,14 @@ class ShardAverager(DecentralizedAverager):
         self._failed_values = int(runner.tensor_part_container.failed_size)
         self._incomplete_values = runner.incomplete_values
         self._clipped = runner.clipped_senders()
+        if not self._failed_values and not self._incomplete_values:
+            self._view = runner.reducer_view(sums, self.spot_check_rate).to_wire()
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         # hivemind returns success even when parts were lost; pass the counts back with the gathered data,
         # and how long the all-reduce itself took (matchmaking excluded), which measures the links
         self._failed_values = self._incomplete_values = 0
-        self._clipped = {}
+        self._clipped, self._view = {}, None
         started = time.perf_counter()
         gathered = dict(await super()._aggregate_with_group(group_info, min_vector_size, **kwargs))
         gathered[ELAPSED_KEY] = time.perf_counter() - started
@@ -270,6 +322,8 @@ class ShardAverager(DecentralizedAverager):
             gathered[INCOMPLETE_KEY] = self._incomplete_values
         if self._clipped:
             gathered[CLIPPED_KEY] = self._clipped
+        if self._view is not None:
+            gathered[RECEIPT_KEY] = self._view
         return gathered
 
     async def _set_deadline(self, seconds: float, future) -> None:
@@ -329,6 +383,31 @@ class ShardAverager(DecentralizedAverager):
         mm.potential_leaders.target_group_size = size
         mm.group_key_manager.target_group_size = size
         future.set_result(None)
+
+    async def _set_excluded(self, peers: list, future) -> None:
+        """Runs in the averager process: never accept these peers into a group this node leads, and never
+        join a group they lead (hivemind's matchmaking has no such filter: its two join hooks are wrapped)."""
+        self._excluded = set(peers)
+        mm = self._matchmaking
+        if not getattr(mm, "_swarmtune_excluding", False):
+            check, join = mm._check_reasons_to_reject, mm._request_join_group
+
+            def _check_reasons_to_reject(request, context):
+                if context.remote_id.to_base58() in self._excluded:
+                    return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+                return check(request, context)
+
+            async def _request_join_group(leader):
+                if leader.to_base58() in self._excluded:
+                    return None
+                return await join(leader)
+
+            mm._check_reasons_to_reject, mm._request_join_group = _check_reasons_to_reject, _request_join_group
+            mm._swarmtune_excluding = True
+        future.set_result(None)
+
+    def set_excluded(self, peers: Sequence[str]) -> None:
+        self._call("_set_excluded", 30, peers=list(peers))
 
     def set_target_group_size(self, size: int, min_size: int = 2) -> None:
         self._call("_set_target_group_size", None, size=size, min_size=min_size)

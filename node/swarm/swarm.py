@@ -33,7 +33,8 @@ from typing import Sequence
 import torch
 
 from node.swarm.averager import (
-    CLIPPED_KEY, ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, KEY_BITS, ShardAverager, group_key,
+    CLIPPED_KEY, ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, KEY_BITS, RECEIPT_KEY, ReducerView,
+    ShardAverager, group_key,
 )
 from node.swarm.deadline import AveragingDeadline
 from node.swarm.dht import dht_time, peer_id_of, start_dht
@@ -43,6 +44,7 @@ from node.swarm.exact import (
 from node.swarm.membership import Membership, PeerInfo, check_membership, check_no_twin
 from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
 from node.swarm.reach import PUBLIC, Reachability, detect_reachability, serve_dialback
+from node.swarm.statements import collect_checks, collect_receipts, publish_check, publish_receipt
 from node.swarm.validator import RecordsValidator, collect_records, publish_record
 
 logger = logging.getLogger(__name__)
@@ -64,16 +66,18 @@ class RoundClaim:
     samples: int
     tokens: int
     loss_sum: float
+    indices: tuple = ()  # the examples it trained on (per-step mode), for a spot-check's recomputation
 
     def to_wire(self) -> dict:
         return {"r": self.round, "h": {str(k): h for k, h in self.hashes.items()}, "s": self.samples, "t": self.tokens,
-                "l": self.loss_sum}
+                "l": self.loss_sum, "i": list(self.indices)}
 
     @classmethod
     def from_wire(cls, value) -> "RoundClaim":
         """Raises TypeError/KeyError/ValueError/AttributeError on a malformed claim."""
         return cls(round=int(value["r"]), hashes={int(k): str(h) for k, h in dict(value["h"]).items()},
-                   samples=int(value["s"]), tokens=int(value["t"]), loss_sum=float(value["l"]))
+                   samples=int(value["s"]), tokens=int(value["t"]), loss_sum=float(value["l"]),
+                   indices=tuple(int(i) for i in value.get("i", ())))
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Summed:
     layout: Layout
     seconds: float = 0.0  # the all-reduce itself (matchmaking excluded)
     clipped: dict = field(default_factory=dict)  # {peer id: norm / median} of parts this node's reducer clipped
+    view: ReducerView | None = None  # the group, the sum's hash, what this node's reducer saw (receipts, spot-checks)
 
     def value(self) -> torch.Tensor:
         """The sum as float32, the same bits on every member."""
@@ -189,10 +194,12 @@ class Swarm:
         peer_ttl: float,
         wire: str = "int8",
         clip: float = 0.0,
+        spot_check_rate: float = 0.0,
         initial_peers: Sequence[str] = (),
         reach: Reachability | None = None,
     ):
         self.dht = dht
+        self.excluded: set[str] = set()  # peers left out of this node's groups (failed spot-checks)
         self.reach = reach or Reachability(PUBLIC, "not checked", checked=False)
         # an outbound-only node's DHT runs in client mode, and so do its averagers (hivemind's default follows the
         # DHT): peer fraction 0, so it never holds a part of the all-reduce, and it serves no state
@@ -214,6 +221,7 @@ class Swarm:
                 sizes,
                 self.grid,
                 clip=clip,
+                spot_check_rate=spot_check_rate,
                 dht=dht,
                 prefix=f"{swarm_id}/shard-{k}",
                 start=True,
@@ -323,6 +331,7 @@ class Swarm:
             lost = gathered.pop(FAILED_KEY, 0)
             incomplete = gathered.pop(INCOMPLETE_KEY, 0)
             clipped = gathered.pop(CLIPPED_KEY, {})
+            view = gathered.pop(RECEIPT_KEY, None)
             if not gathered:
                 continue
             if exact_groups and k in exact_groups and len(gathered) != exact_groups[k]:
@@ -352,12 +361,13 @@ class Swarm:
                 exps = group_exponents([meta.get(EXPONENTS_KEY) if isinstance(meta, dict) else None
                                         for meta in gathered.values()], self.layouts[k])
                 claims = {str(pid): RoundClaim.from_wire(meta) for pid, meta in gathered.items()}
+                view = ReducerView.from_wire(view) if view is not None else None
             except (WireError, TypeError, KeyError, ValueError, AttributeError) as e:
                 logger.warning("shard %d: a groupmate sent malformed round metadata (%s); round discarded", k, e)
                 continue
             with self.averagers[k].get_tensors() as (values, sums):
                 results[k] = Summed(sums.clone(), exps, values.clone(), claims, self.layouts[k], took,
-                                    dict(clipped) if isinstance(clipped, dict) else {})
+                                    dict(clipped) if isinstance(clipped, dict) else {}, view)
         if slow:
             self.deadline.timed_out()
             logger.warning("averaging ran out of time or lost parts (deadline %.1f s); the next round gets %.1f s",
@@ -447,6 +457,26 @@ class Swarm:
     def read_records(self) -> list[bytes]:
         """Every valid record of this swarm found in the DHT."""
         return collect_records(self.dht, self.swarm_id)
+
+    def publish_receipt(self, blob: bytes) -> None:
+        """Store one of this node's signed round receipts in the DHT (a day, like records)."""
+        publish_receipt(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+
+    def read_receipts(self, round_: int) -> list[bytes]:
+        """The valid receipts of one round found in the DHT."""
+        return collect_receipts(self.dht, self.swarm_id, round_)
+
+    def publish_check(self, blob: bytes) -> None:
+        publish_check(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+
+    def read_checks(self, round_: int) -> list[bytes]:
+        return collect_checks(self.dht, self.swarm_id, round_)
+
+    def exclude(self, peers) -> None:
+        """Leave these peers out of every group this node leads or joins (spot-checks failed them)."""
+        self.excluded = set(peers)
+        for avg in self.averagers.values():
+            avg.set_excluded(sorted(self.excluded))
 
     # ------------------------------------------------------------------ lifecycle
 

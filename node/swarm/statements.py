@@ -1,0 +1,82 @@
+"""Round receipts and spot-check statements in the DHT, one key per round, so a node reads one round's worth.
+
+Layout: `f"{swarm_id}/receipts/{round}"`, subkey `"[ed25519-owner:<signer>]:<shard>"`, value = the signed
+receipt (protocol/receipt.py), and `f"{swarm_id}/checks/{round}"`, subkey
+`"[ed25519-owner:<checker>]:<shard>:<target>"`. Values that are not valid statements of that swarm, round and
+owner are dropped on reading.
+
+    publish_receipt(dht, swarm_id, blob, expiration);  collect_receipts(dht, swarm_id, round_)
+    publish_check(dht, swarm_id, blob, expiration);    collect_checks(dht, swarm_id, round_)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hivemind.dht import DHT
+
+from protocol.receipt import verify_check, verify_receipt
+from protocol.record import RecordError
+
+logger = logging.getLogger(__name__)
+
+
+def receipts_key(swarm_id: str, round_: int) -> str:
+    return f"{swarm_id}/receipts/{round_}"
+
+
+def checks_key(swarm_id: str, round_: int) -> str:
+    return f"{swarm_id}/checks/{round_}"
+
+
+def receipt_subkey(peer_id: str, shard: int) -> str:
+    return f"[ed25519-owner:{peer_id}]:{shard}"
+
+
+def check_subkey(peer_id: str, shard: int, target: str) -> str:
+    return f"[ed25519-owner:{peer_id}]:{shard}:{target}"
+
+
+def publish_receipt(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
+    r = verify_receipt(blob)
+    if r.swarm_id != swarm_id:
+        raise ValueError("refusing to publish a receipt of another swarm")
+    return bool(dht.store(receipts_key(swarm_id, r.round), blob, expiration_time=expiration,
+                          subkey=receipt_subkey(r.peer_id, r.shard)))
+
+
+def publish_check(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
+    c = verify_check(blob)
+    if c.swarm_id != swarm_id:
+        raise ValueError("refusing to publish a spot-check of another swarm")
+    return bool(dht.store(checks_key(swarm_id, c.round), blob, expiration_time=expiration,
+                          subkey=check_subkey(c.peer_id, c.shard, c.target)))
+
+
+def _collect(dht: DHT, key: str, subkey_of, verify) -> list[bytes]:
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    kept = []
+    for subkey, item in found.value.items():
+        value = getattr(item, "value", None)
+        try:
+            statement = verify(value) if isinstance(value, bytes) else None
+        except RecordError as e:
+            statement = None
+            logger.info("dropped a DHT value under %s: %s", key, e)
+        if statement is not None and subkey_of(statement) == subkey:
+            kept.append((subkey, value))
+    return [blob for _, blob in sorted(kept)]
+
+
+def collect_receipts(dht: DHT, swarm_id: str, round_: int) -> list[bytes]:
+    """The valid receipts of one round, each under its signer's subkey."""
+    return _collect(dht, receipts_key(swarm_id, round_), lambda r: r.round == round_ and r.swarm_id == swarm_id
+                    and receipt_subkey(r.peer_id, r.shard), verify_receipt)
+
+
+def collect_checks(dht: DHT, swarm_id: str, round_: int) -> list[bytes]:
+    """The valid spot-check statements of one round, each under its checker's subkey."""
+    return _collect(dht, checks_key(swarm_id, round_), lambda c: c.round == round_ and c.swarm_id == swarm_id
+                    and check_subkey(c.peer_id, c.shard, c.target), verify_check)

@@ -1,0 +1,80 @@
+"""Cheaters in a real swarm (127.0.0.1, real p2pd, the tiny Llama), and what credit makes of them.
+
+Two honest nodes train with three adversarial ones the test builds with fault hooks (node/rounds.py, as a
+modified client would behave): a free-rider that never trains or averages but signs a record claiming the
+round's whole batch every round; a node that sends zeros and one that sends noise at its gradient's norm,
+both with valid records. Afterwards two sybil keys sign records and receipts naming only each other for
+every round. `swarmtune credit` over every file the nodes kept (ledgers, receipts) and the sybils' says:
+the free-rider and the sybils earn nothing, the junk senders nothing for the rounds they were caught in,
+the honest nodes every round; the accusations verify offline (`ledger verify` exits 0).
+
+Spot-checks run at rate 1 here (every member checked every round) so the test is decisive in few rounds;
+at the default rate (0.21) the draw's frequency is tested in tests/test_receipt.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, write_test_manifest
+
+pytestmark = pytest.mark.swarm
+
+
+def _credit(manifest, files, *extra):
+    out = subprocess.run([sys.executable, "-m", "node", "credit", "--manifest", str(manifest), "--json", "--ledger",
+                          *map(str, files), *extra], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return {row["peer_id"]: row for row in map(json.loads, out.stdout.splitlines())}
+
+
+@pytest.mark.timeout(420)
+def test_free_rider_junk_and_sybils_earn_nothing(tmp_path, tiny_base, spawn_node):
+    rounds = 6
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
+                                   credit={"spot_check_rate": 1.0, "exclude_after": 2})
+    a = spawn_node(manifest, "a", "--min-peers", "4")
+    peers = a.wait_info()["maddrs"]
+    b = spawn_node(manifest, "b", "--min-peers", "4", "--initial-peers", *peers)
+    z = spawn_node(manifest, "zeros", "--min-peers", "4", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_JUNK": "zeros"})
+    n = spawn_node(manifest, "noise", "--min-peers", "4", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_JUNK": "noise"})
+    f = spawn_node(manifest, "freerider", "--min-peers", "4", "--initial-peers", *peers,
+                   env={"SWARMTUNE_FAULT_FREERIDE": "1"})
+    for node in (a, b):
+        assert node.wait_exit(timeout=360) == 0, node.log.read_text()[-4000:]
+    time.sleep(2)  # the cheaters' last records
+    ids = {node.home.name: node.info()["peer_id"] for node in (a, b, z, n, f)}
+    # honest adapters identical every round they both applied
+    rows = {node.home.name: {r["round"]: r for r in node.rounds() if r["applied"]} for node in (a, b)}
+    both = sorted(set(rows["a"]) & set(rows["b"]))
+    assert len(both) >= rounds - 1, (sorted(rows["a"]), sorted(rows["b"]))
+    for r in both:
+        assert rows["a"][r]["hash"] == rows["b"][r]["hash"], f"round {r}: adapters differ"
+    # the junk senders were caught and then left out
+    for name in ("zeros", "noise"):
+        assert f"spot-check of {ids[name][:16]}" in a.log.read_text() + b.log.read_text()
+        assert any(f"peer {ids[name]} failed" in node.log.read_text() for node in (a, b)), name
+    files = [node.workdir / name for node in (a, b, z, n, f) for name in ("ledger.jsonl", "receipts.jsonl")
+             if (node.workdir / name).exists()]
+    credit = _credit(manifest, files)
+    assert credit[ids["freerider"]]["credited_rounds"] == 0, credit[ids["freerider"]]
+    assert credit[ids["freerider"]]["claimed_rounds"] >= rounds - 2
+    for name in ("zeros", "noise"):
+        row = credit.get(ids[name], {"credited_rounds": 0, "spot_checks_failed": 0})
+        assert row["spot_checks_failed"] >= 2, row
+        assert row["credited_rounds"] == 0, row
+    for name in ("a", "b"):
+        row = credit[ids[name]]
+        assert row["credited_rounds"] == row["claimed_rounds"] >= rounds - 1, row
+        assert row["spot_checks_failed"] == 0 and row["spot_checks_passed"] >= 1, row
+    verify = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger",
+                             *map(str, files)], capture_output=True, text=True, cwd=REPO)
+    assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr
+    explain = subprocess.run([sys.executable, "-m", "node", "credit", "--manifest", str(manifest), "--explain",
+                              ids["freerider"], "--ledger", *map(str, files)], capture_output=True, text=True, cwd=REPO)
+    assert explain.returncode == 0 and "receipt" in explain.stdout, explain.stdout + explain.stderr
