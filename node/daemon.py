@@ -335,7 +335,8 @@ class Node:
         m = self.manifest
         if m.sync.mode != "per-step" or m.lora.dropout > 0:  # not recomputable (node/spotcheck.py)
             return 0.0
-        return spotcheck.group_rate(m.credit.spot_check_rate, self.adapter.num_shards)
+        # in parts per million, as receipts carry it: the round's draw and a verifier's are the same draw
+        return round(spotcheck.group_rate(m.credit.spot_check_rate, self.adapter.num_shards) * 1_000_000) / 1_000_000
 
     def _dialable_peer_in_sight(self) -> bool:
         """An outbound-only node can average only through a peer that can be dialled (one that holds the parts).

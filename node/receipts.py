@@ -75,11 +75,13 @@ class ReceiptBook:
                 commitments = tuple(view.commitments[m] for m in view.members)
             receipt = RoundReceipt(version=RECEIPT_VERSION, swarm_id=self.swarm_id, round=round_, shard=k,
                                    peer_id=self.peer_id, members=tuple(view.members), commitments=commitments,
-                                   result_hash=view.result_hash)
+                                   result_hash=view.result_hash, reducers=tuple(view.reducers),
+                                   check_rate_ppm=round(self.rate * PPM))
             self._emit(sign_receipt(receipt, self.key), self.swarm.publish_receipt)
             self.receipts_signed += 1
             self._pending[round_] = {**self._pending.get(round_, {}), k: list(view.members)}
-            self._draws[(round_, k)] = (view.result_hash, set(spot_checks(view.result_hash, view.members, self.rate)))
+            self._draws[(round_, k)] = (view.result_hash, set(spot_checks(view.result_hash, view.members,
+                                                                          receipt.check_rate_ppm / PPM, view.reducers)))
         for o in outcomes:
             res = summed[o.shard]
             error = error_ppm(o.error)

@@ -84,6 +84,8 @@ class RoundReceipt:
     members: tuple[str, ...]  # the group: sorted, distinct peer ids, 1..256 of them
     commitments: tuple[str, ...]  # () (the signer reduced no part) or, per member, sha256 hex of its part as received
     result_hash: str  # 64 hex: sha256 of the group's exact integer sum of the shard (the same at every member)
+    reducers: tuple[str, ...] = ()  # the members that reduced a part (sorted): the only possible checkers
+    check_rate_ppm: int = 0  # the group's chance to draw each member for a spot-check, parts per million
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,13 @@ def check_receipt(r: RoundReceipt) -> None:
         )
     for c in r.commitments:
         _check_hex("commitments", c)
+    if type(r.reducers) is not tuple or list(r.reducers) != sorted(set(r.reducers)) or not set(r.reducers) <= set(r.members):
+        raise RecordError("schema", "field 'reducers' must be a sorted, duplicate-free subset of the members")
+    if bool(r.commitments) != (r.peer_id in r.reducers):
+        raise RecordError("schema", "a signer has commitments exactly when it is one of the reducers")
+    _check_int("check_rate_ppm", r.check_rate_ppm, signed=False)
+    if r.check_rate_ppm > 1_000_000:
+        raise RecordError("schema", f"field 'check_rate_ppm' = {r.check_rate_ppm} is outside [0, 1000000]")
 
 
 def check_spot_check(c: SpotCheck) -> None:
@@ -259,17 +268,20 @@ def _uniform(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("|".join(parts).encode("ascii")).digest(), "big")
 
 
-def spot_checks(result_hash: str, members: Sequence[str], rate: float) -> list[tuple[str, str]]:
+def spot_checks(result_hash: str, members: Sequence[str], rate: float,
+                checkers: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """[(checker, target), ...]: each member is checked with probability `rate` (from
     sha256(result_hash|"check"|target) read as a uniform number in [0, 1)), by a checker drawn from
-    sha256(result_hash|"checker"|target) among the other members (sorted). Nobody can choose or
-    dodge it: the result hash is known only once the group's sum is. A group of one has no checker."""
+    sha256(result_hash|"checker"|target) among the other `checkers` (default: the members; in a round,
+    the reducers, which hold the parts), sorted. Nobody can choose or dodge it: the result hash is known
+    only once the group's sum is. A member with no other checker is not checked."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"spot-check rate must be in [0, 1], got {rate}")
     out = []
     group = sorted(set(members))
+    pool = sorted(set(checkers)) if checkers is not None else group
     for target in group:
-        others = [m for m in group if m != target]
+        others = [m for m in pool if m != target]
         if not others or _uniform(result_hash, "check", target) >= rate * 2**256:
             continue
         out.append((others[_uniform(result_hash, "checker", target) % len(others)], target))

@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_credit.json")
     ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--honest", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="keep the nodes' folders (printed) for a look at their logs")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="swarmtune-bench-credit-"))
     os.environ.setdefault("SWARMTUNE_CACHE", str(work / "cache"))
@@ -125,7 +126,10 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"nodes' folders kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

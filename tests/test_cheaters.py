@@ -33,6 +33,44 @@ def _credit(manifest, files, *extra):
     return {row["peer_id"]: row for row in map(json.loads, out.stdout.splitlines())}
 
 
+def _sybils(tmp_path, manifest, honest_receipts):
+    """Two sybil keys: a record each for every round the honest node receipted, and receipts naming only each
+    other with the honest round's own result hash (the strongest forgery: copied from the DHT)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from node.ledger import Ledger
+    from node.manifest import load_manifest
+    from protocol.peerid import peer_id_from_public_key
+    from protocol.receipt import RoundReceipt, classify, sign_receipt, verify_receipt
+    from protocol.record import public_bytes
+
+    m = load_manifest(manifest)
+    honest = {}
+    for line in honest_receipts.read_bytes().splitlines():
+        if line and classify(line) == "receipt":
+            r = verify_receipt(line)
+            honest[(r.round, r.shard)] = r.result_hash
+    keys = [Ed25519PrivateKey.generate() for _ in range(2)]
+    ids = sorted(peer_id_from_public_key(public_bytes(k)) for k in keys)
+    out, receipts = [], []
+    for i, key in enumerate(keys):
+        me = peer_id_from_public_key(public_bytes(key))
+        path = tmp_path / f"sybil-{i}.jsonl"
+        with Ledger.open(path) as ledger:
+            for r in sorted({r for r, _ in honest}):
+                ledger.append_new(key, swarm_id=m.swarm_id, round=r, shards=tuple(sorted(k for q, k in honest if q == r)),
+                                  samples=m.credit_cap, tokens=m.credit_cap * 10, loss_before=1, loss_after=0,
+                                  adapter_hash="0" * 64, data_commitment="1" * 64, grad_commitment="2" * 64,
+                                  start_ms=1, end_ms=2)
+        out.append(path)
+        for (r, k), result in sorted(honest.items()):
+            receipts.append(sign_receipt(RoundReceipt(
+                version=1, swarm_id=m.swarm_id, round=r, shard=k, peer_id=me, members=tuple(ids),
+                commitments=("3" * 64, "4" * 64), result_hash=result, reducers=tuple(ids), check_rate_ppm=0), key))
+    (tmp_path / "sybil-receipts.jsonl").write_bytes(b"".join(b + b"\n" for b in receipts))
+    return out + [tmp_path / "sybil-receipts.jsonl"], ids
+
+
 @pytest.mark.timeout(420)
 def test_free_rider_junk_and_sybils_earn_nothing(tmp_path, tiny_base, spawn_node):
     rounds = 6
@@ -61,7 +99,11 @@ def test_free_rider_junk_and_sybils_earn_nothing(tmp_path, tiny_base, spawn_node
         assert any(f"peer {ids[name]} failed" in node.log.read_text() for node in (a, b)), name
     files = [node.workdir / name for node in (a, b, z, n, f) for name in ("ledger.jsonl", "receipts.jsonl")
              if (node.workdir / name).exists()]
+    sybil_files, sybils = _sybils(tmp_path, manifest, a.workdir / "receipts.jsonl")
+    files += sybil_files
     credit = _credit(manifest, files)
+    for s in sybils:
+        assert credit[s]["claimed_rounds"] >= rounds - 1 and credit[s]["credited_rounds"] == 0, credit[s]
     assert credit[ids["freerider"]]["credited_rounds"] == 0, credit[ids["freerider"]]
     assert credit[ids["freerider"]]["claimed_rounds"] >= rounds - 2
     for name in ("zeros", "noise"):

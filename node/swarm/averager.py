@@ -134,21 +134,20 @@ class _ExactPartReducer(TensorPartReducer):
 
 class ReducerView:
     """What one member learnt from a completed all-reduce, beyond the sum: the group (sorted peer ids), the
-    sha256 of the exact integer sum, and, when this node reduced a part, each sender's part hash
-    (`commitments`) and the parts of the members it must spot-check (`check_parts`, values from `offset`
-    of the flat shard on)."""
+    sha256 of the exact integer sum, the members that reduced a part (`reducers`: the possible checkers), and,
+    when this node reduced a part, each sender's part hash (`commitments`) and the parts of the members it
+    must spot-check (`check_parts`, values from `offset` of the flat shard on)."""
 
-    def __init__(self, members, result_hash, commitments, offset, check_parts):
+    def __init__(self, members, result_hash, commitments, offset, check_parts, reducers):
         self.members, self.result_hash, self.commitments = list(members), str(result_hash), dict(commitments)
-        self.offset, self.check_parts = int(offset), dict(check_parts)
+        self.offset, self.check_parts, self.reducers = int(offset), dict(check_parts), list(reducers)
 
     def to_wire(self):
-        return (self.members, self.result_hash, self.commitments, self.offset, self.check_parts)
+        return (self.members, self.result_hash, self.commitments, self.offset, self.check_parts, self.reducers)
 
     @classmethod
     def from_wire(cls, value) -> "ReducerView":
-        members, result_hash, commitments, offset, parts = value
-        return cls(members, result_hash, commitments, offset, parts)
+        return cls(*value)
 
 
 class _ExactSumRunner(AllReduceRunner):
@@ -179,13 +178,14 @@ class _ExactSumRunner(AllReduceRunner):
         my_index = self.ordered_peer_ids.index(self.peer_id)
         offset = sum(sum(sizes) for sizes in self._part_sizes[:my_index])
         me = self.peer_id.to_base58()
+        reducers = sorted(p.to_base58() for p, sizes in zip(self.ordered_peer_ids, self._part_sizes) if sum(sizes))
         parts = {}
         if commitments and checker_rate > 0:
-            for checker, target in spot_checks(result, members, checker_rate):
+            for checker, target in spot_checks(result, members, checker_rate, reducers):
                 index = next((i for i, p in enumerate(self.sender_peer_ids) if p.to_base58() == target), None)
                 if checker == me and index in reducer.kept:
                     parts[target] = torch.cat(reducer.kept[index])
-        return ReducerView(members, result, commitments, offset, parts)
+        return ReducerView(members, result, commitments, offset, parts, reducers)
 
     def clipped_senders(self) -> dict[str, float]:
         """{peer id: norm / median} of the senders whose parts this reducer clipped."""

@@ -179,6 +179,13 @@ def _start_identified(identity, manifest, *, client_mode: bool, **kwargs):
             os.unlink(tmp_key)
 
 
+def part_size_bytes(numel: int, grid, chunks: int = 64, floor: int = 1024, ceiling: int = 1 << 19) -> int:
+    """hivemind streams a shard in chunks and gives each chunk whole to one reducer; its default 512 KiB chunk
+    makes any shard under 512 KiB one chunk, summed by one member, whose own part then nobody else holds (and
+    no spot-check can look at). `chunks` chunks per shard spread the parts over the group."""
+    return max(floor, min(ceiling, numel * torch.empty(0, dtype=grid.dtype).element_size() // chunks))
+
+
 class Swarm:
     """Membership, per-shard exact gradient all-reduce, shard state sharing, record publication."""
 
@@ -235,6 +242,7 @@ class Swarm:
                 allow_state_sharing=k in self.trained and self.reach.dialable,
                 client_mode=not self.reach.dialable,
                 declare_state_period=max(2.0, peer_ttl / 3),
+                part_size_bytes=part_size_bytes(sum(sizes), self.grid),
             )
         self.members = Membership(dht, swarm_id=swarm_id, trained=self.trained, peer_ttl=peer_ttl, initial_peers=initial_peers,
                                   reach=self.reach.kind)
