@@ -19,14 +19,41 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from node.swarm.validator import (
     RecordsValidator,
+    check_check_value,
+    check_receipt_value,
+    check_rotation_value,
+    check_subkey,
     check_value,
+    checks_key,
+    collect_all,
+    collect_checks,
+    collect_receipts,
     collect_records,
+    collect_rotations,
     owner_subkey,
+    publish_check,
+    publish_receipt,
     publish_record,
+    publish_rotation,
+    receipt_subkey,
+    receipts_key,
     records_key,
+    rotation_subkey,
+    rotations_key,
 )
+from protocol.receipt import RoundReceipt, SpotCheck, sign_check, sign_receipt
 from protocol.peerid import peer_id_from_public_key
-from protocol.record import DOMAIN_TAG, ZERO_HASH, ContributionRecord, body_of, public_bytes, record_hash, sign_record
+from protocol.record import (
+    DOMAIN_TAG,
+    ZERO_HASH,
+    ContributionRecord,
+    KeyRotation,
+    body_of,
+    public_bytes,
+    record_hash,
+    sign_record,
+    sign_rotation,
+)
 
 SWARM = "ab" * 32
 A = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -149,6 +176,72 @@ def test_publish_refuses_invalid_input():
         publish_record(None, SWARM, A0, 3600)
 
 
+# ---------------------------------------------------------------- receipts, checks, rotations
+
+
+def receipt(key, round_=3, shard=1, swarm=SWARM) -> bytes:
+    members = tuple(sorted((pid(A), pid(B))))
+    return sign_receipt(RoundReceipt(1, swarm, round_, shard, pid(key), members, ("aa" * 32, "bb" * 32), "ee" * 32), key)
+
+
+def spot_check(key, target, round_=3, shard=1, swarm=SWARM) -> bytes:
+    return sign_check(SpotCheck(1, swarm, round_, shard, pid(key), pid(target), "ee" * 32, "aa" * 32, "cc" * 32,
+                                2_000_000, 500_000, 1, 5), key)
+
+
+def rotation(old, new, swarm=SWARM) -> bytes:
+    return sign_rotation(KeyRotation(1, swarm, pid(old), pid(new), 0, ZERO_HASH, 5), old, new)
+
+
+def explain_under(key_name: str, subkey, value) -> str:
+    key_id = DHTID.generate(source=key_name).to_bytes()
+    return VALIDATOR.explain(
+        DHTRecord(key_id, MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value), get_dht_time() + 60))
+
+
+STATEMENTS = [
+    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), receipt(A), ""),
+    (receipts_key(SWARM), receipt_subkey(pid(B), 3, 1), receipt(A), f"receipt signed by {pid(A)} written to the subkey of {pid(B)}"),
+    (receipts_key(SWARM), receipt_subkey(pid(A), 4, 1), receipt(A), "written to the subkey for round 4 shard 1"),
+    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 2), receipt(A), "written to the subkey for round 3 shard 2"),
+    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), receipt(A, swarm="cd" * 32), "receipt is for swarm"),
+    (receipts_key(SWARM), owner_subkey(pid(A), 3), receipt(A), "is not of the form"),
+    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), A0, "value rejected: envelope"),  # a record is not a receipt
+    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), receipt(A)[:-2] + b"}", "value rejected"),
+    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), b"x" * 50_000, "over the 40960-byte bound"),
+    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), spot_check(A, B), ""),
+    (checks_key(SWARM), check_subkey(pid(B), 3, 1, pid(B)), spot_check(A, B), "written to the subkey of"),
+    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(A)), spot_check(A, B), "written to the subkey for"),
+    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), receipt(A), "value rejected: envelope"),
+    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), spot_check(A, B, swarm="cd" * 32), "is for swarm"),
+    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), b"y" * 3000, "over the 2048-byte bound"),
+    (rotations_key(SWARM), rotation_subkey(pid(A)), rotation(A, B), ""),
+    (rotations_key(SWARM), rotation_subkey(pid(B)), rotation(A, B), f"rotation of {pid(A)} written to the subkey of {pid(B)}"),
+    (rotations_key(SWARM), rotation_subkey(pid(A)), rotation(A, B, swarm="cd" * 32), "rotation is for swarm"),
+    (rotations_key(SWARM), rotation_subkey(pid(A)), A0, "value rejected"),
+    (rotations_key(SWARM), rotation_subkey(pid(A)) + ":0", rotation(A, B), "is not of the form"),
+    (records_key(SWARM), owner_subkey(pid(A), 0), receipt(A), "value rejected"),  # a receipt is not a record
+]
+
+
+@pytest.mark.parametrize("key_name, subkey, value, fragment", STATEMENTS, ids=range(len(STATEMENTS)))
+def test_receipts_checks_and_rotations_are_validated(key_name, subkey, value, fragment):
+    reason = explain_under(key_name, subkey, value)
+    assert (fragment in reason) if fragment else reason == "", reason
+
+
+def test_statement_checks_and_publish_refusals():
+    assert check_receipt_value(SWARM, 5, receipt(A)).startswith("subkey must be a string")
+    assert check_check_value(SWARM, check_subkey(pid(A), 3, 1, pid(B)), "s").startswith("value must be bytes")
+    assert check_rotation_value(SWARM, rotation_subkey(pid(A)), rotation(A, B)) == ""
+    with pytest.raises(ValueError, match="invalid receipt"):
+        publish_receipt(None, SWARM, b"junk", get_dht_time() + 60)
+    with pytest.raises(ValueError, match="another swarm"):
+        publish_check(None, "cd" * 32, spot_check(A, B), get_dht_time() + 60)
+    with pytest.raises(ValueError, match="absolute DHT time"):
+        publish_rotation(None, SWARM, rotation(A, B), 3600)
+
+
 # ---------------------------------------------------------------- real DHTs on loopback
 
 
@@ -210,6 +303,24 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
 
         assert main(["ledger", "verify", "--dht-peer", *peers, "--swarm-id", SWARM, "--max-samples", "8", "--json"]) == 0
         assert main(["ledger", "verify", "--dht-peer", *peers, "--swarm-id", SWARM, "--max-samples", "7", "--json"]) == 1
+
+        # receipts, checks and rotations: published, collected, forgeries refused
+        ra, rb, ca, rot = receipt(A), receipt(B, round_=2), spot_check(A, B), rotation(A, B)
+        assert publish_receipt(storer, SWARM, ra, expiration) and publish_receipt(reader, SWARM, rb, expiration)
+        assert publish_check(storer, SWARM, ca, expiration) and publish_rotation(reader, SWARM, rot, expiration)
+        assert not reader.store(receipts_key(SWARM), rb, expiration, subkey=receipt_subkey(pid(A), 2, 1))
+        assert not reader.store(checks_key(SWARM), ra, expiration, subkey=check_subkey(pid(A), 3, 1, pid(B)))
+        attacker.store(receipts_key(SWARM), rb, expiration, subkey=receipt_subkey(pid(A), 2, 1))
+        assert collect_receipts(reader, SWARM) == sorted([ra, rb], key=lambda x: json.loads(x)["signer"])
+        assert collect_receipts(attacker, SWARM).count(rb) == 1  # its forged copy under A's subkey is dropped
+        assert collect_checks(reader, SWARM) == [ca] and collect_rotations(storer, SWARM) == [rot]
+        everything = collect_all(reader, SWARM)
+        assert {k: len(v) for k, v in everything.items()} == {"records": 5, "receipts": 2, "checks": 1, "rotations": 1}
+
+        from node.swarm.dht import read_swarm_records, read_swarm_statements
+
+        assert read_swarm_statements(peers, SWARM) == everything
+        assert read_swarm_records(peers, SWARM) == everything["records"]
     finally:
         for dht in dhts:
             dht.shutdown()
