@@ -65,6 +65,12 @@ def fields_for(round_, samples=50) -> dict:
 # ---------------------------------------------------------------- local ledger
 
 
+def verify_chain(*args, **kwargs):
+    """verify_logs for the chain rules alone: records credited without receipts (tests/test_receipt.py
+    and the receipt tests below cover receipts)."""
+    return verify_logs(*args, require_receipts=False, **kwargs)
+
+
 def test_append_reopen_and_head(tmp_path):
     path = tmp_path / "l.log"
     with Ledger.open(path) as ledger:
@@ -107,7 +113,7 @@ def test_torn_last_line_is_recovered_reported_and_not_credited(tmp_path, caplog)
     path.write_bytes(b"".join(b + b"\n" for b in blobs[:2]) + blobs[2][:77])  # crash mid-write
     contents = read_log(path)
     assert contents.torn is not None and len(contents.blobs) == 2
-    report = verify_logs({str(path): contents.blobs}, SWARM, CAP)
+    report = verify_chain({str(path): contents.blobs}, SWARM, CAP)
     assert report.ok and compute_credit(report)[pid(A)].rounds == 2
     with Ledger.open(path) as ledger:
         assert ledger.torn is not None and ledger.torn.data == blobs[2][:77]
@@ -152,7 +158,7 @@ def statuses(report):
 
 
 def test_honest_logs_verify():
-    report = verify_logs({"a": chain(A, 3), "b": chain(B, 1, samples=100)}, SWARM, CAP)
+    report = verify_chain({"a": chain(A, 3), "b": chain(B, 1, samples=100)}, SWARM, CAP)
     assert report.ok, statuses(report)
     assert all(v.status == "ok" and v.reason == "" for v in report.records)
     assert report.peers[pid(A)].head_seq == 2 and report.peers[pid(B)].head_seq == 0
@@ -164,18 +170,18 @@ def test_tokens_are_capped_by_credited_samples_times_max_length():
     """A record with in-cap samples and 10^12 tokens verifies, but is credited at most samples x max_length
     tokens (no example is trained on more than max_length tokens); honest records are untouched."""
     inflated = [record(A, 0, ZERO_HASH, 0, samples=50, tokens=10**12)]
-    report = verify_logs({"a": inflated, "b": chain(B, 1)}, SWARM, CAP, max_tokens_per_sample=128)
+    report = verify_chain({"a": inflated, "b": chain(B, 1)}, SWARM, CAP, max_tokens_per_sample=128)
     assert report.ok, statuses(report)
     credit = compute_credit(report)
     assert credit[pid(A)].tokens == 50 * 128
     assert credit[pid(B)].tokens == 5000  # 50 samples, 5000 tokens: under the cap
     # a full round's samples: CAP x max_length tokens at most
     over = [record(A, 0, ZERO_HASH, 0, samples=CAP, tokens=10**9)]
-    assert compute_credit(verify_logs({"a": over}, SWARM, CAP, max_tokens_per_sample=128))[pid(A)].tokens == CAP * 128
+    assert compute_credit(verify_chain({"a": over}, SWARM, CAP, max_tokens_per_sample=128))[pid(A)].tokens == CAP * 128
 
 
 def test_credit_shares():
-    report = verify_logs({"a": chain(A, 3), "b": chain(B, 1, samples=100)}, SWARM, CAP)
+    report = verify_chain({"a": chain(A, 3), "b": chain(B, 1, samples=100)}, SWARM, CAP)
     assert report.ok
     credit = compute_credit(report)
     assert credit[pid(A)].share == pytest.approx(0.6) and credit[pid(B)].share == pytest.approx(0.4)
@@ -183,18 +189,18 @@ def test_credit_shares():
 
 def test_replay_same_record_twice_is_credited_once():
     a = chain(A, 3)
-    report = verify_logs({"a": a + [a[2]]}, SWARM, CAP)
+    report = verify_chain({"a": a + [a[2]]}, SWARM, CAP)
     assert statuses(report)[3] == ("fail", "replay: the same record (seq 2) appears twice in a")
     assert compute_credit(report)[pid(A)].rounds == 3
     # the same records from the ledger and from the DHT: copies, valid, credited once
-    report = verify_logs({"a": a, "dht": a[1:]}, SWARM, CAP)
+    report = verify_chain({"a": a, "dht": a[1:]}, SWARM, CAP)
     assert report.ok and [v.status for v in report.records] == ["ok"] * 3 + ["duplicate"] * 2
     assert compute_credit(report)[pid(A)].samples == 150
 
 
 def test_reordered_log():
     a = chain(A, 3)
-    report = verify_logs({"a": [a[0], a[2], a[1]]}, SWARM, CAP)
+    report = verify_chain({"a": [a[0], a[2], a[1]]}, SWARM, CAP)
     assert not report.ok
     assert statuses(report)[2] == ("fail", "log out of order: seq 1 after seq 2 in a (reordered)")
     assert statuses(report)[1] == ("fail", "chain broken: seq 1 is missing (deleted entry)")
@@ -202,7 +208,7 @@ def test_reordered_log():
 
 def test_deleted_middle_entry():
     a = chain(A, 4)
-    report = verify_logs({"a": [a[0], a[1], a[3]]}, SWARM, CAP)
+    report = verify_chain({"a": [a[0], a[1], a[3]]}, SWARM, CAP)
     assert statuses(report) == [("ok", ""), ("ok", ""), ("fail", "chain broken: seq 2 is missing (deleted entry)")]
     assert report.peers[pid(A)].reasons == ["chain broken: seq 2 is missing (deleted entry)"]
     assert compute_credit(report)[pid(A)].rounds == 2
@@ -210,22 +216,22 @@ def test_deleted_middle_entry():
 
 def test_missing_genesis():
     a = chain(A, 3)
-    report = verify_logs({"dht": a[1:]}, SWARM, CAP)
+    report = verify_chain({"dht": a[1:]}, SWARM, CAP)
     assert statuses(report)[0] == ("fail", "chain broken: seq 0 is missing (deleted entry)")
 
 
 def test_truncated_tail_below_published_head():
     a = chain(A, 5)
-    report = verify_logs({"a": a[:3]}, SWARM, CAP, published_heads={pid(A): 4})
+    report = verify_chain({"a": a[:3]}, SWARM, CAP, published_heads={pid(A): 4})
     assert all(v.status == "ok" for v in report.records) and not report.ok
     assert report.peers[pid(A)].reasons == ["log ends at seq 2 below the published head seq 4 (truncated tail)"]
-    assert verify_logs({"a": a}, SWARM, CAP, published_heads={pid(A): 4}).ok
+    assert verify_chain({"a": a}, SWARM, CAP, published_heads={pid(A): 4}).ok
 
 
 def test_equivocation():
     a = chain(A, 3)
     fork = record(A, 1, record_hash(a[0]), 1, samples=99)  # a second record with seq 1
-    report = verify_logs({"a": a, "dht": [fork]}, SWARM, CAP)
+    report = verify_chain({"a": a, "dht": [fork]}, SWARM, CAP)
     assert not report.ok
     assert statuses(report)[1] == ("fail", "equivocation: 2 different records signed with seq 1")
     assert statuses(report)[3] == ("fail", "equivocation: 2 different records signed with seq 1")
@@ -236,12 +242,12 @@ def test_equivocation():
 
 def test_broken_prev_hash():
     a = chain(A, 2)
-    report = verify_logs({"a": [a[0], record(A, 1, "ef" * 32, 1)]}, SWARM, CAP)
+    report = verify_chain({"a": [a[0], record(A, 1, "ef" * 32, 1)]}, SWARM, CAP)
     assert statuses(report)[1] == ("fail", "chain broken: prev_hash of seq 1 does not match the hash of seq 0")
 
 
 def test_wrong_swarm_id():
-    report = verify_logs({"a": chain(A, 2, swarm=OTHER_SWARM)}, SWARM, CAP)
+    report = verify_chain({"a": chain(A, 2, swarm=OTHER_SWARM)}, SWARM, CAP)
     assert statuses(report)[0] == ("fail", f"wrong swarm id: record is for {OTHER_SWARM}, expected {SWARM}")
     assert compute_credit(report) == {}
 
@@ -251,7 +257,7 @@ def test_counts_over_cap_and_same_round_twice():
     a1 = record(A, 1, record_hash(a0), 5)  # claims round 5 again
     a2 = record(A, 2, record_hash(a1), 6, samples=CAP + 1)
     a3 = record(A, 3, record_hash(a2), 7, samples=CAP)
-    report = verify_logs({"a": [a0, a1, a2, a3]}, SWARM, CAP)
+    report = verify_chain({"a": [a0, a1, a2, a3]}, SWARM, CAP)
     assert statuses(report) == [
         ("ok", ""),
         ("fail", "round 5 is not after round 5 of an earlier record (claimed twice)"),
@@ -264,7 +270,7 @@ def test_counts_over_cap_and_same_round_twice():
 def test_tampered_and_forged_records_fail_with_reasons():
     a = chain(A, 2)
     moved = a[1].replace(b'"round":1', b'"round":9')
-    report = verify_logs({"a": [a[0], moved, b"", b"junk"]}, SWARM, CAP)
+    report = verify_chain({"a": [a[0], moved, b"", b"junk"]}, SWARM, CAP)
     assert statuses(report)[1][1] == f"signature: signature does not verify under the key of {pid(A)}"
     assert statuses(report)[2][1] == "size: empty value"
     assert statuses(report)[3][1] == "envelope: expected '{\"signer\":\"' at byte 0"
@@ -274,19 +280,19 @@ def test_rotated_key_misuse():
     a = chain(A, 4)
     rotation = sign_rotation(KeyRotation(1, SWARM, pid(A), pid(C), 2, record_hash(a[1]), 5000), A, C)
     c = chain(C, 2, first_round=2)
-    report = verify_logs({"a": a, "c": c}, SWARM, CAP, rotations=[rotation])
+    report = verify_chain({"a": a, "c": c}, SWARM, CAP, rotations=[rotation])
     reason = f"signed by a rotated-out key: {pid(A)} was replaced by {pid(C)} from seq 2"
     assert statuses(report) == [("ok", ""), ("ok", ""), ("fail", reason), ("fail", reason), ("ok", ""), ("ok", "")]
     assert report.peers[pid(A)].rotated_to == pid(C)
-    credit = compute_credit(report)
-    assert credit[pid(A)].rounds == 2 and credit[pid(C)].rounds == 2
+    credit = compute_credit(report)  # the retired key's work is counted in the new key's row
+    assert pid(A) not in credit and credit[pid(C)].rounds == 4 and credit[pid(C)].rotated_from == (pid(A),)
     # the rotation pins the old head: a different record at the old head's seq is rejected
     forged_head = record(A, 1, record_hash(a[0]), 1, samples=77)
-    report = verify_logs({"a": [a[0], forged_head]}, SWARM, CAP, rotations=[rotation])
+    report = verify_chain({"a": [a[0], forged_head]}, SWARM, CAP, rotations=[rotation])
     assert statuses(report)[1] == ("fail", "seq 1 is not the head named by the key rotation")
     # a rotation statement with a bad signature is itself a failure
     bad = rotation[:-5] + b"0000}"
-    assert verify_logs({"a": a[:2]}, SWARM, CAP, rotations=[bad]).rotation_errors
+    assert verify_chain({"a": a[:2]}, SWARM, CAP, rotations=[bad]).rotation_errors
 
 
 # ---------------------------------------------------------------- CLI
@@ -305,7 +311,7 @@ def test_cli_verify_and_credit(logs, capsys):
     good, bad = logs
     assert main(["ledger", "verify", "--ledger", str(good), "--swarm-id", SWARM, "--max-samples", "100"]) == 0
     capsys.readouterr()
-    args = ["--ledger", str(good), str(bad), "--swarm-id", SWARM, "--max-samples", "100", "--json"]
+    args = ["--ledger", str(good), str(bad), "--swarm-id", SWARM, "--max-samples", "100", "--json", "--no-receipts"]
     assert main(["ledger", "verify", *args]) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     verdicts = [d for d in lines if "status" in d]
