@@ -296,17 +296,24 @@ def _verify(args: argparse.Namespace) -> int:
                 str(v.round if v.round is not None else "?"), f"[{style}]{v.status}[/]", v.reason,
             )
         console.print(table)
-        if report.statements:
-            table = Table(title=f"{len(report.statements)} receipt(s) and spot check(s)")
+        if report.statements:  # a line per receipt would swamp the table (members x shards per round): problems only
+            from collections import Counter
+
+            counts = Counter((s.kind, s.status) for s in report.statements)
+            console.print("receipts and spot checks: " + ", ".join(
+                f"{n} {kind}(s) {status}" for (kind, status), n in sorted(counts.items())))
+            shown = [s for s in report.statements if s.status not in ("ok", "duplicate")]
+            table = Table(title=f"{len(shown)} receipt(s) and spot check(s) that do not count")
             for col in ("source", "#", "kind", "signer", "round", "shard", "verdict", "reason"):
                 table.add_column(col)
-            for s in report.statements:
+            for s in shown:
                 table.add_row(
                     Path(s.source).name, str(s.index + 1), s.kind, (s.peer_id or "?")[:14],
                     "?" if s.round is None else str(s.round), "?" if s.shard is None else str(s.shard),
                     f"[{_STYLES[s.status]}]{s.status}[/]", s.reason,
                 )
-            console.print(table)
+            if shown:
+                console.print(table)
         for group in report.groups.values():
             if group.canonical is None:
                 console.print(f"[yellow]round {group.round} shard {group.shard}: {group.note}[/]")
@@ -424,7 +431,7 @@ def _explain(report, credit: dict, prefix: str, *, as_json: bool) -> int:
         checks = [f"spot check by {c.peer_id} in shard {c.shard} "
                   + (f"FAILED (error {c.error_ppm / 1e6:.2f} > tolerance {c.tolerance_ppm / 1e6:.2f})" if c.failed else
                      f"passed (error {c.error_ppm / 1e6:.2f} <= tolerance {c.tolerance_ppm / 1e6:.2f})")
-                  for c in v.checks]
+                  for c in v.checks if not c.failed or v.status != "uncredited"]  # else the reason says it
         why = v.reason or (v.receipt_note if v.status == "ok" and report.require_receipts else "")
         if as_json:
             print(json.dumps({"peer_id": peer, "source": v.source, "index": v.index, "seq": v.seq, "round": v.round,
