@@ -17,26 +17,27 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from node.swarm.validator import (
-    RecordsValidator,
-    check_check_value,
-    check_receipt_value,
-    check_rotation_value,
+from node.swarm.statements import (
     check_subkey,
-    check_value,
     checks_key,
-    collect_all,
     collect_checks,
     collect_receipts,
+    publish_check,
+    publish_receipt,
+    receipt_subkey,
+    receipts_key,
+)
+from node.swarm.validator import (
+    RecordsValidator,
+    check_owned_value,
+    check_rotation_value,
+    check_value,
+    collect_all,
     collect_records,
     collect_rotations,
     owner_subkey,
-    publish_check,
-    publish_receipt,
     publish_record,
     publish_rotation,
-    receipt_subkey,
-    receipts_key,
     records_key,
     rotation_subkey,
     rotations_key,
@@ -110,7 +111,10 @@ def test_valid_record_is_accepted():
 
 def test_other_keys_are_not_our_business():
     other_key = DHTID.generate(source="some/other/key").to_bytes()
-    assert explain(b"anything", key_id=other_key) == ""
+    assert explain(b"anything", subkey="peer-7", key_id=other_key) == ""
+    assert explain(b"anything", subkey=b"\x01", key_id=other_key) == ""
+    # ... unless it uses our marker: under `[ed25519-owner:` only a statement that belongs there is stored
+    assert "ed25519-owner subkey rejected" in explain(b"anything", key_id=other_key)
 
 
 def _mutated(old: bytes, new: bytes) -> bytes:
@@ -200,27 +204,30 @@ def explain_under(key_name: str, subkey, value) -> str:
 
 
 STATEMENTS = [
-    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), receipt(A), ""),
-    (receipts_key(SWARM), receipt_subkey(pid(B), 3, 1), receipt(A), f"receipt signed by {pid(A)} written to the subkey of {pid(B)}"),
-    (receipts_key(SWARM), receipt_subkey(pid(A), 4, 1), receipt(A), "written to the subkey for round 4 shard 1"),
-    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 2), receipt(A), "written to the subkey for round 3 shard 2"),
-    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), receipt(A, swarm="cd" * 32), "receipt is for swarm"),
-    (receipts_key(SWARM), owner_subkey(pid(A), 3), receipt(A), "is not of the form"),
-    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), A0, "value rejected: envelope"),  # a record is not a receipt
-    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), receipt(A)[:-2] + b"}", "value rejected"),
-    (receipts_key(SWARM), receipt_subkey(pid(A), 3, 1), b"x" * 50_000, "over the 40960-byte bound"),
-    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), spot_check(A, B), ""),
-    (checks_key(SWARM), check_subkey(pid(B), 3, 1, pid(B)), spot_check(A, B), "written to the subkey of"),
-    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(A)), spot_check(A, B), "written to the subkey for"),
-    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), receipt(A), "value rejected: envelope"),
-    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), spot_check(A, B, swarm="cd" * 32), "is for swarm"),
-    (checks_key(SWARM), check_subkey(pid(A), 3, 1, pid(B)), b"y" * 3000, "over the 2048-byte bound"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), receipt(A), ""),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(B), 1), receipt(A), "receipt belongs under subkey"),
+    (receipts_key(SWARM, 4), receipt_subkey(pid(A), 1), receipt(A), f"receipt belongs under key '{SWARM}/receipts/3'"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 2), receipt(A), "belongs under subkey"),
+    (receipts_key("cd" * 32, 3), receipt_subkey(pid(A), 1), receipt(A), "belongs under key"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), A0, "record belongs under subkey"),  # a record is not a receipt
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), receipt(A)[:-2] + b"}", "ed25519-owner subkey rejected"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), b"junk", "ed25519-owner subkey rejected: envelope"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), b"x" * 50_000, "over the 40960-byte bound"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), "text", "value must be bytes"),
+    (checks_key(SWARM, 3), check_subkey(pid(A), 1, pid(B)), spot_check(A, B), ""),
+    (checks_key(SWARM, 3), check_subkey(pid(B), 1, pid(B)), spot_check(A, B), "check belongs under subkey"),
+    (checks_key(SWARM, 3), check_subkey(pid(A), 1, pid(A)), spot_check(A, B), "check belongs under subkey"),
+    (checks_key(SWARM, 3), check_subkey(pid(A), 1, pid(B)), receipt(A), "receipt belongs under subkey"),
+    (checks_key(SWARM, 2), check_subkey(pid(A), 1, pid(B)), spot_check(A, B), "check belongs under key"),
+    # another swarm's statement in its own place passes (a DHT may carry several swarms); misplaced it does not
+    (checks_key("cd" * 32, 3), check_subkey(pid(A), 1, pid(B)), spot_check(A, B, swarm="cd" * 32), ""),
     (rotations_key(SWARM), rotation_subkey(pid(A)), rotation(A, B), ""),
     (rotations_key(SWARM), rotation_subkey(pid(B)), rotation(A, B), f"rotation of {pid(A)} written to the subkey of {pid(B)}"),
     (rotations_key(SWARM), rotation_subkey(pid(A)), rotation(A, B, swarm="cd" * 32), "rotation is for swarm"),
     (rotations_key(SWARM), rotation_subkey(pid(A)), A0, "value rejected"),
     (rotations_key(SWARM), rotation_subkey(pid(A)) + ":0", rotation(A, B), "is not of the form"),
     (records_key(SWARM), owner_subkey(pid(A), 0), receipt(A), "value rejected"),  # a receipt is not a record
+    ("some/other/key", "plain subkey", b"anything", ""),  # not ours
 ]
 
 
@@ -231,13 +238,14 @@ def test_receipts_checks_and_rotations_are_validated(key_name, subkey, value, fr
 
 
 def test_statement_checks_and_publish_refusals():
-    assert check_receipt_value(SWARM, 5, receipt(A)).startswith("subkey must be a string")
-    assert check_check_value(SWARM, check_subkey(pid(A), 3, 1, pid(B)), "s").startswith("value must be bytes")
-    assert check_rotation_value(SWARM, rotation_subkey(pid(A)), rotation(A, B)) == ""
-    with pytest.raises(ValueError, match="invalid receipt"):
-        publish_receipt(None, SWARM, b"junk", get_dht_time() + 60)
+    assert check_owned_value(receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), receipt(A)) == ""
+    assert "not '" in check_owned_value(receipts_key(SWARM, 9), receipt_subkey(pid(A), 1), receipt(A))
+    assert check_rotation_value(SWARM, 5, rotation(A, B)).startswith("subkey must be a string")
+    assert check_rotation_value(SWARM, rotation_subkey(pid(A)), "s").startswith("value must be bytes")
+    with pytest.raises(ValueError, match="invalid rotation"):
+        publish_rotation(None, SWARM, b"junk", get_dht_time() + 60)
     with pytest.raises(ValueError, match="another swarm"):
-        publish_check(None, "cd" * 32, spot_check(A, B), get_dht_time() + 60)
+        publish_rotation(None, "cd" * 32, rotation(A, B), get_dht_time() + 60)
     with pytest.raises(ValueError, match="absolute DHT time"):
         publish_rotation(None, SWARM, rotation(A, B), 3600)
 
@@ -308,14 +316,19 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
         ra, rb, ca, rot = receipt(A), receipt(B, round_=2), spot_check(A, B), rotation(A, B)
         assert publish_receipt(storer, SWARM, ra, expiration) and publish_receipt(reader, SWARM, rb, expiration)
         assert publish_check(storer, SWARM, ca, expiration) and publish_rotation(reader, SWARM, rot, expiration)
-        assert not reader.store(receipts_key(SWARM), rb, expiration, subkey=receipt_subkey(pid(A), 2, 1))
-        assert not reader.store(checks_key(SWARM), ra, expiration, subkey=check_subkey(pid(A), 3, 1, pid(B)))
-        attacker.store(receipts_key(SWARM), rb, expiration, subkey=receipt_subkey(pid(A), 2, 1))
-        assert collect_receipts(reader, SWARM) == sorted([ra, rb], key=lambda x: json.loads(x)["signer"])
-        assert collect_receipts(attacker, SWARM).count(rb) == 1  # its forged copy under A's subkey is dropped
-        assert collect_checks(reader, SWARM) == [ca] and collect_rotations(storer, SWARM) == [rot]
-        everything = collect_all(reader, SWARM)
-        assert {k: len(v) for k, v in everything.items()} == {"records": 5, "receipts": 2, "checks": 1, "rotations": 1}
+        # B's receipt for round 2 written into A's subkey, or into round 3: refused by the validating peers
+        assert not reader.store(receipts_key(SWARM, 2), rb, expiration, subkey=receipt_subkey(pid(A), 1))
+        assert not reader.store(receipts_key(SWARM, 3), rb, expiration, subkey=receipt_subkey(pid(B), 1))
+        # junk with a later expiration under honest subkeys, from the attacker: validating readers drop it on reading
+        attacker.store(checks_key(SWARM, 3), b"junk", expiration + 5, subkey=check_subkey(pid(A), 1, pid(B)))
+        attacker.store(receipts_key(SWARM, 2), b"junk", expiration + 5, subkey=receipt_subkey(pid(B), 1))
+        assert collect_receipts(reader, SWARM, 3) == [ra] and collect_receipts(reader, SWARM, 2) == [rb]
+        assert collect_checks(reader, SWARM, 3) == [ca] and collect_rotations(storer, SWARM) == [rot]
+        everything = collect_all(reader, SWARM)  # records name rounds 0..2: receipts and checks of those
+        assert {k: len(v) for k, v in everything.items()} == {"records": 5, "rotations": 1, "receipts": 1, "checks": 0}
+        assert everything["receipts"] == [rb]
+        more = collect_all(reader, SWARM, rounds=[2, 3])
+        assert (more["receipts"], more["checks"]) == ([rb, ra], [ca])
 
         from node.swarm.dht import read_swarm_records, read_swarm_statements
 

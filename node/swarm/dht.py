@@ -136,21 +136,25 @@ def ping_rtts(dht: hivemind.DHT, peer_ids: Sequence[str], repeat: int = 3) -> di
 
 def read_swarm_records(initial_peers: Sequence[str], swarm_id: str) -> list[bytes]:
     """Every valid contribution record of a swarm, read by a short-lived client-mode DHT node."""
-    return read_swarm_statements(initial_peers, swarm_id, kinds=("records",))["records"]
+    from node.swarm.validator import RecordsValidator, collect_records
+
+    dht = start_dht(initial_peers=initial_peers, host_maddrs=None, client_mode=True,
+                    record_validators=[RecordsValidator(swarm_id)], retries=0)
+    try:
+        return collect_records(dht, swarm_id)
+    finally:
+        dht.shutdown()
 
 
-def read_swarm_statements(
-    initial_peers: Sequence[str], swarm_id: str, kinds: Sequence[str] = ("records", "receipts", "checks", "rotations")
-) -> dict[str, list[bytes]]:
-    """Every valid signed statement of a swarm by kind ({"records": [...], "receipts": [...], "checks":
-    [...], "rotations": [...]}), read by a short-lived client-mode DHT node."""
+def read_swarm_statements(initial_peers: Sequence[str], swarm_id: str) -> dict[str, list[bytes]]:
+    """Every valid signed statement of a swarm by kind ({"records", "rotations", "receipts", "checks"}:
+    receipts and checks of the rounds the records name), read by a short-lived client-mode DHT node."""
     from node.swarm.validator import RecordsValidator, collect_all
 
     dht = start_dht(initial_peers=initial_peers, host_maddrs=None, client_mode=True,
                     record_validators=[RecordsValidator(swarm_id)], retries=0)
     try:
-        found = collect_all(dht, swarm_id, kinds)
-        return {kind: found[kind] for kind in kinds}
+        return collect_all(dht, swarm_id)
     finally:
         dht.shutdown()
 

@@ -1,20 +1,25 @@
 """Publishing signed statements in the DHT under subkeys only their owner can fill.
 
 Layout, per swarm (values are the signed envelopes of protocol/, exactly the bytes of the ledger
-and receipts lines):
+and receipts lines; receipts and checks have one key per round, node/swarm/statements.py, so a
+node reads one round's worth):
 
-    key                      subkey                                             value
-    {swarm_id}/records       [ed25519-owner:<peer>]:<seq>                       a record of <peer> with that seq
-    {swarm_id}/receipts      [ed25519-owner:<peer>]:<round>:<shard>             a receipt signed by <peer> for that round, shard
-    {swarm_id}/checks        [ed25519-owner:<peer>]:<round>:<shard>:<target>    a spot check by <peer> of <target>
-    {swarm_id}/rotations     [ed25519-owner:<old peer>]                         a key rotation retiring <old peer>
+    key                         subkey                                      value
+    {swarm_id}/records          [ed25519-owner:<peer>]:<seq>                a record of <peer> with that seq
+    {swarm_id}/rotations        [ed25519-owner:<old peer>]                  a key rotation retiring <old peer>
+    {swarm_id}/receipts/<round> [ed25519-owner:<peer>]:<shard>              a receipt signed by <peer> for that round, shard
+    {swarm_id}/checks/<round>   [ed25519-owner:<peer>]:<shard>:<target>     a spot check by <peer> of <target>
 
-`RecordsValidator` accepts a value under one of these keys only if it is a valid signed statement
-of that kind for this swarm, signed by the subkey's owner, matching what the subkey names, within
-its size bound. So nobody can write into another peer's subkeys, and re-storing an old record under
-a newer seq (or a receipt under another round) is refused; re-storing a statement under its own
-subkey only stores the same bytes again (harmless). Other keys pass untouched, so it composes with
-hivemind's validators.
+`RecordsValidator` refuses, under the swarm's records and rotations keys, anything but a valid signed
+statement of that kind for this swarm, signed by the subkey's owner, matching what the subkey names,
+within its size bound. Per-round keys cannot be listed in advance (a DHT key is a hash), so there the
+rule follows the subkey: any value under a subkey starting with `[ed25519-owner:`, whatever its key,
+must be a valid signed statement (record, rotation, receipt or check) whose own fields put it at
+exactly that key and subkey. So nobody can write into another peer's subkeys (an unsigned or
+misplaced value cannot overwrite an honest receipt), and re-storing an old record under a newer seq,
+or a receipt under another round, is refused; re-storing a statement under its own subkey only stores
+the same bytes again (harmless). Other keys and subkeys pass untouched, so it composes with hivemind's
+validators.
 
 Why not hivemind's `[owner:...]` marker: hivemind's RSASignatureValidator (installed by
 hivemind.Optimizer's progress tracker) parses whatever follows `[owner:` as an RSA key and
@@ -24,30 +29,37 @@ here is `[ed25519-owner:` and the check is ours.
     dht = hivemind.DHT(..., record_validators=[RecordsValidator(swarm_id)])
     publish_record(dht, swarm_id, blob, expiration=get_dht_time() + 3600)
     blobs = collect_records(dht, swarm_id)   # sorted by (peer, seq); bad values dropped and logged
-    publish_receipt / collect_receipts, publish_check / collect_checks, publish_rotation / collect_rotations
+    publish_rotation / collect_rotations;  receipts and checks: node/swarm/statements.py
+    collect_all(dht, swarm_id)               # all four kinds, receipts and checks of the records' rounds
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Sequence
+from typing import Any, Iterable
 
 from hivemind.dht import DHT
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from protocol.receipt import MAX_CHECK_BYTES, MAX_RECEIPT_BYTES, verify_check, verify_receipt
+from node.swarm.statements import (
+    check_subkey,
+    checks_key,
+    collect_checks,
+    collect_receipts,
+    receipt_subkey,
+    receipts_key,
+)
+from protocol.receipt import MAX_RECEIPT_BYTES, classify, verify_check, verify_receipt
 from protocol.record import MAX_BLOB_BYTES, RecordError, verify_rotation, verify_signed
 
 logger = logging.getLogger(__name__)
 
+OWNER_MARKER = "[ed25519-owner:"
 _PEER = r"([1-9A-HJ-NP-Za-km-z]{1,64})"
-_INT = r"(0|[1-9][0-9]{0,15})"
-_SUBKEY_RE = re.compile(rf"\[ed25519-owner:{_PEER}\]:{_INT}")
-_RECEIPT_SUBKEY_RE = re.compile(rf"\[ed25519-owner:{_PEER}\]:{_INT}:{_INT}")
-_CHECK_SUBKEY_RE = re.compile(rf"\[ed25519-owner:{_PEER}\]:{_INT}:{_INT}:{_PEER}")
+_SUBKEY_RE = re.compile(rf"\[ed25519-owner:{_PEER}\]:(0|[1-9][0-9]{{0,15}})")
 _ROTATION_SUBKEY_RE = re.compile(rf"\[ed25519-owner:{_PEER}\]")
 _MSGPACK_OVERHEAD = 8  # bin32 header: a bytes value is its length + at most 5 bytes
 
@@ -60,24 +72,8 @@ def owner_subkey(peer_id: str, seq: int) -> str:
     return f"[ed25519-owner:{peer_id}]:{seq}"
 
 
-def receipts_key(swarm_id: str) -> str:
-    return f"{swarm_id}/receipts"
-
-
-def checks_key(swarm_id: str) -> str:
-    return f"{swarm_id}/checks"
-
-
 def rotations_key(swarm_id: str) -> str:
     return f"{swarm_id}/rotations"
-
-
-def receipt_subkey(peer_id: str, round_: int, shard: int) -> str:
-    return f"[ed25519-owner:{peer_id}]:{round_}:{shard}"
-
-
-def check_subkey(peer_id: str, round_: int, shard: int, target: str) -> str:
-    return f"[ed25519-owner:{peer_id}]:{round_}:{shard}:{target}"
 
 
 def rotation_subkey(old_peer_id: str) -> str:
@@ -107,61 +103,15 @@ def check_value(swarm_id: str, subkey: Any, value: Any) -> str:
     return ""
 
 
-def _parse(subkey: Any, pattern: re.Pattern, form: str, value: Any) -> tuple[re.Match | None, str]:
-    if not isinstance(subkey, str):
-        return None, f"subkey must be a string, got {type(subkey).__name__}"
-    match = pattern.fullmatch(subkey)
-    if match is None:
-        return None, f"subkey {subkey[:100]!r} is not of the form {form}"
-    if not isinstance(value, bytes):
-        return None, f"value must be bytes, got {type(value).__name__}"
-    return match, ""
-
-
-def check_receipt_value(swarm_id: str, subkey: Any, value: Any) -> str:
-    """Why (subkey, value) may not be stored under this swarm's receipts key; "" if it may."""
-    match, reason = _parse(subkey, _RECEIPT_SUBKEY_RE, "[ed25519-owner:<peer id>]:<round>:<shard>", value)
-    if reason:
-        return reason
-    try:
-        receipt = verify_receipt(value)
-    except RecordError as e:
-        return f"value rejected: {e}"
-    owner, round_, shard = match.group(1), int(match.group(2)), int(match.group(3))
-    if receipt.peer_id != owner:
-        return f"receipt signed by {receipt.peer_id} written to the subkey of {owner}"
-    if (receipt.round, receipt.shard) != (round_, shard):
-        return f"receipt for round {receipt.round} shard {receipt.shard} written to the subkey for round {round_} shard {shard}"
-    if receipt.swarm_id != swarm_id:
-        return f"receipt is for swarm {receipt.swarm_id}, not {swarm_id}"
-    return ""
-
-
-def check_check_value(swarm_id: str, subkey: Any, value: Any) -> str:
-    """Why (subkey, value) may not be stored under this swarm's checks key; "" if it may."""
-    match, reason = _parse(subkey, _CHECK_SUBKEY_RE, "[ed25519-owner:<peer id>]:<round>:<shard>:<target>", value)
-    if reason:
-        return reason
-    try:
-        check = verify_check(value)
-    except RecordError as e:
-        return f"value rejected: {e}"
-    owner, round_, shard, target = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
-    if check.peer_id != owner:
-        return f"spot check signed by {check.peer_id} written to the subkey of {owner}"
-    if (check.round, check.shard, check.target) != (round_, shard, target):
-        return (f"spot check of {check.target} in round {check.round} shard {check.shard} written to the subkey "
-                f"for {target} in round {round_} shard {shard}")
-    if check.swarm_id != swarm_id:
-        return f"spot check is for swarm {check.swarm_id}, not {swarm_id}"
-    return ""
-
-
 def check_rotation_value(swarm_id: str, subkey: Any, value: Any) -> str:
     """Why (subkey, value) may not be stored under this swarm's rotations key; "" if it may."""
-    match, reason = _parse(subkey, _ROTATION_SUBKEY_RE, "[ed25519-owner:<old peer id>]", value)
-    if reason:
-        return reason
+    if not isinstance(subkey, str):
+        return f"subkey must be a string, got {type(subkey).__name__}"
+    match = _ROTATION_SUBKEY_RE.fullmatch(subkey)
+    if match is None:
+        return f"subkey {subkey[:100]!r} is not of the form [ed25519-owner:<old peer id>]"
+    if not isinstance(value, bytes):
+        return f"value must be bytes, got {type(value).__name__}"
     try:
         rotation = verify_rotation(value)
     except RecordError as e:
@@ -173,45 +123,80 @@ def check_rotation_value(swarm_id: str, subkey: Any, value: Any) -> str:
     return ""
 
 
-# kind -> (DHT key, value bound, check, subkey pattern): the four keys a swarm's validator guards
-_KINDS = {
-    "records": (records_key, MAX_BLOB_BYTES, check_value, _SUBKEY_RE),
-    "receipts": (receipts_key, MAX_RECEIPT_BYTES, check_receipt_value, _RECEIPT_SUBKEY_RE),
-    "checks": (checks_key, MAX_CHECK_BYTES, check_check_value, _CHECK_SUBKEY_RE),
-    "rotations": (rotations_key, MAX_BLOB_BYTES, check_rotation_value, _ROTATION_SUBKEY_RE),
-}
+def place_of(blob: bytes) -> tuple[str, str, str]:
+    """(kind, DHT key, subkey) where a signed statement belongs, from its own fields; RecordError if
+    it is not a valid statement."""
+    kind = classify(blob)
+    if kind == "record":
+        r = verify_signed(blob)
+        return kind, records_key(r.swarm_id), owner_subkey(r.peer_id, r.seq)
+    if kind == "rotation":
+        rot = verify_rotation(blob)
+        return kind, rotations_key(rot.swarm_id), rotation_subkey(rot.old_peer_id)
+    if kind == "receipt":
+        rec = verify_receipt(blob)
+        return kind, receipts_key(rec.swarm_id, rec.round), receipt_subkey(rec.peer_id, rec.shard)
+    c = verify_check(blob)
+    return kind, checks_key(c.swarm_id, c.round), check_subkey(c.peer_id, c.shard, c.target)
+
+
+def _key_id(key: str) -> bytes:
+    return DHTID.generate(source=key).to_bytes()
+
+
+def check_owned_value(key: str | bytes, subkey: str, value: Any) -> str:
+    """Why `value` may not be stored under an `[ed25519-owner:...]` subkey of `key` (the key string or
+    its DHT id); "" if it is a valid signed statement that belongs exactly there."""
+    if not isinstance(value, bytes):
+        return f"value must be bytes, got {type(value).__name__}"
+    try:
+        kind, place, expected = place_of(value)
+    except RecordError as e:
+        return f"value under an ed25519-owner subkey rejected: {e}"
+    if subkey != expected:
+        return f"{kind} belongs under subkey {expected[:120]!r}, not {subkey[:120]!r}"
+    if (key if isinstance(key, bytes) else _key_id(key)) != _key_id(place):
+        return f"{kind} belongs under key {place!r}" + ("" if isinstance(key, bytes) else f", not {key[:120]!r}")
+    return ""
 
 
 class RecordsValidator(RecordValidatorBase):
-    """Accept values under `{swarm_id}/records`, `/receipts`, `/checks` and `/rotations` only if
-    they pass that kind's check (`check_value`, `check_receipt_value`, ...)."""
+    """Refuse what `check_value` / `check_rotation_value` refuse under this swarm's records and
+    rotations keys, and what `check_owned_value` refuses under any `[ed25519-owner:` subkey."""
 
     def __init__(self, swarm_id: str):
         self.swarm_id = swarm_id
         self._keys = {
-            DHTID.generate(source=key_of(swarm_id)).to_bytes(): (key_of(swarm_id), bound, check)
-            for key_of, bound, check, _ in _KINDS.values()
+            _key_id(records_key(swarm_id)): (records_key(swarm_id), MAX_BLOB_BYTES, check_value),
+            _key_id(rotations_key(swarm_id)): (rotations_key(swarm_id), MAX_BLOB_BYTES, check_rotation_value),
         }
 
     def explain(self, record: DHTRecord) -> str:
-        """Why `record` is refused; "" if accepted (or not under one of this swarm's keys)."""
-        kind = self._keys.get(record.key)
-        if kind is None:
-            return ""
-        _, bound, check = kind
+        """Why `record` is refused; "" if accepted (or none of our business)."""
+        known = self._keys.get(record.key)
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception as e:  # msgpack raises many types on junk; all mean "badly encoded"
+            return f"badly encoded DHT subkey: {type(e).__name__}" if known else ""
+        owned = isinstance(subkey, str) and subkey.startswith(OWNER_MARKER)
+        if known is None and not owned:
+            return ""  # another subsystem's key: not ours to judge
+        bound = known[1] if known else MAX_RECEIPT_BYTES
         if len(record.value) > bound + _MSGPACK_OVERHEAD:
             return f"value of {len(record.value)} bytes is over the {bound}-byte bound"
         try:
-            subkey = MSGPackSerializer.loads(record.subkey)
             value = MSGPackSerializer.loads(record.value)
-        except Exception as e:  # msgpack raises many types on junk; all mean "badly encoded"
+        except Exception as e:
             return f"badly encoded DHT value: {type(e).__name__}"
-        return check(self.swarm_id, subkey, value)
+        if known is not None:
+            return known[2](self.swarm_id, subkey, value)
+        return check_owned_value(record.key, subkey, value)
 
     def validate(self, record: DHTRecord) -> bool:
         reason = self.explain(record)
         if reason:
-            logger.warning(f"refused a value under {self._keys[record.key][0]}: {reason}")
+            where = self._keys[record.key][0] if record.key in self._keys else "an ed25519-owner subkey"
+            logger.warning(f"refused a value under {where}: {reason}")
         return not reason
 
     @property
@@ -241,15 +226,7 @@ def publish_record(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> b
     )
 
 
-def collect_records(dht: DHT, swarm_id: str) -> list[bytes]:
-    """Every valid record of the swarm found in the DHT, sorted by (peer id, seq)."""
-    return _collect(dht, swarm_id, "records")
-
-
-def _collect(dht: DHT, swarm_id: str, kind: str) -> list[bytes]:
-    """Every valid value of `kind` in the DHT, sorted by its subkey's fields (numbers as numbers)."""
-    key_of, _, check, pattern = _KINDS[kind]
-    key = key_of(swarm_id)
+def _collect(dht: DHT, key: str, check, pattern: re.Pattern, swarm_id: str) -> list[tuple]:
     found = dht.get(key, latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
@@ -262,61 +239,44 @@ def _collect(dht: DHT, swarm_id: str, kind: str) -> list[bytes]:
             continue
         fields = pattern.fullmatch(subkey).groups()
         kept.append((tuple(int(f) if f.isdigit() else f for f in fields), value))
-    return [blob for _, blob in sorted(kept)]
+    return sorted(kept)
 
 
-def _publish(dht: DHT, swarm_id: str, kind: str, statement: Any, subkey: str, blob: bytes, expiration: float) -> bool:
-    if statement.swarm_id != swarm_id:
-        raise ValueError(f"refusing to publish a {kind} of another swarm ({statement.swarm_id})")
-    if expiration <= get_dht_time():
-        raise ValueError("expiration is an absolute DHT time (get_dht_time() + ttl seconds); got a time in the past")
-    return bool(dht.store(_KINDS[kind][0](swarm_id), blob, expiration_time=expiration, subkey=subkey))
-
-
-def _verified(verify: Any, blob: bytes, kind: str) -> Any:
-    try:
-        return verify(blob)
-    except RecordError as e:
-        raise ValueError(f"refusing to publish an invalid {kind}: {e}") from None
-
-
-def publish_receipt(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
-    """Store a signed round receipt under its signer's subkey for its round and shard until
-    `expiration` (absolute DHT time). Returns whether the DHT accepted it."""
-    r = _verified(verify_receipt, blob, "receipt")
-    return _publish(dht, swarm_id, "receipts", r, receipt_subkey(r.peer_id, r.round, r.shard), blob, expiration)
-
-
-def collect_receipts(dht: DHT, swarm_id: str) -> list[bytes]:
-    """Every valid receipt of the swarm found in the DHT, sorted by (signer, round, shard)."""
-    return _collect(dht, swarm_id, "receipts")
-
-
-def publish_check(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
-    """Store a signed spot check under its checker's subkey for (round, shard, target)."""
-    c = _verified(verify_check, blob, "spot check")
-    return _publish(dht, swarm_id, "checks", c, check_subkey(c.peer_id, c.round, c.shard, c.target), blob, expiration)
-
-
-def collect_checks(dht: DHT, swarm_id: str) -> list[bytes]:
-    """Every valid spot check of the swarm found in the DHT, sorted by (checker, round, shard, target)."""
-    return _collect(dht, swarm_id, "checks")
+def collect_records(dht: DHT, swarm_id: str) -> list[bytes]:
+    """Every valid record of the swarm found in the DHT, sorted by (peer id, seq)."""
+    return [blob for _, blob in _collect(dht, records_key(swarm_id), check_value, _SUBKEY_RE, swarm_id)]
 
 
 def publish_rotation(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
-    """Store a key rotation statement under the retired key's subkey."""
-    r = _verified(verify_rotation, blob, "rotation")
-    return _publish(dht, swarm_id, "rotations", r, rotation_subkey(r.old_peer_id), blob, expiration)
+    """Store a key rotation statement under the retired key's subkey. Returns whether the DHT accepted it."""
+    try:
+        rotation = verify_rotation(blob)
+    except RecordError as e:
+        raise ValueError(f"refusing to publish an invalid rotation: {e}") from None
+    if rotation.swarm_id != swarm_id:
+        raise ValueError(f"refusing to publish a rotation of another swarm ({rotation.swarm_id})")
+    if expiration <= get_dht_time():
+        raise ValueError("expiration is an absolute DHT time (get_dht_time() + ttl seconds); got a time in the past")
+    return bool(dht.store(rotations_key(swarm_id), blob, expiration_time=expiration,
+                          subkey=rotation_subkey(rotation.old_peer_id)))
 
 
 def collect_rotations(dht: DHT, swarm_id: str) -> list[bytes]:
     """Every valid key rotation statement of the swarm found in the DHT, sorted by old key."""
-    return _collect(dht, swarm_id, "rotations")
+    return [blob for _, blob in _collect(dht, rotations_key(swarm_id), check_rotation_value, _ROTATION_SUBKEY_RE,
+                                         swarm_id)]
 
 
-def collect_all(dht: DHT, swarm_id: str, kinds: Sequence[str] = tuple(_KINDS)) -> dict[str, list[bytes]]:
-    """{"records": [...], "receipts": [...], "checks": [...], "rotations": [...]} from the DHT."""
-    unknown = set(kinds) - set(_KINDS)
-    if unknown:
-        raise ValueError(f"unknown statement kind(s) {sorted(unknown)}; known: {sorted(_KINDS)}")
-    return {kind: _collect(dht, swarm_id, kind) for kind in kinds}
+def collect_all(dht: DHT, swarm_id: str, rounds: Iterable[int] | None = None) -> dict[str, list[bytes]]:
+    """{"records", "rotations", "receipts", "checks": [...]} from the DHT: receipts and checks of
+    `rounds` (default: every round a record found names; credit needs no others)."""
+    records = collect_records(dht, swarm_id)
+    if rounds is None:
+        rounds = {verify_signed(blob).round for blob in records}
+    rounds = sorted(set(rounds))
+    return {
+        "records": records,
+        "rotations": collect_rotations(dht, swarm_id),
+        "receipts": [blob for r in rounds for blob in collect_receipts(dht, swarm_id, r)],
+        "checks": [blob for r in rounds for blob in collect_checks(dht, swarm_id, r)],
+    }
