@@ -1,4 +1,5 @@
-"""Wire and on-disk formats of swarmtune: contribution records, peer ids, the gRPC control API.
+"""Wire and on-disk formats of swarmtune: contribution records, round receipts and spot checks,
+peer ids, the gRPC control API.
 
 Nothing here imports from `node/`: a verifier needs only this package and `cryptography`.
 """

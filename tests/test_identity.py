@@ -208,7 +208,7 @@ def test_keygen_rotate_cli(tmp_path, capsys):
     # the old key keeps signing after the cut (stolen, or a node not restarted): rejected
     with Ledger.open(ledger_path) as ledger:
         late = ledger.append_new(old.private_key, round=5, **fields)
-    report = verify_logs({"l": blobs + [late]}, SWARM, 10, rotations=statements)
+    report = verify_logs({"l": blobs + [late]}, SWARM, 10, rotations=statements, require_receipts=False)
     assert [v.status for v in report.records] == ["ok", "ok", "fail"]
     assert "rotated-out key" in report.records[2].reason
     assert main(["keygen", "--rotate", str(new_key), "--key", str(old_key), "--ledger", str(ledger_path)]) == 2

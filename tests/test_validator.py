@@ -17,16 +17,44 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
+from node.swarm.statements import (
+    check_subkey,
+    checks_key,
+    collect_checks,
+    collect_receipts,
+    publish_check,
+    publish_receipt,
+    receipt_subkey,
+    receipts_key,
+)
 from node.swarm.validator import (
     RecordsValidator,
+    check_owned_value,
+    check_rotation_value,
     check_value,
+    collect_all,
     collect_records,
+    collect_rotations,
     owner_subkey,
     publish_record,
+    publish_rotation,
     records_key,
+    rotation_subkey,
+    rotations_key,
 )
+from protocol.receipt import RoundReceipt, SpotCheck, sign_check, sign_receipt
 from protocol.peerid import peer_id_from_public_key
-from protocol.record import DOMAIN_TAG, ZERO_HASH, ContributionRecord, body_of, public_bytes, record_hash, sign_record
+from protocol.record import (
+    DOMAIN_TAG,
+    ZERO_HASH,
+    ContributionRecord,
+    KeyRotation,
+    body_of,
+    public_bytes,
+    record_hash,
+    sign_record,
+    sign_rotation,
+)
 
 SWARM = "ab" * 32
 A = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -83,7 +111,10 @@ def test_valid_record_is_accepted():
 
 def test_other_keys_are_not_our_business():
     other_key = DHTID.generate(source="some/other/key").to_bytes()
-    assert explain(b"anything", key_id=other_key) == ""
+    assert explain(b"anything", subkey="peer-7", key_id=other_key) == ""
+    assert explain(b"anything", subkey=b"\x01", key_id=other_key) == ""
+    # ... unless it uses our marker: under `[ed25519-owner:` only a statement that belongs there is stored
+    assert "ed25519-owner subkey rejected" in explain(b"anything", key_id=other_key)
 
 
 def _mutated(old: bytes, new: bytes) -> bytes:
@@ -149,6 +180,76 @@ def test_publish_refuses_invalid_input():
         publish_record(None, SWARM, A0, 3600)
 
 
+# ---------------------------------------------------------------- receipts, checks, rotations
+
+
+def receipt(key, round_=3, shard=1, swarm=SWARM) -> bytes:
+    members = tuple(sorted((pid(A), pid(B))))
+    return sign_receipt(RoundReceipt(1, swarm, round_, shard, pid(key), members, ("aa" * 32, "bb" * 32), "ee" * 32), key)
+
+
+def spot_check(key, target, round_=3, shard=1, swarm=SWARM) -> bytes:
+    return sign_check(SpotCheck(1, swarm, round_, shard, pid(key), pid(target), "ee" * 32, "aa" * 32, "cc" * 32,
+                                2_000_000, 500_000, 1, 5), key)
+
+
+def rotation(old, new, swarm=SWARM) -> bytes:
+    return sign_rotation(KeyRotation(1, swarm, pid(old), pid(new), 0, ZERO_HASH, 5), old, new)
+
+
+def explain_under(key_name: str, subkey, value) -> str:
+    key_id = DHTID.generate(source=key_name).to_bytes()
+    return VALIDATOR.explain(
+        DHTRecord(key_id, MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value), get_dht_time() + 60))
+
+
+STATEMENTS = [
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), receipt(A), ""),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(B), 1), receipt(A), "receipt belongs under subkey"),
+    (receipts_key(SWARM, 4), receipt_subkey(pid(A), 1), receipt(A), f"receipt belongs under key '{SWARM}/receipts/3'"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 2), receipt(A), "belongs under subkey"),
+    (receipts_key("cd" * 32, 3), receipt_subkey(pid(A), 1), receipt(A), "belongs under key"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), A0, "record belongs under subkey"),  # a record is not a receipt
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), receipt(A)[:-2] + b"}", "ed25519-owner subkey rejected"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), b"junk", "ed25519-owner subkey rejected: envelope"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), b"x" * 50_000, "over the 40960-byte bound"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), "text", "value must be bytes"),
+    (checks_key(SWARM, 3), check_subkey(pid(A), 1, pid(B)), spot_check(A, B), ""),
+    (checks_key(SWARM, 3), check_subkey(pid(B), 1, pid(B)), spot_check(A, B), "check belongs under subkey"),
+    (checks_key(SWARM, 3), check_subkey(pid(A), 1, pid(A)), spot_check(A, B), "check belongs under subkey"),
+    (checks_key(SWARM, 3), check_subkey(pid(A), 1, pid(B)), receipt(A), "receipt belongs under subkey"),
+    (checks_key(SWARM, 2), check_subkey(pid(A), 1, pid(B)), spot_check(A, B), "check belongs under key"),
+    # another swarm's statement in its own place passes (a DHT may carry several swarms); misplaced it does not
+    (checks_key("cd" * 32, 3), check_subkey(pid(A), 1, pid(B)), spot_check(A, B, swarm="cd" * 32), ""),
+    (rotations_key(SWARM), rotation_subkey(pid(A)), rotation(A, B), ""),
+    (rotations_key(SWARM), rotation_subkey(pid(B)), rotation(A, B), f"rotation of {pid(A)} written to the subkey of {pid(B)}"),
+    (rotations_key(SWARM), rotation_subkey(pid(A)), rotation(A, B, swarm="cd" * 32), "rotation is for swarm"),
+    (rotations_key(SWARM), rotation_subkey(pid(A)), A0, "value rejected"),
+    (rotations_key(SWARM), rotation_subkey(pid(A)) + ":0", rotation(A, B), "is not of the form"),
+    (records_key(SWARM), owner_subkey(pid(A), 0), receipt(A), "value rejected"),  # a receipt is not a record
+    ("some/other/key", "plain subkey", b"anything", ""),  # not ours
+]
+
+
+@pytest.mark.parametrize("key_name, subkey, value, fragment", STATEMENTS, ids=range(len(STATEMENTS)))
+def test_receipts_checks_and_rotations_are_validated(key_name, subkey, value, fragment):
+    reason = explain_under(key_name, subkey, value)
+    assert (fragment in reason) if fragment else reason == "", reason
+
+
+def test_statement_checks_and_publish_refusals():
+    assert check_owned_value(receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), receipt(A)) == ""
+    assert "not '" in check_owned_value(receipts_key(SWARM, 9), receipt_subkey(pid(A), 1), receipt(A))
+    assert check_rotation_value(SWARM, 5, rotation(A, B)).startswith("subkey must be a string")
+    assert check_rotation_value(SWARM, rotation_subkey(pid(A)), "s").startswith("value must be bytes")
+    with pytest.raises(ValueError, match="invalid rotation"):
+        publish_rotation(None, SWARM, b"junk", get_dht_time() + 60)
+    with pytest.raises(ValueError, match="another swarm"):
+        publish_rotation(None, "cd" * 32, rotation(A, B), get_dht_time() + 60)
+    with pytest.raises(ValueError, match="absolute DHT time"):
+        publish_rotation(None, SWARM, rotation(A, B), 3600)
+
+
 # ---------------------------------------------------------------- real DHTs on loopback
 
 
@@ -210,6 +311,32 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
 
         assert main(["ledger", "verify", "--dht-peer", *peers, "--swarm-id", SWARM, "--max-samples", "8", "--json"]) == 0
         assert main(["ledger", "verify", "--dht-peer", *peers, "--swarm-id", SWARM, "--max-samples", "7", "--json"]) == 1
+
+        # receipts, checks and rotations: published, collected, forgeries refused
+        ra, rb, ca, rot = receipt(A), receipt(B, round_=2), spot_check(A, B), rotation(A, B)
+        assert publish_receipt(storer, SWARM, ra, expiration) and publish_receipt(reader, SWARM, rb, expiration)
+        assert publish_check(storer, SWARM, ca, expiration) and publish_rotation(reader, SWARM, rot, expiration)
+        # B's receipt for round 2 written into A's subkey, or into round 3: refused by the validating peers
+        # (whether store() says so depends on whether the non-validating attacker is among the key's nearest
+        # nodes; what every validating reader returns below does not)
+        reader.store(receipts_key(SWARM, 2), rb, expiration, subkey=receipt_subkey(pid(A), 1))
+        attacker.store(receipts_key(SWARM, 3), rb, expiration, subkey=receipt_subkey(pid(B), 1))
+        # junk with a later expiration under honest subkeys, from the attacker: validating readers drop it on reading
+        attacker.store(checks_key(SWARM, 3), b"junk", expiration + 5, subkey=check_subkey(pid(A), 1, pid(B)))
+        attacker.store(receipts_key(SWARM, 2), b"junk", expiration + 5, subkey=receipt_subkey(pid(B), 1))
+        for dht in (reader, storer):
+            assert collect_receipts(dht, SWARM, 3) == [ra] and collect_receipts(dht, SWARM, 2) == [rb]
+        assert collect_checks(reader, SWARM, 3) == [ca] and collect_rotations(storer, SWARM) == [rot]
+        everything = collect_all(reader, SWARM)  # records name rounds 0..2: receipts and checks of those
+        assert {k: len(v) for k, v in everything.items()} == {"records": 5, "rotations": 1, "receipts": 1, "checks": 0}
+        assert everything["receipts"] == [rb]
+        more = collect_all(reader, SWARM, rounds=[2, 3])
+        assert (more["receipts"], more["checks"]) == ([rb, ra], [ca])
+
+        from node.swarm.dht import read_swarm_records, read_swarm_statements
+
+        assert read_swarm_statements(peers, SWARM) == everything
+        assert read_swarm_records(peers, SWARM) == everything["records"]
     finally:
         for dht in dhts:
             dht.shutdown()

@@ -146,6 +146,19 @@ def read_swarm_records(initial_peers: Sequence[str], swarm_id: str) -> list[byte
         dht.shutdown()
 
 
+def read_swarm_statements(initial_peers: Sequence[str], swarm_id: str) -> dict[str, list[bytes]]:
+    """Every valid signed statement of a swarm by kind ({"records", "rotations", "receipts", "checks"}:
+    receipts and checks of the rounds the records name), read by a short-lived client-mode DHT node."""
+    from node.swarm.validator import RecordsValidator, collect_all
+
+    dht = start_dht(initial_peers=initial_peers, host_maddrs=None, client_mode=True,
+                    record_validators=[RecordsValidator(swarm_id)], retries=0)
+    try:
+        return collect_all(dht, swarm_id)
+    finally:
+        dht.shutdown()
+
+
 def stop_children(timeout: float) -> None:
     """hivemind's DHT and averager processes normally exit on shutdown(); one whose p2pd died first can
     linger, and Python would then wait for it forever at exit. Give them `timeout`, then end them."""

@@ -1,40 +1,66 @@
-"""Publishing contribution records in the DHT under subkeys only their owner can fill.
+"""Publishing signed statements in the DHT under subkeys only their owner can fill.
 
-Layout: DHT key `f"{swarm_id}/records"`, one subkey per record `"[ed25519-owner:<peer id>]:<seq>"`,
-value = the signed record envelope (protocol/record.py), exactly the bytes of the ledger line.
+Layout, per swarm (values are the signed envelopes of protocol/, exactly the bytes of the ledger
+and receipts lines; receipts and checks have one key per round, node/swarm/statements.py, so a
+node reads one round's worth):
 
-`RecordsValidator` accepts a value under that key only if it is a valid signed record of
-this swarm whose signer is the subkey's owner and whose seq is the subkey's seq, within the
-size bound. So nobody can write into another peer's subkeys, and re-storing an old record
-under a newer seq is refused; re-storing a record under its own subkey only stores the same
-bytes again (harmless). Other keys pass untouched, so it composes with hivemind's validators.
+    key                         subkey                                      value
+    {swarm_id}/records          [ed25519-owner:<peer>]:<seq>                a record of <peer> with that seq
+    {swarm_id}/rotations        [ed25519-owner:<old peer>]                  a key rotation retiring <old peer>
+    {swarm_id}/receipts/<round> [ed25519-owner:<peer>]:<shard>              a receipt signed by <peer> for that round, shard
+    {swarm_id}/checks/<round>   [ed25519-owner:<peer>]:<shard>:<target>     a spot check by <peer> of <target>
+
+`RecordsValidator` refuses, under the swarm's records and rotations keys, anything but a valid signed
+statement of that kind for this swarm, signed by the subkey's owner, matching what the subkey names,
+within its size bound. Per-round keys cannot be listed in advance (a DHT key is a hash), so there the
+rule follows the subkey: any value under a subkey starting with `[ed25519-owner:`, whatever its key,
+must be a valid signed statement (record, rotation, receipt or check) whose own fields put it at
+exactly that key and subkey. So nobody can write into another peer's subkeys (an unsigned or
+misplaced value cannot overwrite an honest receipt), and re-storing an old record under a newer seq,
+or a receipt under another round, is refused; re-storing a statement under its own subkey only stores
+the same bytes again (harmless). Other keys and subkeys pass untouched, so it composes with hivemind's
+validators.
 
 Why not hivemind's `[owner:...]` marker: hivemind's RSASignatureValidator (installed by
 hivemind.Optimizer's progress tracker) parses whatever follows `[owner:` as an RSA key and
-would choke on an Ed25519 peer id; our records carry their own signature, so the marker
+would choke on an Ed25519 peer id; our statements carry their own signature, so the marker
 here is `[ed25519-owner:` and the check is ours.
 
     dht = hivemind.DHT(..., record_validators=[RecordsValidator(swarm_id)])
     publish_record(dht, swarm_id, blob, expiration=get_dht_time() + 3600)
     blobs = collect_records(dht, swarm_id)   # sorted by (peer, seq); bad values dropped and logged
+    publish_rotation / collect_rotations;  receipts and checks: node/swarm/statements.py
+    collect_all(dht, swarm_id)               # all four kinds, receipts and checks of the records' rounds
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Iterable
 
 from hivemind.dht import DHT
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from protocol.record import MAX_BLOB_BYTES, RecordError, verify_signed
+from node.swarm.statements import (
+    check_subkey,
+    checks_key,
+    collect_checks,
+    collect_receipts,
+    receipt_subkey,
+    receipts_key,
+)
+from protocol.receipt import MAX_RECEIPT_BYTES, classify, verify_check, verify_receipt
+from protocol.record import MAX_BLOB_BYTES, RecordError, verify_rotation, verify_signed
 
 logger = logging.getLogger(__name__)
 
-_SUBKEY_RE = re.compile(r"\[ed25519-owner:([1-9A-HJ-NP-Za-km-z]{1,64})\]:(0|[1-9][0-9]{0,15})")
+OWNER_MARKER = "[ed25519-owner:"
+_PEER = r"([1-9A-HJ-NP-Za-km-z]{1,64})"
+_SUBKEY_RE = re.compile(rf"\[ed25519-owner:{_PEER}\]:(0|[1-9][0-9]{{0,15}})")
+_ROTATION_SUBKEY_RE = re.compile(rf"\[ed25519-owner:{_PEER}\]")
 _MSGPACK_OVERHEAD = 8  # bin32 header: a bytes value is its length + at most 5 bytes
 
 
@@ -44,6 +70,14 @@ def records_key(swarm_id: str) -> str:
 
 def owner_subkey(peer_id: str, seq: int) -> str:
     return f"[ed25519-owner:{peer_id}]:{seq}"
+
+
+def rotations_key(swarm_id: str) -> str:
+    return f"{swarm_id}/rotations"
+
+
+def rotation_subkey(old_peer_id: str) -> str:
+    return f"[ed25519-owner:{old_peer_id}]"
 
 
 def check_value(swarm_id: str, subkey: Any, value: Any) -> str:
@@ -69,30 +103,100 @@ def check_value(swarm_id: str, subkey: Any, value: Any) -> str:
     return ""
 
 
+def check_rotation_value(swarm_id: str, subkey: Any, value: Any) -> str:
+    """Why (subkey, value) may not be stored under this swarm's rotations key; "" if it may."""
+    if not isinstance(subkey, str):
+        return f"subkey must be a string, got {type(subkey).__name__}"
+    match = _ROTATION_SUBKEY_RE.fullmatch(subkey)
+    if match is None:
+        return f"subkey {subkey[:100]!r} is not of the form [ed25519-owner:<old peer id>]"
+    if not isinstance(value, bytes):
+        return f"value must be bytes, got {type(value).__name__}"
+    try:
+        rotation = verify_rotation(value)
+    except RecordError as e:
+        return f"value rejected: {e}"
+    if rotation.old_peer_id != match.group(1):
+        return f"rotation of {rotation.old_peer_id} written to the subkey of {match.group(1)}"
+    if rotation.swarm_id != swarm_id:
+        return f"rotation is for swarm {rotation.swarm_id}, not {swarm_id}"
+    return ""
+
+
+def place_of(blob: bytes) -> tuple[str, str, str]:
+    """(kind, DHT key, subkey) where a signed statement belongs, from its own fields; RecordError if
+    it is not a valid statement."""
+    kind = classify(blob)
+    if kind == "record":
+        r = verify_signed(blob)
+        return kind, records_key(r.swarm_id), owner_subkey(r.peer_id, r.seq)
+    if kind == "rotation":
+        rot = verify_rotation(blob)
+        return kind, rotations_key(rot.swarm_id), rotation_subkey(rot.old_peer_id)
+    if kind == "receipt":
+        rec = verify_receipt(blob)
+        return kind, receipts_key(rec.swarm_id, rec.round), receipt_subkey(rec.peer_id, rec.shard)
+    c = verify_check(blob)
+    return kind, checks_key(c.swarm_id, c.round), check_subkey(c.peer_id, c.shard, c.target)
+
+
+def _key_id(key: str) -> bytes:
+    return DHTID.generate(source=key).to_bytes()
+
+
+def check_owned_value(key: str | bytes, subkey: str, value: Any) -> str:
+    """Why `value` may not be stored under an `[ed25519-owner:...]` subkey of `key` (the key string or
+    its DHT id); "" if it is a valid signed statement that belongs exactly there."""
+    if not isinstance(value, bytes):
+        return f"value must be bytes, got {type(value).__name__}"
+    try:
+        kind, place, expected = place_of(value)
+    except RecordError as e:
+        return f"value under an ed25519-owner subkey rejected: {e}"
+    if subkey != expected:
+        return f"{kind} belongs under subkey {expected[:120]!r}, not {subkey[:120]!r}"
+    if (key if isinstance(key, bytes) else _key_id(key)) != _key_id(place):
+        return f"{kind} belongs under key {place!r}" + ("" if isinstance(key, bytes) else f", not {key[:120]!r}")
+    return ""
+
+
 class RecordsValidator(RecordValidatorBase):
-    """Accept values under `{swarm_id}/records` only if they pass `check_value`."""
+    """Refuse what `check_value` / `check_rotation_value` refuse under this swarm's records and
+    rotations keys, and what `check_owned_value` refuses under any `[ed25519-owner:` subkey."""
 
     def __init__(self, swarm_id: str):
         self.swarm_id = swarm_id
-        self._key_id = DHTID.generate(source=records_key(swarm_id)).to_bytes()
+        self._keys = {
+            _key_id(records_key(swarm_id)): (records_key(swarm_id), MAX_BLOB_BYTES, check_value),
+            _key_id(rotations_key(swarm_id)): (rotations_key(swarm_id), MAX_BLOB_BYTES, check_rotation_value),
+        }
 
     def explain(self, record: DHTRecord) -> str:
-        """Why `record` is refused; "" if accepted (or not under this swarm's records key)."""
-        if record.key != self._key_id:
-            return ""
-        if len(record.value) > MAX_BLOB_BYTES + _MSGPACK_OVERHEAD:
-            return f"value of {len(record.value)} bytes is over the {MAX_BLOB_BYTES}-byte bound"
+        """Why `record` is refused; "" if accepted (or none of our business)."""
+        known = self._keys.get(record.key)
         try:
             subkey = MSGPackSerializer.loads(record.subkey)
-            value = MSGPackSerializer.loads(record.value)
         except Exception as e:  # msgpack raises many types on junk; all mean "badly encoded"
+            return f"badly encoded DHT subkey: {type(e).__name__}" if known else ""
+        owned = isinstance(subkey, str) and subkey.startswith(OWNER_MARKER)
+        if known is None and not owned:
+            return ""  # another subsystem's key: not ours to judge
+        bound = known[1] if known else MAX_RECEIPT_BYTES
+        if len(record.value) > bound + _MSGPACK_OVERHEAD:
+            return f"value of {len(record.value)} bytes is over the {bound}-byte bound"
+        try:
+            value = MSGPackSerializer.loads(record.value)
+        except Exception as e:
             return f"badly encoded DHT value: {type(e).__name__}"
-        return check_value(self.swarm_id, subkey, value)
+        if known is not None:
+            return known[2](self.swarm_id, subkey, value)
+        return check_owned_value(record.key, subkey, value)
 
     def validate(self, record: DHTRecord) -> bool:
         reason = self.explain(record)
         if reason:
-            logger.warning(f"refused a record under {records_key(self.swarm_id)}: {reason}")
+            where = self._keys[record.key][0] if record.key in self._keys else "an ed25519-owner subkey"
+            logger.warning(f"refused a value under {where}: {reason}")
         return not reason
 
     @property
@@ -122,18 +226,57 @@ def publish_record(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> b
     )
 
 
-def collect_records(dht: DHT, swarm_id: str) -> list[bytes]:
-    """Every valid record of the swarm found in the DHT, sorted by (peer id, seq)."""
-    found = dht.get(records_key(swarm_id), latest=True)
+def _collect(dht: DHT, key: str, check, pattern: re.Pattern, swarm_id: str) -> list[tuple]:
+    found = dht.get(key, latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
     kept = []
     for subkey, item in found.value.items():
         value = getattr(item, "value", None)
-        reason = check_value(swarm_id, subkey, value)
+        reason = check(swarm_id, subkey, value)
         if reason:
-            logger.warning(f"dropped a DHT value under {records_key(swarm_id)}: {reason}")
+            logger.warning(f"dropped a DHT value under {key}: {reason}")
             continue
-        match = _SUBKEY_RE.fullmatch(subkey)
-        kept.append((match.group(1), int(match.group(2)), value))
-    return [blob for _, _, blob in sorted(kept)]
+        fields = pattern.fullmatch(subkey).groups()
+        kept.append((tuple(int(f) if f.isdigit() else f for f in fields), value))
+    return sorted(kept)
+
+
+def collect_records(dht: DHT, swarm_id: str) -> list[bytes]:
+    """Every valid record of the swarm found in the DHT, sorted by (peer id, seq)."""
+    return [blob for _, blob in _collect(dht, records_key(swarm_id), check_value, _SUBKEY_RE, swarm_id)]
+
+
+def publish_rotation(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
+    """Store a key rotation statement under the retired key's subkey. Returns whether the DHT accepted it."""
+    try:
+        rotation = verify_rotation(blob)
+    except RecordError as e:
+        raise ValueError(f"refusing to publish an invalid rotation: {e}") from None
+    if rotation.swarm_id != swarm_id:
+        raise ValueError(f"refusing to publish a rotation of another swarm ({rotation.swarm_id})")
+    if expiration <= get_dht_time():
+        raise ValueError("expiration is an absolute DHT time (get_dht_time() + ttl seconds); got a time in the past")
+    return bool(dht.store(rotations_key(swarm_id), blob, expiration_time=expiration,
+                          subkey=rotation_subkey(rotation.old_peer_id)))
+
+
+def collect_rotations(dht: DHT, swarm_id: str) -> list[bytes]:
+    """Every valid key rotation statement of the swarm found in the DHT, sorted by old key."""
+    return [blob for _, blob in _collect(dht, rotations_key(swarm_id), check_rotation_value, _ROTATION_SUBKEY_RE,
+                                         swarm_id)]
+
+
+def collect_all(dht: DHT, swarm_id: str, rounds: Iterable[int] | None = None) -> dict[str, list[bytes]]:
+    """{"records", "rotations", "receipts", "checks": [...]} from the DHT: receipts and checks of
+    `rounds` (default: every round a record found names; credit needs no others)."""
+    records = collect_records(dht, swarm_id)
+    if rounds is None:
+        rounds = {verify_signed(blob).round for blob in records}
+    rounds = sorted(set(rounds))
+    return {
+        "records": records,
+        "rotations": collect_rotations(dht, swarm_id),
+        "receipts": [blob for r in rounds for blob in collect_receipts(dht, swarm_id, r)],
+        "checks": [blob for r in rounds for blob in collect_checks(dht, swarm_id, r)],
+    }
