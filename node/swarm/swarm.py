@@ -28,6 +28,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -37,7 +38,7 @@ from node.swarm.averager import (
     ShardAverager, group_key,
 )
 from node.swarm.deadline import AveragingDeadline
-from node.swarm.dht import dht_time, peer_id_of, start_dht
+from node.swarm.dht import SwarmError, dht_time, peer_id_of, start_dht
 from node.swarm.exact import (
     GRIDS, MAX_GROUP, Layout, WireError, block_exponents, dequantize, group_exponents, quantize, wire_bytes_per_value,
 )
@@ -53,7 +54,29 @@ STATE_BYTES_PER_VALUE = 12  # a state download, at most: the adapter and two opt
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
 MAX_DONORS = 4  # donors tried per state download
-RECORD_TTL_S = 24 * 3600  # how long a published contribution record stays in the DHT
+RECORD_TTL_S = 24 * 3600  # how long a published record stays in the DHT (the node re-stores its own: node/republish.py)
+
+
+def record_ttl_s() -> float:
+    """Seconds a published record, rotation statement or receipt stays in the DHT: RECORD_TTL_S, or the
+    environment's SWARMTUNE_RECORD_TTL_S (tests set a few seconds to watch re-publication). Read here only."""
+    raw = os.environ.get("SWARMTUNE_RECORD_TTL_S", "").strip()
+    if not raw:
+        return float(RECORD_TTL_S)
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = float("nan")
+    if not 5 <= ttl <= 30 * 24 * 3600:
+        raise SwarmError(f"SWARMTUNE_RECORD_TTL_S={raw!r} is not a number of seconds from 5 to 2592000 (30 days); "
+                         f"unset it for the default of {RECORD_TTL_S} s")
+    return ttl
+
+
+async def _store_many(_dht, node, entries, expiration):
+    keys, subkeys, values = zip(*entries)
+    done = await node.store_many(list(keys), list(values), expiration, subkeys=list(subkeys))
+    return [bool(done.get((key, subkey))) for key, subkey, _ in entries]
 
 
 @dataclass(frozen=True)
@@ -452,7 +475,20 @@ class Swarm:
 
     def publish_record(self, blob: bytes) -> None:
         """Store a signed record in the DHT for a day (raises ValueError for a record that is not valid)."""
-        publish_record(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+        publish_record(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s())
+
+    def store_many(self, entries: Sequence[tuple[str, str, bytes]], timeout: float = 30.0) -> list[bool]:
+        """Store (key, subkey, value) entries for the record TTL in one batch (one DHT traversal per key);
+        whether each was accepted. Re-publication (node/republish.py) uses it; the validators still apply."""
+        if not entries:
+            return []
+        future = self.dht.run_coroutine(partial(_store_many, entries=list(entries), expiration=dht_time() + record_ttl_s()),
+                                        return_future=True)
+        try:
+            return future.result(timeout=timeout)
+        except Exception as e:  # a timeout or a DHT error: nothing is known stored; the caller tries again later
+            logger.warning("storing %d DHT entries failed: %s", len(entries), e)
+            return [False] * len(entries)
 
     def read_records(self) -> list[bytes]:
         """Every valid record of this swarm found in the DHT."""
