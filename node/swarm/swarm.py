@@ -54,6 +54,7 @@ STATE_BYTES_PER_VALUE = 12  # a state download, at most: the adapter and two opt
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
 MAX_DONORS = 4  # donors tried per state download
+STORE_BATCH_BYTES = 8192  # values per DHT call in store_many (see there: the pipe to the DHT process)
 RECORD_TTL_S = 24 * 3600  # how long a published record stays in the DHT (the node re-stores its own: node/republish.py)
 
 
@@ -478,17 +479,30 @@ class Swarm:
         publish_record(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s())
 
     def store_many(self, entries: Sequence[tuple[str, str, bytes]], timeout: float = 30.0) -> list[bool]:
-        """Store (key, subkey, value) entries for the record TTL in one batch (one DHT traversal per key);
-        whether each was accepted. Re-publication (node/republish.py) uses it; the validators still apply."""
-        if not entries:
-            return []
-        future = self.dht.run_coroutine(partial(_store_many, entries=list(entries), expiration=dht_time() + record_ttl_s()),
-                                        return_future=True)
-        try:
-            return future.result(timeout=timeout)
-        except Exception as e:  # a timeout or a DHT error: nothing is known stored; the caller tries again later
-            logger.warning("storing %d DHT entries failed: %s", len(entries), e)
-            return [False] * len(entries)
+        """Store (key, subkey, value) entries for the record TTL in batches (one DHT traversal per key and
+        batch); whether each was accepted. Re-publication (node/republish.py) uses it; the validators apply.
+
+        A batch is at most STORE_BATCH_BYTES: the call travels to the DHT process through a pipe that it reads
+        without blocking, and Python sends a message over 16 KiB in two writes; the reader can then catch it
+        half-written, fail, and the DHT process dies (seen with 30 records in one call)."""
+        expiration = dht_time() + record_ttl_s()
+        batches, size = [[]], 0
+        for entry in entries:
+            if batches[-1] and size + len(entry[2]) > STORE_BATCH_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(entry)
+            size += len(entry[2])
+        futures = [self.dht.run_coroutine(partial(_store_many, entries=batch, expiration=expiration), return_future=True)
+                   for batch in batches if batch]
+        done: list[bool] = []
+        for batch, future in zip(batches, futures):
+            try:
+                done += future.result(timeout=timeout)
+            except Exception as e:  # a timeout or a DHT error: nothing is known stored; the caller tries again later
+                logger.warning("storing %d DHT entries failed: %s", len(batch), e)
+                done += [False] * len(batch)
+        return done
 
     def read_records(self) -> list[bytes]:
         """Every valid record of this swarm found in the DHT."""
