@@ -7,7 +7,7 @@ stores its own blobs again, each one once half its TTL has passed since it was l
 the records of its ledger (and of the ledgers of the keys it rotated away from), its rotation
 statements, and whatever else is handed in as (kind, blob) pairs (receipts, later).
 
-    rep = Republisher(swarm.store_many, ttl_s=record_ttl_s(), where={"record": record_entry, ...})
+    rep = Republisher(swarm.store_many, ttl_s=record_ttl_s(), where=KINDS)   # record, rotation, receipt, check
     rep.add([("rotation", blob)])              # due now
     rep.add([("record", blob)], stored=True)   # was just stored: due in ttl/2
     rep.follow("record", ledger.blobs)         # new entries of a growing list: stored when they were appended
@@ -28,7 +28,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from node.ledger import read_log
 from node.rotation import ROTATIONS_FILENAME, read_rotation_file, retired_ledger_name, rotation_entry, swarm_rotations
+from node.swarm.statements import check_subkey, checks_key, receipt_subkey, receipts_key
 from node.swarm.validator import owner_subkey, records_key
+from protocol.receipt import verify_check, verify_receipt
 from protocol.record import RecordError, verify_signed
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,20 @@ Where = Callable[[bytes], tuple[str, str]]  # a blob -> the (DHT key, subkey) it
 def record_entry(blob: bytes) -> tuple[str, str]:
     record = verify_signed(blob)
     return records_key(record.swarm_id), owner_subkey(record.peer_id, record.seq)
+
+
+def receipt_entry(blob: bytes) -> tuple[str, str]:
+    r = verify_receipt(blob)
+    return receipts_key(r.swarm_id, r.round), receipt_subkey(r.peer_id, r.shard)
+
+
+def check_entry(blob: bytes) -> tuple[str, str]:
+    c = verify_check(blob)
+    return checks_key(c.swarm_id, c.round), check_subkey(c.peer_id, c.shard, c.target)
+
+
+KINDS: dict[str, Where] = {"record": record_entry, "rotation": rotation_entry, "receipt": receipt_entry,
+                           "check": check_entry}
 
 
 class Republisher:
@@ -128,7 +144,7 @@ def for_node(swarm, workdir: Path, ledger, ttl_s: float) -> Republisher:
     """The node's republisher: its ledger (followed as it grows), the ledgers of keys it rotated away from,
     and the swarm's rotation statements in its folder, all due at the first tick (a restarted node does not
     know whether the DHT still holds them)."""
-    rep = Republisher(swarm.store_many, ttl_s=ttl_s, where={"record": record_entry, "rotation": rotation_entry})
+    rep = Republisher(swarm.store_many, ttl_s=ttl_s, where=KINDS)
     workdir = Path(workdir)
     for path in sorted(workdir.glob(retired_ledger_name("*"))):
         rep.add(("record", blob) for blob in read_log(path).blobs)

@@ -510,14 +510,14 @@ class Swarm:
 
     def publish_receipt(self, blob: bytes) -> None:
         """Store one of this node's signed round receipts in the DHT (a day, like records)."""
-        publish_receipt(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+        publish_receipt(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s())
 
     def read_receipts(self, round_: int) -> list[bytes]:
         """The valid receipts of one round found in the DHT."""
         return collect_receipts(self.dht, self.swarm_id, round_)
 
     def publish_check(self, blob: bytes) -> None:
-        publish_check(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+        publish_check(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s())
 
     def read_checks(self, round_: int) -> list[bytes]:
         return collect_checks(self.dht, self.swarm_id, round_)
