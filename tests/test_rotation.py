@@ -71,8 +71,7 @@ def test_chain_of_two_rotations_continues_the_ledger(tmp_path, monkeypatch, caps
     with Ledger.open(workdir / "ledger.jsonl") as ledger:
         old = [ledger.append_new(key_a.private_key, round=r, **FIELDS) for r in range(3)]
     assert main(["keygen", "--key", str(a), "--rotate", str(b)]) == 0, capsys.readouterr().err
-    # B's key cannot take the ledger over alone, C's not before B->C exists
-    key_c_peer = None
+    # B never ran: keygen follows A->B from the ledger's head and cuts B's (empty) chain at seq 0
     assert main(["keygen", "--key", str(b), "--rotate", str(c)]) == 0, capsys.readouterr().err
     key_c = load_identity(c)
     key_c_peer = key_c.peer_id
