@@ -7,6 +7,7 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
     tiny, model             the built-in tiny Llama; base + LoRA (and start adapters)
     shards, checkpoint      which shards to train; atomic checkpoints
     ledger, metrics         signed records, verification, credit; Prometheus metrics
+    rotation                a rotated key continues a swarm's ledger (keeps the old one, finds the chain)
     trainer                 local forward/backward and the AdamW step
     swarm/                  the only package that imports hivemind:
         exact                 fixed-point grid and the limb codec (pure torch)
@@ -18,6 +19,7 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
         follow                follow a swarm without training in it (read heartbeats, download shard state)
     stack                   everything a node loads before it joins (checked inputs -> model, trainer)
     rounds                  one round: train, exchange, apply, record
+    republish               store the node's records and statements again before the DHT forgets them
     statesync, splitguard   publish/download state and donor trust; train, wait or resync
     status, control         the snapshot the control service reads; the gRPC service
     daemon                  the composition root: wiring and sequencing only

@@ -32,6 +32,8 @@ from node.durable import StorageError, is_storage_error, repair_lines, storage_p
 from node.identity import IdentityError, load_identity, lock_identity, new_identity, save_identity
 from node.ledger import Ledger, LedgerError
 from node.receipts import ReceiptBook
+from node.republish import for_node as republisher_for
+from node.rotation import RotationError, plan_ledger, retire_ledger
 from node.rounds import RoundResult, RoundRunner
 from node.splitguard import SplitGuard
 from node.stack import StackError, load_stack
@@ -39,7 +41,7 @@ from node.statesync import StateSync, SyncError
 from node.status import CreditCache, NodeControlView, StallWatch, StatusBoard, memory_bytes
 from node.swarm import quorum
 from node.swarm.dht import remove_stale_sockets, stop_children
-from node.swarm.swarm import Swarm, start_network
+from node.swarm.swarm import Swarm, record_ttl_s, start_network
 from node.swarm.traffic import Traffic
 
 logger = logging.getLogger("swarmtune.node")
@@ -86,6 +88,11 @@ class Node:
         self.stack = stack
         self.manifest, self.adapter, self.trainer, self.trained = stack.manifest, stack.adapter, stack.trainer, stack.trained
         self.swarm_id, self.workdir, self.peer_id = stack.manifest.swarm_id, stack.workdir, self.identity.peer_id
+        try:  # the swarm's ledger is another key's: only a rotation to this key continues it (node/rotation.py)
+            self._ledger_plan = plan_ledger(self.workdir, self.peer_id, cfg.key_path)
+        except RotationError as e:
+            self.release_key()
+            raise NodeError(str(e)) from None
         # a read-only or too small home is refused now, not at the first checkpoint
         need = checkpoint.space_needed(self.workdir / "checkpoints",
                                        checkpoint.training_tensors(self.trainer, self.adapter, self.trained)) + LOG_RESERVE
@@ -118,8 +125,10 @@ class Node:
             logger.info("created identity key %s (back it up: it holds your credit)", cfg.key_path)
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
+            if self._ledger_plan is not None:  # a rotated key: the old key's ledger is kept as ledger-<old peer id>.jsonl
+                retire_ledger(self._ledger_plan)
             self.ledger = Ledger.open(self.workdir / "ledger.jsonl")
-        except LedgerError as e:
+        except (LedgerError, RotationError) as e:
             raise NodeError(str(e)) from None
         if self.ledger.torn is not None:
             logger.warning("ledger: recovered from a torn last entry (%s); that entry is not credited", self.ledger.torn.reason)
@@ -136,6 +145,8 @@ class Node:
             peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, clip=m.sync.clip, initial_peers=cfg.initial_peers,
             reach=self.reach, spot_check_rate=self._spot_check_rate(),
         )
+        # this node's records and rotation statements are stored again before the DHT forgets them
+        self.republisher = republisher_for(swarm, self.workdir, self.ledger, ttl_s=record_ttl_s())
         if swarm.peer_id != self.peer_id:
             logger.warning("p2p peer id %s differs from the identity key's %s", swarm.peer_id, self.peer_id)
         maddrs = swarm.visible_maddrs()
@@ -290,6 +301,7 @@ class Node:
         with open(self.workdir / "rounds.jsonl", "a", buffering=1) as progress:
             trained_here = 0
             while not self._drain.is_set() and not self._should_stop(trained_here):
+                self.republisher.tick()  # returns at once unless a check is due
                 if self._paused.is_set():
                     self._set_state("paused")
                     time.sleep(0.2)

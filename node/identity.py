@@ -16,8 +16,9 @@ Backup and restore:
         chmod 600 ~/.swarmtune/identity.key && swarmtune keygen --show
     and check the printed peer id is the old one. Never run two nodes with one key at once
     (the swarm sees one peer flapping and the two ledgers equivocate). If the key may have
-    leaked, rotate it (`rotate_identity`): the statement signed by both keys makes every
-    record the old key signs after the cut invalid. A lost key cannot be recovered; start a
+    leaked, rotate it (`rotate_identity`, `swarmtune keygen --rotate`): the statement signed by both
+    keys makes every record the old key signs after the cut invalid, and a node started with the
+    new key continues the swarm with a new ledger (node/rotation.py). A lost key cannot be recovered; start a
     new identity (credit earned under the old peer id stays attributed to it).
 
 Usage:

@@ -28,6 +28,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -37,7 +38,7 @@ from node.swarm.averager import (
     ShardAverager, group_key,
 )
 from node.swarm.deadline import AveragingDeadline
-from node.swarm.dht import dht_time, peer_id_of, start_dht
+from node.swarm.dht import SwarmError, dht_time, peer_id_of, start_dht
 from node.swarm.exact import (
     GRIDS, MAX_GROUP, Layout, WireError, block_exponents, dequantize, group_exponents, quantize, wire_bytes_per_value,
 )
@@ -53,7 +54,30 @@ STATE_BYTES_PER_VALUE = 12  # a state download, at most: the adapter and two opt
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
 MAX_DONORS = 4  # donors tried per state download
-RECORD_TTL_S = 24 * 3600  # how long a published contribution record stays in the DHT
+STORE_BATCH_BYTES = 8192  # values per DHT call in store_many (see there: the pipe to the DHT process)
+RECORD_TTL_S = 24 * 3600  # how long a published record stays in the DHT (the node re-stores its own: node/republish.py)
+
+
+def record_ttl_s() -> float:
+    """Seconds a published record, rotation statement or receipt stays in the DHT: RECORD_TTL_S, or the
+    environment's SWARMTUNE_RECORD_TTL_S (tests set a few seconds to watch re-publication). Read here only."""
+    raw = os.environ.get("SWARMTUNE_RECORD_TTL_S", "").strip()
+    if not raw:
+        return float(RECORD_TTL_S)
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = float("nan")
+    if not 5 <= ttl <= 30 * 24 * 3600:
+        raise SwarmError(f"SWARMTUNE_RECORD_TTL_S={raw!r} is not a number of seconds from 5 to 2592000 (30 days); "
+                         f"unset it for the default of {RECORD_TTL_S} s")
+    return ttl
+
+
+async def _store_many(_dht, node, entries, expiration):
+    keys, subkeys, values = zip(*entries)
+    done = await node.store_many(list(keys), list(values), expiration, subkeys=list(subkeys))
+    return [bool(done.get((key, subkey))) for key, subkey, _ in entries]
 
 
 @dataclass(frozen=True)
@@ -460,7 +484,33 @@ class Swarm:
 
     def publish_record(self, blob: bytes) -> None:
         """Store a signed record in the DHT for a day (raises ValueError for a record that is not valid)."""
-        publish_record(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+        publish_record(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s())
+
+    def store_many(self, entries: Sequence[tuple[str, str, bytes]], timeout: float = 30.0) -> list[bool]:
+        """Store (key, subkey, value) entries for the record TTL in batches (one DHT traversal per key and
+        batch); whether each was accepted. Re-publication (node/republish.py) uses it; the validators apply.
+
+        A batch is at most STORE_BATCH_BYTES: the call travels to the DHT process through a pipe that it reads
+        without blocking, and Python sends a message over 16 KiB in two writes; the reader can then catch it
+        half-written, fail, and the DHT process dies (seen with 30 records in one call)."""
+        expiration = dht_time() + record_ttl_s()
+        batches, size = [[]], 0
+        for entry in entries:
+            if batches[-1] and size + len(entry[2]) > STORE_BATCH_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(entry)
+            size += len(entry[2])
+        futures = [self.dht.run_coroutine(partial(_store_many, entries=batch, expiration=expiration), return_future=True)
+                   for batch in batches if batch]
+        done: list[bool] = []
+        for batch, future in zip(batches, futures):
+            try:
+                done += future.result(timeout=timeout)
+            except Exception as e:  # a timeout or a DHT error: nothing is known stored; the caller tries again later
+                logger.warning("storing %d DHT entries failed: %s", len(batch), e)
+                done += [False] * len(batch)
+        return done
 
     def read_records(self) -> list[bytes]:
         """Every valid record of this swarm found in the DHT."""
@@ -468,14 +518,14 @@ class Swarm:
 
     def publish_receipt(self, blob: bytes) -> None:
         """Store one of this node's signed round receipts in the DHT (a day, like records)."""
-        publish_receipt(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+        publish_receipt(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s())
 
     def read_receipts(self, round_: int) -> list[bytes]:
         """The valid receipts of one round found in the DHT."""
         return collect_receipts(self.dht, self.swarm_id, round_)
 
     def publish_check(self, blob: bytes) -> None:
-        publish_check(self.dht, self.swarm_id, blob, dht_time() + RECORD_TTL_S)
+        publish_check(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s())
 
     def read_checks(self, round_: int) -> list[bytes]:
         return collect_checks(self.dht, self.swarm_id, round_)

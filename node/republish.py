@@ -1,0 +1,155 @@
+"""Keeping this node's signed blobs in the DHT for as long as the swarm lives.
+
+The DHT forgets a value when its expiry passes (node/swarm/swarm.py `record_ttl_s()`: 24 h, or
+$SWARMTUNE_RECORD_TTL_S seconds). A swarm that runs for weeks would lose its early records, and
+`swarmtune ledger verify --dht-peer` could no longer see a node's whole chain. So a running node
+stores its own blobs again, each one once half its TTL has passed since it was last stored:
+the records of its ledger (and of the ledgers of the keys it rotated away from), its rotation
+statements, and whatever else is handed in as (kind, blob) pairs (receipts, later).
+
+    rep = Republisher(swarm.store_many, ttl_s=record_ttl_s(), where=KINDS)   # record, rotation, receipt, check
+    rep.add([("rotation", blob)])              # due now
+    rep.add([("record", blob)], stored=True)   # was just stored: due in ttl/2
+    rep.follow("record", ledger.blobs)         # new entries of a growing list: stored when they were appended
+    rep.tick()                                 # in the node's loop: cheap unless a check is due
+
+Work per `tick()` is bounded: it looks at the queue at most every `check_every` seconds and stores
+at most `batch` entries, all in one DHT batch (one traversal per DHT key). An entry the DHT did not
+take is tried again at the next check. `for_node` builds the node's republisher.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+from node.ledger import read_log
+from node.rotation import ROTATIONS_FILENAME, read_rotation_file, retired_ledger_name, rotation_entry, swarm_rotations
+from node.swarm.statements import check_subkey, checks_key, receipt_subkey, receipts_key
+from node.swarm.validator import owner_subkey, records_key
+from protocol.receipt import verify_check, verify_receipt
+from protocol.record import RecordError, verify_signed
+
+logger = logging.getLogger(__name__)
+
+Where = Callable[[bytes], tuple[str, str]]  # a blob -> the (DHT key, subkey) it is stored under
+
+
+def record_entry(blob: bytes) -> tuple[str, str]:
+    record = verify_signed(blob)
+    return records_key(record.swarm_id), owner_subkey(record.peer_id, record.seq)
+
+
+def receipt_entry(blob: bytes) -> tuple[str, str]:
+    r = verify_receipt(blob)
+    return receipts_key(r.swarm_id, r.round), receipt_subkey(r.peer_id, r.shard)
+
+
+def check_entry(blob: bytes) -> tuple[str, str]:
+    c = verify_check(blob)
+    return checks_key(c.swarm_id, c.round), check_subkey(c.peer_id, c.shard, c.target)
+
+
+KINDS: dict[str, Where] = {"record": record_entry, "rotation": rotation_entry, "receipt": receipt_entry,
+                           "check": check_entry}
+
+
+class Republisher:
+    """A queue of (kind, blob) ordered by when each is due to be stored again."""
+
+    def __init__(self, store_many: Callable[[list[tuple[str, str, bytes]]], list[bool]], *, ttl_s: float,
+                 where: Mapping[str, Where], batch: int = 64, check_every: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self._store_many, self._where, self._clock = store_many, dict(where), clock
+        self.ttl_s = ttl_s
+        self.interval = ttl_s / 2  # stored again at half its life: a late check or a slow store still lands in time
+        self.check_every = check_every if check_every is not None else min(60.0, ttl_s / 8)
+        self.batch = batch
+        self._queue: list[tuple[float, int, tuple[str, str]]] = []  # (due, tiebreak, (key, subkey))
+        self._blobs: dict[tuple[str, str], bytes] = {}
+        self._n = 0
+        self._next_check = float("-inf")
+        self._followed: list[tuple[str, Callable[[], Sequence[bytes]], int]] = []
+        self.stored = 0  # entries stored again so far (tests and the log read it)
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    def add(self, items: Iterable[tuple[str, bytes]], *, stored: bool = False) -> int:
+        """Track blobs; `stored`: they were just stored (due in ttl/2), else due now. A blob already tracked
+        under the same DHT entry is replaced, not doubled. Returns how many were new."""
+        due = self._clock() + (self.interval if stored else 0.0)
+        new = 0
+        for kind, blob in items:
+            try:
+                entry = self._where[kind](blob)
+            except KeyError:
+                raise ValueError(f"unknown kind {kind!r}: the republisher knows {sorted(self._where)}") from None
+            except RecordError as e:
+                logger.warning("not re-publishing an invalid %s: %s", kind, e)
+                continue
+            if entry not in self._blobs:
+                new += 1
+                self._push(due, entry)
+            self._blobs[entry] = bytes(blob)
+        return new
+
+    def follow(self, kind: str, source: Callable[[], Sequence[bytes]], *, start: int = 0) -> None:
+        """Watch a growing list (a ledger's blobs): each new entry counts as stored when it is first seen."""
+        self._followed.append((kind, source, start))
+
+    def _push(self, due: float, entry: tuple[str, str]) -> None:
+        self._n += 1
+        heapq.heappush(self._queue, (due, self._n, entry))
+
+    def next_due(self) -> float | None:
+        return self._queue[0][0] if self._queue else None
+
+    def tick(self) -> int:
+        """Store again what is due, at most `batch` entries; returns how many the DHT took."""
+        now = self._clock()
+        if now < self._next_check:
+            return 0
+        self._next_check = now + self.check_every
+        for i, (kind, source, seen) in enumerate(self._followed):
+            blobs = source()
+            if len(blobs) > seen:
+                self.add([(kind, b) for b in blobs[seen:]], stored=True)
+                self._followed[i] = (kind, source, len(blobs))
+        due: list[tuple[str, str]] = []
+        while self._queue and self._queue[0][0] <= now and len(due) < self.batch:
+            due.append(heapq.heappop(self._queue)[2])
+        if not due:
+            return 0
+        results = self._store_many([(key, subkey, self._blobs[(key, subkey)]) for key, subkey in due])
+        ok = 0
+        for entry, accepted in zip(due, results):
+            if accepted:
+                ok += 1
+                self._push(now + self.interval, entry)
+            else:  # tried again at the next check
+                self._push(now + self.check_every, entry)
+        self.stored += ok
+        logger.debug("re-published %d of %d due DHT entries (%d tracked)", ok, len(due), len(self._blobs))
+        if ok < len(due):
+            logger.warning("the DHT did not take %d of %d re-published entries; trying again in %.0f s",
+                           len(due) - ok, len(due), self.check_every)
+        return ok
+
+
+def for_node(swarm, workdir: Path, ledger, ttl_s: float) -> Republisher:
+    """The node's republisher: its ledger (followed as it grows), the ledgers of keys it rotated away from,
+    and the swarm's rotation statements in its folder, all due at the first tick (a restarted node does not
+    know whether the DHT still holds them)."""
+    rep = Republisher(swarm.store_many, ttl_s=ttl_s, where=KINDS)
+    workdir = Path(workdir)
+    for path in sorted(workdir.glob(retired_ledger_name("*"))):
+        rep.add(("record", blob) for blob in read_log(path).blobs)
+    rotations = swarm_rotations(read_rotation_file(workdir / ROTATIONS_FILENAME), swarm.swarm_id)
+    rep.add(("rotation", blob) for blob, _ in rotations)
+    rep.add(("record", blob) for blob in ledger.blobs())
+    rep.follow("record", ledger.blobs, start=ledger.next_seq)
+    return rep
