@@ -40,8 +40,10 @@ is never receipted. Residual risk: two sybils that receipt each other as a group
 credited when no bigger set exists for that (round, shard) - once an honest group of 3 or more
 receipts the same (round, shard), its set wins and the sybils' records earn nothing.
 
-Spot checks count only if signed by the checker that `spot_checks(result_hash, members of the
-canonical set, spot_check_rate)` draws for that target, with the canonical set's result hash, and
+Receipts of one set also agree on the group's reducers (the members that held parts) and its
+check rate (ppm): a receipt that names others starts a set of its own. Spot checks count only if
+signed by the checker that `spot_checks(result_hash, members, check_rate_ppm / 1e6, reducers)` of
+the canonical set draws for that target, with the canonical set's result hash, and
 the checker signed a receipt in that set whose commitment for the target equals the check's.
 Others are "ignored" with the reason (not counted, not failures); forged or malformed receipts and
 checks are failures.
@@ -69,7 +71,6 @@ from node.durable import STORAGE_ERRNOS, StorageError, fsync_dir, write_all
 
 from protocol.peerid import peer_id_from_public_key
 from protocol.receipt import (
-    DEFAULT_SPOT_CHECK_RATE,
     RoundReceipt,
     SpotCheck,
     classify,
@@ -323,6 +324,8 @@ class ReceiptSet:
 
     members: tuple[str, ...]
     result_hash: str
+    reducers: tuple[str, ...] = ()  # the members that held parts: the only possible checkers
+    check_rate_ppm: int = 0  # the group's per-member spot-check chance, parts per million
     receipts: dict[str, list[RoundReceipt]] = dataclasses.field(default_factory=dict)  # signer -> its receipts
 
     @property
@@ -367,7 +370,6 @@ class Report:
     groups: dict[tuple[int, int], Group] = dataclasses.field(default_factory=dict)  # (round, shard) -> receipts
     rotations: dict[str, KeyRotation] = dataclasses.field(default_factory=dict)  # old peer id -> verified rotation
     require_receipts: bool = True
-    spot_check_rate: float = DEFAULT_SPOT_CHECK_RATE
 
     @property
     def ok(self) -> bool:
@@ -395,7 +397,6 @@ def verify_logs(
     max_tokens_per_sample: int | None = None,
     *,
     require_receipts: bool = True,
-    spot_check_rate: float = DEFAULT_SPOT_CHECK_RATE,
 ) -> Report:
     """Verify records, receipts, spot checks and rotations from several sources (see the module
     docstring for the rules); a Verdict per record, a StatementVerdict per receipt or check and a
@@ -408,8 +409,8 @@ def verify_logs(
     are signed KeyRotation statements (those found in sources count the same). `max_tokens_per_sample`
     (the manifest's `[data] max_length`) caps the tokens credited per record. `require_receipts=False`
     credits records without receipts (self-reported work, as before receipts existed; spot checks
-    still apply). `spot_check_rate` must be the swarm's (the manifest's `[credit] spot_check_rate`):
-    the draw that decides which checks count depends on it.
+    still apply). The draw that decides which checks count uses the rate and reducers the canonical
+    receipt set names.
     """
     records_by_source: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
     statement_blobs: list[tuple[str, int, str, bytes]] = []
@@ -449,11 +450,11 @@ def verify_logs(
 
     statements = _verify_statements(statement_blobs, swarm_id)
     groups = _groups(statements)
-    _judge_checks(statements, groups, spot_check_rate)
+    _judge_checks(statements, groups)
     _credit_records(verdicts, groups, statements, require_receipts)
     return Report(
         swarm_id, max_samples_per_round, verdicts, peers, rotation_errors, max_tokens_per_sample,
-        statements, groups, rotated, require_receipts, spot_check_rate,
+        statements, groups, rotated, require_receipts,
     )
 
 
@@ -605,12 +606,14 @@ def _groups(statements: list[StatementVerdict]) -> dict[tuple[int, int], Group]:
         if sv.kind != "receipt" or sv.status != "ok":
             continue
         r = sv.statement
-        rs = sets[(r.round, r.shard)].setdefault((r.members, r.result_hash), ReceiptSet(r.members, r.result_hash))
+        key = (r.members, r.result_hash, r.reducers, r.check_rate_ppm)
+        rs = sets[(r.round, r.shard)].setdefault(key, ReceiptSet(*key))
         rs.receipts.setdefault(r.peer_id, []).append(r)
         by_set[id(rs)].append(sv)
     groups = {}
     for (round_, shard), found in sorted(sets.items()):
-        ordered = sorted(found.values(), key=lambda s: (-len(s.receipts), s.members, s.result_hash))
+        ordered = sorted(found.values(), key=lambda s: (-len(s.receipts), s.members, s.result_hash, s.reducers,
+                                                        s.check_rate_ppm))
         most = len(ordered[0].receipts)
         tied = [s for s in ordered if len(s.receipts) == most]
         canonical, note = (ordered[0], "") if len(tied) == 1 else (None, "")
@@ -630,9 +633,9 @@ def _groups(statements: list[StatementVerdict]) -> dict[tuple[int, int], Group]:
     return groups
 
 
-def _judge_checks(statements: list[StatementVerdict], groups: Mapping[tuple[int, int], Group], rate: float) -> None:
-    """A check counts only if the canonical set's draw names its signer for its target and the
-    signer's receipt in that set committed to the part the check compared."""
+def _judge_checks(statements: list[StatementVerdict], groups: Mapping[tuple[int, int], Group]) -> None:
+    """A check counts only if the canonical set's draw (its rate, among its reducers) names its signer
+    for its target and the signer's receipt in that set committed to the part the check compared."""
     for sv in statements:
         if sv.kind != "check" or sv.status != "ok":
             continue
@@ -647,8 +650,10 @@ def _judge_checks(statements: list[StatementVerdict], groups: Mapping[tuple[int,
             reason = f"its result hash is not that of the canonical receipt set of {where}"
         elif c.target not in canonical.members:
             reason = f"the target is not a member of the receipted group of {where}"
-        elif (c.peer_id, c.target) not in spot_checks(c.result_hash, canonical.members, rate):
-            reason = f"{c.peer_id} was not drawn to check {c.target} in {where} (at rate {rate})"
+        elif (c.peer_id, c.target) not in spot_checks(c.result_hash, canonical.members, canonical.check_rate_ppm / 1e6,
+                                                      canonical.reducers):
+            reason = (f"{c.peer_id} was not drawn to check {c.target} in {where} "
+                      f"(at rate {canonical.check_rate_ppm / 1e6:g} among {len(canonical.reducers)} reducer(s))")
         else:
             at = canonical.members.index(c.target)
             if not any(r.commitments and r.commitments[at] == c.commitment for r in canonical.receipts.get(c.peer_id, [])):

@@ -26,7 +26,7 @@ signature check use the other tag and fail.
 
     >>> blob = sign_receipt(receipt, private_key)      # bytes, <= MAX_RECEIPT_BYTES
     >>> receipt = verify_receipt(blob)                 # or RecordError(code, detail)
-    >>> spot_checks(receipt.result_hash, receipt.members, DEFAULT_SPOT_CHECK_RATE)   # [(checker, target)]
+    >>> spot_checks(receipt.result_hash, receipt.members, receipt.check_rate_ppm / 1e6, receipt.reducers)
 
 The draw: each member is checked with probability `rate`, independently, from the round's result
 hash, which is known only once the group's sum is; so nobody can choose or dodge it. At the default
@@ -66,9 +66,9 @@ from protocol.record import (
 RECEIPT_VERSION = 1
 MAX_MEMBERS = 256
 MAX_SHARD = 255
-# A member costs ~125 bytes (a 52-char peer id and a 64-char commitment, quoted, with commas):
-# 256 members are ~32 KiB; the rest of the envelope is under 500 bytes.
-MAX_RECEIPT_BYTES = 40 * 1024
+# A member costs ~180 bytes (a 52-char peer id as member and as reducer and a 64-char commitment,
+# quoted, with commas): 256 members are ~45 KiB; the rest of the envelope is under 500 bytes.
+MAX_RECEIPT_BYTES = 48 * 1024
 MAX_CHECK_BYTES = 2048  # a check is ~700 bytes
 DEFAULT_SPOT_CHECK_RATE = 0.21  # 1 - 0.79**20 = 0.9910: a constant cheater is caught within 20 rounds at >= 99 %
 KINDS = ("record", "rotation", "receipt", "check")

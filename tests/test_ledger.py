@@ -399,8 +399,12 @@ def receipts(group, signers=None, round_=0, shard=0, result="ee" * 32, commitmen
     out = []
     for key in signers if signers is not None else group:
         parts = tuple(part(m, round_, shard) for m in members) if commitments else ()
-        out.append(sign_receipt(RoundReceipt(1, SWARM, round_, shard, pid(key), members, parts, result), key))
+        out.append(sign_receipt(RoundReceipt(1, SWARM, round_, shard, pid(key), members, parts, result,
+                                             members if commitments else (), RATE_PPM), key))
     return out
+
+
+RATE_PPM = round(DEFAULT_SPOT_CHECK_RATE * 1e6)
 
 
 def drawn(group, target, rate=DEFAULT_SPOT_CHECK_RATE):
@@ -408,7 +412,7 @@ def drawn(group, target, rate=DEFAULT_SPOT_CHECK_RATE):
     members = sorted(pid(k) for k in group)
     for i in range(10_000):
         h = hashlib.sha256(b"sum %d" % i).hexdigest()
-        for checker, t in spot_checks(h, members, rate):
+        for checker, t in spot_checks(h, members, rate, members):
             if t == pid(target):
                 return h, KEYS[checker]
     raise AssertionError("no draw found")

@@ -50,7 +50,8 @@ def pid(key) -> str:
 def receipt(key=KEYS[0], keys=KEYS[:3], **over) -> RoundReceipt:
     members = tuple(sorted(pid(k) for k in keys))
     fields = dict(version=1, swarm_id=SWARM, round=7, shard=3, peer_id=pid(key), members=members,
-                  commitments=tuple(hashlib.sha256(m.encode()).hexdigest() for m in members), result_hash="ee" * 32)
+                  commitments=tuple(hashlib.sha256(m.encode()).hexdigest() for m in members), result_hash="ee" * 32,
+                  reducers=members, check_rate_ppm=210_000)
     fields.update(over)
     return RoundReceipt(**fields)
 
@@ -69,7 +70,7 @@ def test_receipt_round_trip_and_hash():
     assert verify_receipt(blob) == r
     assert classify(blob) == "receipt"
     assert len(statement_hash(blob)) == 64
-    outbound = receipt(commitments=())  # a node that reduced no part signs with no commitments
+    outbound = receipt(commitments=(), reducers=())  # a node that reduced no part signs with no commitments
     assert verify_receipt(sign_receipt(outbound, KEYS[0])) == outbound
     assert json.loads(blob)["body"]["members"] == list(r.members)  # plain JSON lines: jq works
 
@@ -178,7 +179,7 @@ def test_size_bounds():
     big = receipt(key=keys[0], keys=keys)
     blob = sign_receipt(big, keys[0])
     assert len(blob) <= MAX_RECEIPT_BYTES  # 256 members fit
-    assert 110 * 256 < len(blob) < 130 * 256 + 1024  # ~125 bytes per member
+    assert 170 * 256 < len(blob) < 185 * 256 + 1024  # ~180 bytes per member (as member, reducer, commitment)
     assert verify_receipt(blob) == big
     with pytest.raises(RecordError, match="size"):
         verify_receipt(blob[:-1] + b" " * (MAX_RECEIPT_BYTES - len(blob) + 1) + b"}")
@@ -252,4 +253,5 @@ def test_catch_rounds():
 def test_dataclass_fields_documented():
     """Receipt field order is the spec's; a changed field is a protocol version bump."""
     assert [f.name for f in dataclasses.fields(RoundReceipt)] == [
-        "version", "swarm_id", "round", "shard", "peer_id", "members", "commitments", "result_hash"]
+        "version", "swarm_id", "round", "shard", "peer_id", "members", "commitments", "result_hash", "reducers",
+        "check_rate_ppm"]

@@ -185,7 +185,8 @@ def test_publish_refuses_invalid_input():
 
 def receipt(key, round_=3, shard=1, swarm=SWARM) -> bytes:
     members = tuple(sorted((pid(A), pid(B))))
-    return sign_receipt(RoundReceipt(1, swarm, round_, shard, pid(key), members, ("aa" * 32, "bb" * 32), "ee" * 32), key)
+    return sign_receipt(RoundReceipt(1, swarm, round_, shard, pid(key), members, ("aa" * 32, "bb" * 32), "ee" * 32,
+                                     members), key)
 
 
 def spot_check(key, target, round_=3, shard=1, swarm=SWARM) -> bytes:
@@ -212,7 +213,7 @@ STATEMENTS = [
     (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), A0, "record belongs under subkey"),  # a record is not a receipt
     (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), receipt(A)[:-2] + b"}", "ed25519-owner subkey rejected"),
     (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), b"junk", "ed25519-owner subkey rejected: envelope"),
-    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), b"x" * 50_000, "over the 40960-byte bound"),
+    (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), b"x" * 60_000, "over the 49152-byte bound"),
     (receipts_key(SWARM, 3), receipt_subkey(pid(A), 1), "text", "value must be bytes"),
     (checks_key(SWARM, 3), check_subkey(pid(A), 1, pid(B)), spot_check(A, B), ""),
     (checks_key(SWARM, 3), check_subkey(pid(B), 1, pid(B)), spot_check(A, B), "check belongs under subkey"),

@@ -91,9 +91,6 @@ def _add_swarm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, metavar="N", help="samples credited per peer per round (overrides the manifest's)")
     p.add_argument("--dht-peer", nargs="+", default=[], metavar="MADDR", help="also collect the swarm's records from the DHT via these peers")
     p.add_argument("--rotations", metavar="FILE", help="key rotation statements, one per line")
-    p.add_argument("--spot-check-rate", type=float, metavar="P",
-                   help="the swarm's spot-check rate, which decides whose checks count (default: the manifest's "
-                        "[credit] spot_check_rate, else 0.21)")
     p.add_argument("--no-receipts", action="store_true",
                    help="credit records that no receipt names (self-reported work, as in swarms that ran before "
                         "receipts; anyone can inflate such credit)")
@@ -140,14 +137,11 @@ def _read_sources(paths: list[Path], torn: list[str] | None = None) -> dict[str,
 
 def _swarm_params(args: argparse.Namespace) -> tuple[str, int, int | None]:
     """(swarm id, samples credited per record at most, tokens per credited sample at most: the
-    manifest's max_length, or None without a manifest). Sets args.spot_check_rate from the manifest
-    unless given."""
+    manifest's max_length, or None without a manifest)."""
     from node.cli.errors import UserError
-    from protocol.receipt import DEFAULT_SPOT_CHECK_RATE
 
     swarm_id, cap, token_cap = args.swarm_id, args.max_samples, None
     args.objective = ""  # known from a manifest only
-    rate = args.spot_check_rate
     if args.manifest:
         from node.manifest import load_manifest  # lazy: the manifest pulls in more than we need here
 
@@ -159,11 +153,6 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int, int | None]:
         cap = cap if cap is not None else manifest.credit_cap
         token_cap = manifest.token_cap
         args.objective = manifest.objective
-        if rate is None:  # the [credit] section's rate, where the manifest has one
-            rate = getattr(manifest, "spot_check_rate", getattr(getattr(manifest, "credit", None), "spot_check_rate", None))
-    args.spot_check_rate = DEFAULT_SPOT_CHECK_RATE if rate is None else rate
-    if not 0.0 <= args.spot_check_rate <= 1.0:
-        raise UserError(f"--spot-check-rate must be between 0 and 1, got {args.spot_check_rate}")
     if not swarm_id or cap is None:
         raise UserError("need the swarm: pass --manifest M, or both --swarm-id HEX and --max-samples N")
     if len(swarm_id) != 64 or not all(c in "0123456789abcdef" for c in swarm_id):
@@ -200,7 +189,7 @@ def _report(args: argparse.Namespace, torn: list[str] | None = None):
         except OSError as e:
             raise UserError(f"cannot read --rotations {args.rotations}: {e.strerror}") from None
     return verify_logs(sources, swarm_id, cap, rotations=rotations, max_tokens_per_sample=token_cap,
-                       require_receipts=not args.no_receipts, spot_check_rate=args.spot_check_rate)
+                       require_receipts=not args.no_receipts)
 
 
 def _record_dict(record, **extra) -> dict:
@@ -387,7 +376,7 @@ def _credit(args: argparse.Namespace) -> int:
         return 0
     objective = f"objective {args.objective}, " if args.objective else ""
     tokens = f", {report.max_tokens_per_sample} tokens/sample" if report.max_tokens_per_sample else ""
-    receipts = "receipts not required" if args.no_receipts else f"spot-check rate {report.spot_check_rate:g}"
+    receipts = "receipts not required" if args.no_receipts else "receipts required"
     table = Table(title=f"credit in swarm {report.swarm_id[:16]}… ({objective}cap {report.max_samples_per_round} "
                         f"samples/round{tokens}, {receipts})")
     for col in ("peer", "claimed", "receipted", "checks passed/failed", "credited rounds", "samples", "tokens", "share"):

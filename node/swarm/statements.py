@@ -20,6 +20,10 @@ from protocol.record import RecordError
 
 logger = logging.getLogger(__name__)
 
+# The call to the DHT process travels through a pipe that a message over 16 KiB can break (see
+# Swarm.store_many); a receipt of a group over ~80 members is bigger, and stays in receipts.jsonl only.
+MAX_DHT_VALUE_BYTES = 15 * 1024
+
 
 def receipts_key(swarm_id: str, round_: int) -> str:
     return f"{swarm_id}/receipts/{round_}"
@@ -41,6 +45,10 @@ def publish_receipt(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> 
     r = verify_receipt(blob)
     if r.swarm_id != swarm_id:
         raise ValueError("refusing to publish a receipt of another swarm")
+    if len(blob) > MAX_DHT_VALUE_BYTES:
+        logger.warning(f"receipt of round {r.round} shard {r.shard} ({len(r.members)} members, {len(blob)} bytes) "
+                       f"is over {MAX_DHT_VALUE_BYTES} bytes: kept in receipts.jsonl, not published to the DHT")
+        return False
     return bool(dht.store(receipts_key(swarm_id, r.round), blob, expiration_time=expiration,
                           subkey=receipt_subkey(r.peer_id, r.shard)))
 
