@@ -146,7 +146,8 @@ class NodeView(Protocol):
     def credit(self) -> list[dict]:
         """Credit per peer, only verified work, one dict each.
 
-        peer_id: str, verified_rounds: int, samples: int, tokens: int,
+        peer_id: str, verified_rounds: int (credited), claimed_rounds: int, receipted_rounds: int,
+        spot_checks_passed: int, spot_checks_failed: int, samples: int, tokens: int,
         share: float (fraction of the swarm's credited samples, 0..1)
         """
         ...

@@ -15,6 +15,7 @@ an adapter is refused before anything starts (the demo never overwrites one).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -186,6 +187,9 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     for i, h in enumerate(homes):
         led = next((h / "swarms").glob("*/ledger.jsonl"))
         blobs[f"node-{i}"] = [line for line in led.read_bytes().splitlines() if line]
+        evidence = led.with_name("receipts.jsonl")  # receipts and spot-checks: what makes a record count
+        if evidence.exists():
+            blobs[f"node-{i}-receipts"] = [line for line in evidence.read_bytes().splitlines() if line]
     report = verify_logs(blobs, m.swarm_id, m.credit_cap, max_tokens_per_sample=m.token_cap)
     credit = compute_credit(report)
     # 3. before/after on held-out examples, with stock PEFT
@@ -198,11 +202,13 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
                   + ("[green]yes[/] " + next(iter(hashes.values()))[:16] + "…" if identical else f"[red]NO[/] {hashes}"))
     console.print(f"Ledgers: {sum(v.ok for v in report.records)}/{len(report.records)} records verify"
                   + ("" if report.ok else " [red](failures!)[/]"))
-    ct = Table(title="Credit (verified work only)")
-    for col in ("peer", "rounds", "samples", "tokens", "share"):
+    ct = Table(title="Credit (receipted, spot-checked work only)")
+    for col in ("peer", "claimed", "credited rounds", "checks passed/failed", "samples", "tokens", "share"):
         ct.add_column(col)
     for c in credit.values():
-        ct.add_row(c.peer_id[-12:], str(c.rounds), str(c.samples), str(c.tokens), f"{c.share:.1%}")
+        ct.add_row(c.peer_id[-12:], str(c.claimed_rounds), str(c.credited_rounds),
+                   f"{c.spot_checks_passed}/{c.spot_checks_failed}", str(c.credited_samples), str(c.credited_tokens),
+                   f"{c.share:.1%}")
     console.print(ct)
     et = Table(title=f"Held-out parity task ({len(before['samples'])} examples never trained on)")
     for col in ("", "loss", "accuracy"):
@@ -220,7 +226,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
     result = {
         "nodes": nodes, "rounds": rounds, "wall_s": round(wall, 1), "identical_adapters": identical,
         "final_hash": next(iter(hashes.values()), None), "ledger_ok": report.ok,
-        "records": len(report.records), "credit": {p: vars(c) for p, c in credit.items()},
+        "records": len(report.records), "credit": {p: dataclasses.asdict(c) for p, c in credit.items()},
         "before": {"loss": before["loss"], "accuracy": before["accuracy"]},
         "after": {"loss": after["loss"], "accuracy": after["accuracy"]},
         "first_loss": _first_loss(homes[0]), "last_loss": finals[0].get("loss") if finals.get(0) else None,

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from node import __version__
 
@@ -104,15 +105,25 @@ class StallWatch:
 
 
 class CreditCache:
-    """The swarm's verified credit, recomputed off the gRPC thread every CREDIT_REFRESH_S seconds."""
+    """The swarm's verified credit, recomputed off the gRPC thread every CREDIT_REFRESH_S seconds.
+
+    Sources: this node's ledger and evidence files (receipts.jsonl: its receipts and checks, and its
+    groupmates' receipts that name it), every record in the DHT, and the receipts and checks the DHT
+    holds for the rounds those records name (read once per round, at most MAX_ROUNDS_PER_REFRESH rounds
+    per refresh; the last two rounds are read again, as their receipts may still be arriving)."""
+
+    MAX_ROUNDS_PER_REFRESH = 32
 
     def __init__(self, *, ledger, read_dht_records, swarm_id: str, max_samples_per_round: int,
-                 max_tokens_per_sample: int | None = None):
+                 max_tokens_per_sample: int | None = None, read_dht_round=None, evidence_files=()):
         self.ledger = ledger
         self.read_dht_records = read_dht_records
+        self.read_dht_round = read_dht_round  # round -> receipts and checks of that round in the DHT
+        self.evidence_files = [Path(p) for p in evidence_files]
         self.swarm_id = swarm_id
         self.cap = max_samples_per_round
         self.token_cap = max_tokens_per_sample
+        self._round_blobs: dict[int, list[bytes]] = {}
         self._stop = threading.Event()
         self._rows: list[dict] = []
         self._lock = threading.Lock()
@@ -129,7 +140,10 @@ class CreditCache:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as e:  # keep the last rows; the next refresh tries again
+                logger.warning("could not recompute credit: %s", e)
             self._wake.wait(CREDIT_REFRESH_S)  # woken early by refresh_soon (a new record)
             self._wake.clear()
 
@@ -137,21 +151,60 @@ class CreditCache:
         self._stop.set()
         self._wake.set()
 
+    def _evidence(self) -> list[bytes]:
+        from node.ledger import LedgerError, read_log
+
+        out = []
+        for path in self.evidence_files:
+            if path.exists():
+                try:
+                    out += read_log(path).blobs
+                except LedgerError as e:
+                    logger.warning("%s", e)
+        return out
+
+    def _dht_rounds(self, records: list[bytes]) -> list[bytes]:
+        from protocol.record import RecordError, verify_signed
+
+        rounds = set()
+        for blob in records:
+            try:
+                rounds.add(verify_signed(blob).round)
+            except RecordError:
+                continue
+        if not rounds or self.read_dht_round is None:
+            return []
+        newest = max(rounds)
+        todo = [r for r in sorted(rounds, reverse=True) if r not in self._round_blobs or r >= newest - 1]
+        for r in todo[: self.MAX_ROUNDS_PER_REFRESH]:
+            try:
+                self._round_blobs[r] = list(self.read_dht_round(r))
+            except Exception as e:  # a DHT read can fail many ways; try the round again next refresh
+                logger.info("could not read round %d's receipts from the DHT: %s", r, e)
+        return [blob for r in sorted(self._round_blobs) for blob in self._round_blobs[r]]
+
     def refresh(self) -> None:
         from node.ledger import compute_credit, verify_logs
 
-        blobs = {"local": self.ledger.blobs()}
+        blobs = {"local": self.ledger.blobs(), "evidence": self._evidence()}
         try:
-            blobs["dht"] = self.read_dht_records()
+            records = self.read_dht_records()
+            blobs["dht"] = records + self._dht_rounds(records)
         except Exception as e:  # a DHT read can fail many ways; local records still verify
             logger.warning("could not read records from the DHT: %s", e)
         report = verify_logs(blobs, self.swarm_id, self.cap, max_tokens_per_sample=self.token_cap)
-        rows = [
-            {"peer_id": c.peer_id, "verified_rounds": c.rounds, "samples": c.samples, "tokens": c.tokens, "share": c.share}
-            for c in compute_credit(report).values()
-        ]
+        rows = [credit_row(c) for c in compute_credit(report).values()]
         with self._lock:
             self._rows = rows
+
+
+def credit_row(c) -> dict:
+    """One peer's credit (node.ledger.Credit) as the control service, the dashboard and `swarm status` show it:
+    `verified_rounds` are the credited ones; `claimed_rounds` all rounds its valid records claim."""
+    return {"peer_id": c.peer_id, "verified_rounds": c.credited_rounds, "claimed_rounds": c.claimed_rounds,
+            "receipted_rounds": c.receipted_rounds, "spot_checks_passed": c.spot_checks_passed,
+            "spot_checks_failed": c.spot_checks_failed, "samples": c.credited_samples, "tokens": c.credited_tokens,
+            "share": c.share}
 
 
 class NodeControlView:

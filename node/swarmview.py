@@ -36,10 +36,11 @@ def shard_plan(manifest) -> list[tuple[int, int]] | None:
 def read_swarm(manifest, *, initial_peers: Sequence[str], wait_s: float = 10.0) -> dict:
     """One snapshot of the swarm; waits up to `wait_s` for the first heartbeats to arrive."""
     from node.ledger import compute_credit, verify_logs
+    from node.status import credit_row
     from node.swarm import quorum
     from node.swarm.dht import dht_time
     from node.swarm.follow import SwarmFollower
-    from node.swarm.validator import collect_records
+    from node.swarm.validator import collect_all
 
     plan = shard_plan(manifest)
     follower = SwarmFollower(manifest, initial_peers=list(initial_peers), num_shards=len(plan or ()))
@@ -50,7 +51,8 @@ def read_swarm(manifest, *, initial_peers: Sequence[str], wait_s: float = 10.0) 
             if view or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        blobs = collect_records(follower.dht, manifest.swarm_id)
+        found = collect_all(follower.dht, manifest.swarm_id)  # records, and receipts and checks of their rounds
+        blobs = found["records"]
         now = dht_time()
     finally:
         follower.shutdown()
@@ -60,15 +62,16 @@ def read_swarm(manifest, *, initial_peers: Sequence[str], wait_s: float = 10.0) 
     if plan is None:  # layers unknown here: as many shards as the heartbeats name, layer ranges unknown (-1)
         plan = [(-1, -1)] * (1 + max((k for i in view.values() for k in i.shards), default=-1))
     coverage = quorum.coverage(view, follower.members.peer_id, (), len(plan))
-    report = verify_logs({"dht": blobs}, manifest.swarm_id, manifest.credit_cap, max_tokens_per_sample=manifest.token_cap)
-    credit = sorted(compute_credit(report).values(), key=lambda c: -c.samples)
+    report = verify_logs({"dht": [b for kind in ("records", "receipts", "checks", "rotations") for b in found[kind]]},
+                         manifest.swarm_id, manifest.credit_cap, max_tokens_per_sample=manifest.token_cap)
+    credit = sorted(compute_credit(report).values(), key=lambda c: -c.credited_samples)
     rounds = [p["round"] for p in peers]
     return {
         "swarm_id": manifest.swarm_id, "name": manifest.name, "peers": peers,
         "round": max(rounds) if rounds else None, "lowest_round": min(rounds) if rounds else None,
         "shards": [{"index": k, "layer_start": a, "layer_end": b, "trainers": coverage.get(k, 0)} for k, (a, b) in enumerate(plan)],
         "records": {"found": len(blobs), "verified": len(report.credited()),
+                    "uncredited": sum(1 for v in report.records if v.status == "uncredited"),
                     "rejected": sum(1 for v in report.records if v.status == "fail")},
-        "credit": [{"peer_id": c.peer_id, "verified_rounds": c.rounds, "samples": c.samples, "tokens": c.tokens,
-                    "share": c.share} for c in credit],
+        "credit": [credit_row(c) for c in credit],
     }

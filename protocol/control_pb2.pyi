@@ -175,18 +175,26 @@ class CreditRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerCredit(_message.Message):
-    __slots__ = ("peer_id", "verified_rounds", "samples", "tokens", "share")
+    __slots__ = ("peer_id", "verified_rounds", "samples", "tokens", "share", "claimed_rounds", "receipted_rounds", "spot_checks_passed", "spot_checks_failed")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SPOT_CHECKS_PASSED_FIELD_NUMBER: _ClassVar[int]
+    SPOT_CHECKS_FAILED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     verified_rounds: int
     samples: int
     tokens: int
     share: float
-    def __init__(self, peer_id: _Optional[str] = ..., verified_rounds: _Optional[int] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., share: _Optional[float] = ...) -> None: ...
+    claimed_rounds: int
+    receipted_rounds: int
+    spot_checks_passed: int
+    spot_checks_failed: int
+    def __init__(self, peer_id: _Optional[str] = ..., verified_rounds: _Optional[int] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., share: _Optional[float] = ..., claimed_rounds: _Optional[int] = ..., receipted_rounds: _Optional[int] = ..., spot_checks_passed: _Optional[int] = ..., spot_checks_failed: _Optional[int] = ...) -> None: ...
 
 class CreditReply(_message.Message):
     __slots__ = ("peers",)

@@ -104,10 +104,16 @@ def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task
     return path
 
 
+def evidence(*nodes: "NodeProc") -> list[str]:
+    """The nodes' ledgers and their receipts files (receipts and spot-checks), as `--ledger` sources."""
+    return [str(n.workdir / name) for n in nodes for name in ("ledger.jsonl", "receipts.jsonl")
+            if name == "ledger.jsonl" or (n.workdir / name).exists()]
+
+
 def verify_ledgers(manifest: Path, *nodes: "NodeProc") -> str:
-    """`swarmtune ledger verify` over the nodes' ledgers, as a user runs it; returns its output."""
+    """`swarmtune ledger verify` over the nodes' ledgers and receipts, as a user runs it; returns its output."""
     out = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger",
-                          *[str(n.workdir / "ledger.jsonl") for n in nodes]], capture_output=True, text=True, cwd=REPO)
+                          *evidence(*nodes)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 

@@ -16,7 +16,7 @@ import pytest
 
 from node.cli import main
 from node.control import ControlClient
-from tests.conftest import REPO, start_test_dht, verify_ledgers, write_test_manifest
+from tests.conftest import REPO, evidence, start_test_dht, verify_ledgers, write_test_manifest
 
 
 def _applied(node):
@@ -63,7 +63,7 @@ def test_peer_killed_mid_round(tmp_path, tiny_base, spawn_node):
     assert all(g == {"0": 2, "1": 2} for r, row in ra.items() if r > last_c + 1 for g in [row["groups"]])
     verify_ledgers(manifest, a, b, c)
     credit = subprocess.run([sys.executable, "-m", "node", "credit", "--json", "--manifest", str(manifest), "--ledger",
-                             *[str(n.workdir / "ledger.jsonl") for n in (a, b, c)]], capture_output=True, text=True, cwd=REPO)
+                             *evidence(a, b, c)], capture_output=True, text=True, cwd=REPO)
     assert credit.returncode == 0, credit.stderr
     import json
 

@@ -65,7 +65,8 @@ def test_dashboard_in_chromium_shows_peer_and_advancing_round(tmp_path, tiny_bas
         assert later["reach"] == "public", later  # the first node of a swarm: nobody to dial it back, reported public
         overview = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/overview", timeout=10).read())
         assert overview["status"]["peer_id"] == peer_id and len(overview["history"]) >= 2
-        assert overview["credit"]["own"]["verified_rounds"] >= 1, overview["credit"]  # from verified ledger records
+        own = overview["credit"]["own"]  # from the verified ledger: a lone trainer claims rounds that nobody receipts
+        assert own["claimed_rounds"] >= 1 and own["verified_rounds"] == 0, overview["credit"]
 
         with ControlClient(node.home / "node.sock") as client:  # paused shows paused everywhere
             client.pause()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, verify_ledgers, write_test_manifest
+from tests.conftest import REPO, evidence, verify_ledgers, write_test_manifest
 
 pytestmark = [pytest.mark.swarm, pytest.mark.netns, pytest.mark.nat]
 
@@ -44,7 +44,7 @@ def _trained_together(nodes, size: int) -> None:
 def _credited(manifest, nodes) -> dict:
     verify_ledgers(manifest, *nodes)
     out = subprocess.run([sys.executable, "-m", "node", "credit", "--json", "--manifest", str(manifest), "--ledger",
-                          *[str(n.workdir / "ledger.jsonl") for n in nodes]], capture_output=True, text=True, cwd=REPO)
+                          *evidence(*nodes)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     return {row["peer_id"]: row for row in map(json.loads, out.stdout.splitlines()) if "peer_id" in row}
 

@@ -109,8 +109,10 @@ def _ledger_paths(args: argparse.Namespace, *, allow_empty: bool = False) -> lis
     found = sorted(home.glob("swarms/*/ledger.jsonl"))  # where the daemon keeps each swarm's ledger
     if not found and not allow_empty:
         raise UserError(f"no ledger files under {home}/swarms/*/ledger.jsonl; pass --ledger PATH")
-    # the node's receipts (its own, and groupmates' that name it) and its key rotations, next to the ledger
-    return found + sorted(home.glob("swarms/*/receipts.jsonl")) + sorted(home.glob("swarms/*/rotations.jsonl"))
+    # the node's receipts (its own, and groupmates' that name it) and its key rotations, next to the ledger,
+    # and the ledgers of keys it rotated away from (node/rotation.py)
+    return (found + sorted(home.glob("swarms/*/ledger-*.jsonl")) + sorted(home.glob("swarms/*/receipts.jsonl"))
+            + sorted(home.glob("swarms/*/rotations.jsonl")))
 
 
 def _read_sources(paths: list[Path], torn: list[str] | None = None) -> dict[str, list[bytes]]:

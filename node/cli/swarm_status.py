@@ -64,11 +64,13 @@ def cmd_swarm_status(args) -> int:
                        str(s["trainers"]) if s["trainers"] else "[red]0 (nobody trains it)[/red]")
     console.print(shards)
     rec = view["records"]
-    credit = Table(title=f"verified credit ({rec['verified']} of {rec['found']} records in the DHT verified"
+    credit = Table(title=f"verified credit ({rec['verified']} of {rec['found']} records in the DHT credited"
+                         + (f", {rec['uncredited']} without receipts or failed a spot-check" if rec.get("uncredited") else "")
                          + (f", {rec['rejected']} rejected" if rec["rejected"] else "") + ")")
-    for col in ("peer id", "verified rounds", "samples", "share"):
+    for col in ("peer id", "claimed rounds", "credited rounds", "checks passed/failed", "samples", "share"):
         credit.add_column(col, overflow="fold")
     for c in view["credit"]:
-        credit.add_row(c["peer_id"], str(c["verified_rounds"]), str(c["samples"]), f"{c['share'] * 100:.1f}%")
+        credit.add_row(c["peer_id"], str(c["claimed_rounds"]), str(c["verified_rounds"]),
+                       f"{c['spot_checks_passed']}/{c['spot_checks_failed']}", str(c["samples"]), f"{c['share'] * 100:.1f}%")
     console.print(credit)
     return 0
