@@ -89,7 +89,8 @@ class TinyNode:
         ]
 
     def credit(self) -> list[dict]:
-        return [{"peer_id": "12D3KooWTiny", "verified_rounds": 5, "samples": 640, "tokens": 81920, "share": 0.5}]
+        return [{"peer_id": "12D3KooWTiny", "verified_rounds": 5, "claimed_rounds": 7, "receipted_rounds": 6,
+                 "spot_checks_passed": 2, "spot_checks_failed": 1, "samples": 640, "tokens": 81920, "share": 0.5}]
 
     def append_record(self) -> dict:
         """Sign a real contribution record, as the daemon's ledger would, and announce it."""
