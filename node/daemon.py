@@ -188,6 +188,7 @@ class Node:
         self.credit = CreditCache(ledger=self.ledger, read_dht_records=swarm.read_records, swarm_id=self.swarm_id,
                                   max_samples_per_round=m.credit_cap, max_tokens_per_sample=m.token_cap,
                                   read_dht_round=lambda r: swarm.read_receipts(r) + swarm.read_checks(r),
+                                  exclude_after=m.credit.exclude_after,
                                   evidence_files=[self.workdir / "receipts.jsonl", self.workdir / "rotations.jsonl",
                                                   *sorted(self.workdir.glob("ledger-*.jsonl"))])  # retired keys' ledgers
         self.board.update(round=self.round, adapter_hash=self.adapter.state_hash(), coverage=self._coverage({}))

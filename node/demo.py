@@ -190,7 +190,8 @@ def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, po
         evidence = led.with_name("receipts.jsonl")  # receipts and spot-checks: what makes a record count
         if evidence.exists():
             blobs[f"node-{i}-receipts"] = [line for line in evidence.read_bytes().splitlines() if line]
-    report = verify_logs(blobs, m.swarm_id, m.credit_cap, max_tokens_per_sample=m.token_cap)
+    report = verify_logs(blobs, m.swarm_id, m.credit_cap, max_tokens_per_sample=m.token_cap,
+                         exclude_after=m.credit.exclude_after)
     credit = compute_credit(report)
     # 3. before/after on held-out examples, with stock PEFT
     from node.model import resolve_base

@@ -30,8 +30,11 @@ signed by a key after that key's rotation. The same record seen twice counts onc
 Receipts (protocol/receipt.py) are verified (signature, schema, swarm id); copies count once.
 For each (round, shard) the receipts are grouped by (members, result hash) into receipt sets
 (every signer is a member: the receipt's schema says so). The canonical set of a (round, shard)
-is the one with the most distinct signers; a tie for the most means none is canonical (the
-verdicts say so), and receipts of the other sets are "ignored" (outvoted).
+is the one with the most distinct signers, not counting peers barred by `exclude_after` counted
+failed spot checks in earlier rounds (the nodes leave those out of their groups; they must not
+outvote the honest group with a group of their own); a tie for the most means none is canonical
+(the verdicts say so), and receipts of the other sets are "ignored" (outvoted). Rounds are decided
+in order, each round's checks judged against its canonical sets.
 
 A valid record of peer p for round r and shards S is *receipted* when, for at least one k in S,
 the canonical set of (r, k) names p and is signed by at least max(1, floor(len(members) / 2))
@@ -93,6 +96,8 @@ from protocol.record import (
 )
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_EXCLUDE_AFTER = 3  # the manifest's [credit] exclude_after default
 
 
 class LedgerError(Exception):
@@ -327,6 +332,7 @@ class ReceiptSet:
     reducers: tuple[str, ...] = ()  # the members that held parts: the only possible checkers
     check_rate_ppm: int = 0  # the group's per-member spot-check chance, parts per million
     receipts: dict[str, list[RoundReceipt]] = dataclasses.field(default_factory=dict)  # signer -> its receipts
+    counted: list[str] = dataclasses.field(default_factory=list)  # signers not barred by earlier failed checks
 
     @property
     def signers(self) -> list[str]:
@@ -397,6 +403,7 @@ def verify_logs(
     max_tokens_per_sample: int | None = None,
     *,
     require_receipts: bool = True,
+    exclude_after: int = DEFAULT_EXCLUDE_AFTER,
 ) -> Report:
     """Verify records, receipts, spot checks and rotations from several sources (see the module
     docstring for the rules); a Verdict per record, a StatementVerdict per receipt or check and a
@@ -410,7 +417,8 @@ def verify_logs(
     (the manifest's `[data] max_length`) caps the tokens credited per record. `require_receipts=False`
     credits records without receipts (self-reported work, as before receipts existed; spot checks
     still apply). The draw that decides which checks count uses the rate and reducers the canonical
-    receipt set names.
+    receipt set names. `exclude_after` (the manifest's `[credit] exclude_after`) counted failed checks
+    bar a peer's receipts from the next round on.
     """
     records_by_source: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
     statement_blobs: list[tuple[str, int, str, bytes]] = []
@@ -449,8 +457,7 @@ def verify_logs(
             peer.fail(f"log ends at seq {peer.head_seq} below the published head seq {head} (truncated tail)")
 
     statements = _verify_statements(statement_blobs, swarm_id)
-    groups = _groups(statements)
-    _judge_checks(statements, groups)
+    groups = _groups(statements, exclude_after)
     _credit_records(verdicts, groups, statements, require_receipts)
     return Report(
         swarm_id, max_samples_per_round, verdicts, peers, rotation_errors, max_tokens_per_sample,
@@ -598,38 +605,62 @@ def _verify_statements(items: list[tuple[str, int, str, bytes]], swarm_id: str) 
     return out
 
 
-def _groups(statements: list[StatementVerdict]) -> dict[tuple[int, int], Group]:
-    """Receipt sets per (round, shard) and the canonical one: the most distinct signers; a tie: none."""
+def _groups(statements: list[StatementVerdict], exclude_after: int) -> dict[tuple[int, int], Group]:
+    """Receipt sets per (round, shard) and the canonical one, round by round; the spot checks of each
+    round are judged against its canonical sets before the next round's sets are weighed.
+
+    A set's weight is its signers that are not barred: a peer is barred from the round after its
+    `exclude_after`-th counted failed spot check (as the nodes leave it out of their groups then), so
+    cheaters left out cannot outvote or tie the honest group with a group of their own. The canonical
+    set has the most weight, at least 1; a tie for the most means none is canonical."""
     sets: dict[tuple[int, int], dict[tuple, ReceiptSet]] = defaultdict(dict)
     by_set: dict[int, list[StatementVerdict]] = defaultdict(list)
+    checks: dict[int, list[StatementVerdict]] = defaultdict(list)
     for sv in statements:
-        if sv.kind != "receipt" or sv.status != "ok":
+        if sv.status != "ok":
+            continue
+        if sv.kind == "check":
+            checks[sv.statement.round].append(sv)
             continue
         r = sv.statement
         key = (r.members, r.result_hash, r.reducers, r.check_rate_ppm)
         rs = sets[(r.round, r.shard)].setdefault(key, ReceiptSet(*key))
         rs.receipts.setdefault(r.peer_id, []).append(r)
         by_set[id(rs)].append(sv)
-    groups = {}
-    for (round_, shard), found in sorted(sets.items()):
-        ordered = sorted(found.values(), key=lambda s: (-len(s.receipts), s.members, s.result_hash, s.reducers,
-                                                        s.check_rate_ppm))
-        most = len(ordered[0].receipts)
-        tied = [s for s in ordered if len(s.receipts) == most]
-        canonical, note = (ordered[0], "") if len(tied) == 1 else (None, "")
-        if canonical is None:
-            note = f"{len(tied)} receipt sets tie with {most} signer(s) each; none is canonical"
-        elif len(ordered) > 1:
-            note = f"{len(ordered) - 1} other receipt set(s) with fewer signers outvoted"
-        groups[(round_, shard)] = Group(round_, shard, ordered, canonical, note)
-        for rs in ordered:
-            if rs is canonical:
+    failures: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    groups: dict[tuple[int, int], Group] = {}
+    for round_ in sorted({r for r, _ in sets} | set(checks)):
+        barred = {p for p, failed in failures.items() if len(failed) >= exclude_after}
+        for (r, shard), found in sorted(sets.items()):
+            if r != round_:
                 continue
-            for sv in by_set[id(rs)]:
-                sv.status = "ignored"
-                sv.reason = (f"round {round_} shard {shard}: {note}" if canonical is None else
-                             f"outvoted: another receipt set of round {round_} shard {shard} has more signers "
-                             f"({len(canonical.receipts)} > {len(rs.receipts)})")
+            for rs in found.values():
+                rs.counted = [p for p in rs.signers if p not in barred]
+            ordered = sorted(found.values(), key=lambda s: (-len(s.counted), s.members, s.result_hash, s.reducers,
+                                                            s.check_rate_ppm))
+            most = len(ordered[0].counted)
+            tied = [s for s in ordered if len(s.counted) == most]
+            canonical, note = (ordered[0], "") if len(tied) == 1 and most > 0 else (None, "")
+            if most == 0:
+                note = "every signer failed spot checks earlier; none is canonical"
+            elif canonical is None:
+                note = f"{len(tied)} receipt sets tie with {most} signer(s) each; none is canonical"
+            elif len(ordered) > 1:
+                note = f"{len(ordered) - 1} other receipt set(s) with fewer signers outvoted"
+            groups[(round_, shard)] = Group(round_, shard, ordered, canonical, note)
+            for rs in ordered:
+                if rs is canonical:
+                    continue
+                for sv in by_set[id(rs)]:
+                    sv.status = "ignored"
+                    sv.reason = (f"round {round_} shard {shard}: {note}" if canonical is None else
+                                 f"outvoted: another receipt set of round {round_} shard {shard} has more signers "
+                                 f"({len(canonical.counted)} > {len(rs.counted)}, not counting peers that failed "
+                                 f"{exclude_after}+ spot checks before)")
+        _judge_checks(checks.get(round_, []), groups)
+        for sv in checks.get(round_, []):
+            if sv.status == "ok" and sv.statement.failed:
+                failures[sv.statement.target].add((sv.statement.round, sv.statement.shard))
     return groups
 
 
@@ -677,7 +708,7 @@ def _receipted(record: ContributionRecord, groups: Mapping[tuple[int, int], Grou
         if record.peer_id not in rs.members:
             problems.append(f"{where}: the receipted group of {len(rs.members)} does not include this peer")
             continue
-        others = [s for s in rs.signers if s != record.peer_id]
+        others = [s for s in rs.counted if s != record.peer_id]
         need = max(1, len(rs.members) // 2)
         if len(others) >= need:
             return True, f"receipted in {where} by {len(others)} other member(s) of a group of {len(rs.members)}"

@@ -115,7 +115,8 @@ class CreditCache:
     MAX_ROUNDS_PER_REFRESH = 32
 
     def __init__(self, *, ledger, read_dht_records, swarm_id: str, max_samples_per_round: int,
-                 max_tokens_per_sample: int | None = None, read_dht_round=None, evidence_files=()):
+                 max_tokens_per_sample: int | None = None, read_dht_round=None, evidence_files=(),
+                 exclude_after: int = 3):
         self.ledger = ledger
         self.read_dht_records = read_dht_records
         self.read_dht_round = read_dht_round  # round -> receipts and checks of that round in the DHT
@@ -123,6 +124,7 @@ class CreditCache:
         self.swarm_id = swarm_id
         self.cap = max_samples_per_round
         self.token_cap = max_tokens_per_sample
+        self.exclude_after = exclude_after
         self._round_blobs: dict[int, list[bytes]] = {}
         self._stop = threading.Event()
         self._rows: list[dict] = []
@@ -192,7 +194,8 @@ class CreditCache:
             blobs["dht"] = records + self._dht_rounds(records)
         except Exception as e:  # a DHT read can fail many ways; local records still verify
             logger.warning("could not read records from the DHT: %s", e)
-        report = verify_logs(blobs, self.swarm_id, self.cap, max_tokens_per_sample=self.token_cap)
+        report = verify_logs(blobs, self.swarm_id, self.cap, max_tokens_per_sample=self.token_cap,
+                             exclude_after=self.exclude_after)
         rows = [credit_row(c) for c in compute_credit(report).values()]
         with self._lock:
             self._rows = rows

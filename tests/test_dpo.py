@@ -187,8 +187,13 @@ def test_three_node_dpo_swarm_from_an_adapter_raises_preference_accuracy(tmp_pat
     c = spawn_node(manifest, "c", "--min-peers", "3", "--initial-peers", *peers)
     for node in (a, b, c):
         assert node.wait_exit(timeout=280) == 0, node.log.read_text()[-3000:]
-    # every node started from the adapter's bits (its first round, whether or not that round completed)
-    assert [n.rounds()[0]["start_hash"] for n in (a, b, c)] == [m.start.hash] * 3
+    # every node that took part in round 0 started it from the adapter's bits (whether or not it completed);
+    # one that came late (a busy box: the others summed round 0 without it) took the swarm's state instead
+    later = {row["hash"] for n in (a, b, c) for row in n.rounds() if row["applied"]}
+    firsts = [n.rounds()[0] for n in (a, b, c)]
+    assert sum(first["round"] == 0 for first in firsts) >= 2, firsts
+    for first in firsts:
+        assert first["start_hash"] == m.start.hash if first["round"] == 0 else first["start_hash"] in later, first
     runs = [{r["round"]: r for r in n.rounds() if r["applied"]} for n in (a, b, c)]
     # the reference is the start adapter: before the first step policy and reference agree, the loss is log 2
     assert all(abs(run[0]["loss"] - math.log(2)) < 1e-5 for run in runs if 0 in run)

@@ -511,6 +511,28 @@ def test_failed_spot_check_uncredits_the_round_and_verifies_offline():
     assert (credit.credited_rounds, credit.spot_checks_passed, credit.spot_checks_failed) == (2, 1, 0)
 
 
+def test_peers_left_out_after_failed_checks_cannot_tie_the_honest_group():
+    """Nodes leave a peer out after exclude_after failed checks; the peer and a partner then sum a group
+    of their own. Its receipts must not tie (or outvote) the honest pair's from that round on."""
+    group = [A, B, D]
+    result, checker = drawn(group, D)
+    sources = {"a": chain(A, 2), "b": chain(B, 2), "d": chain(D, 2), "s1": chain(S1, 1, first_round=1),
+               "r": receipts(group, result=result) + receipts([A, B], round_=1)
+               + receipts([D, S1], round_=1, result="ff" * 32),
+               "checks": [spot(checker, D, result, failed=True)]}
+    report = verify_logs(sources, SWARM, CAP, exclude_after=1)
+    assert report.ok
+    status = {(v.peer_id, v.round): v.status for v in report.records}
+    assert status[(pid(A), 1)] == status[(pid(B), 1)] == "ok"
+    assert status[(pid(D), 0)] == status[(pid(D), 1)] == status[(pid(S1), 1)] == "uncredited"
+    assert "outvoted" in report.groups[(1, 0)].note
+    # below the threshold the accused peer still counts: the two pairs tie and nobody is credited for round 1
+    report = verify_logs(sources, SWARM, CAP, exclude_after=2)
+    assert report.groups[(1, 0)].canonical is None
+    assert {(v.peer_id, v.status) for v in report.records if v.round == 1} == {
+        (pid(A), "uncredited"), (pid(B), "uncredited"), (pid(D), "uncredited"), (pid(S1), "uncredited")}
+
+
 def test_checks_that_do_not_count_are_ignored():
     group = [A, B, C]
     result, checker = drawn(group, A)

@@ -144,6 +144,7 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int, int | None]:
 
     swarm_id, cap, token_cap = args.swarm_id, args.max_samples, None
     args.objective = ""  # known from a manifest only
+    args.exclude_after = None
     if args.manifest:
         from node.manifest import load_manifest  # lazy: the manifest pulls in more than we need here
 
@@ -155,6 +156,7 @@ def _swarm_params(args: argparse.Namespace) -> tuple[str, int, int | None]:
         cap = cap if cap is not None else manifest.credit_cap
         token_cap = manifest.token_cap
         args.objective = manifest.objective
+        args.exclude_after = manifest.credit.exclude_after
     if not swarm_id or cap is None:
         raise UserError("need the swarm: pass --manifest M, or both --swarm-id HEX and --max-samples N")
     if len(swarm_id) != 64 or not all(c in "0123456789abcdef" for c in swarm_id):
@@ -191,7 +193,8 @@ def _report(args: argparse.Namespace, torn: list[str] | None = None):
         except OSError as e:
             raise UserError(f"cannot read --rotations {args.rotations}: {e.strerror}") from None
     return verify_logs(sources, swarm_id, cap, rotations=rotations, max_tokens_per_sample=token_cap,
-                       require_receipts=not args.no_receipts)
+                       require_receipts=not args.no_receipts,
+                       **({"exclude_after": args.exclude_after} if args.exclude_after else {}))
 
 
 def _record_dict(record, **extra) -> dict:
