@@ -28,9 +28,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from node.ledger import read_log
 from node.rotation import ROTATIONS_FILENAME, read_rotation_file, retired_ledger_name, rotation_entry, swarm_rotations
-from node.swarm.statements import check_subkey, checks_key, receipt_subkey, receipts_key
+from node.swarm.statements import MAX_DHT_VALUE_BYTES, check_subkey, checks_key, receipt_subkey, receipts_key
 from node.swarm.validator import owner_subkey, records_key
-from protocol.receipt import verify_check, verify_receipt
+from protocol.receipt import classify, verify_check, verify_receipt
 from protocol.record import RecordError, verify_signed
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class Republisher:
 
 def for_node(swarm, workdir: Path, ledger, ttl_s: float) -> Republisher:
     """The node's republisher: its ledger (followed as it grows), the ledgers of keys it rotated away from,
-    and the swarm's rotation statements in its folder, all due at the first tick (a restarted node does not
+    the swarm's rotation statements in its folder, and the receipts and checks in its receipts.jsonl
+    (followed too), all due at the first tick (a restarted node does not
     know whether the DHT still holds them)."""
     rep = Republisher(swarm.store_many, ttl_s=ttl_s, where=KINDS)
     workdir = Path(workdir)
@@ -152,4 +153,24 @@ def for_node(swarm, workdir: Path, ledger, ttl_s: float) -> Republisher:
     rep.add(("rotation", blob) for blob, _ in rotations)
     rep.add(("record", blob) for blob in ledger.blobs())
     rep.follow("record", ledger.blobs, start=ledger.next_seq)
+    evidence = workdir / "receipts.jsonl"  # node/receipts.py: its receipts and checks, groupmates' receipts
+
+    def of_kind(kind: str) -> Callable[[], list[bytes]]:
+        def read() -> list[bytes]:
+            if not evidence.exists():
+                return []
+            out = []
+            for blob in read_log(evidence).blobs:
+                try:
+                    if classify(blob) == kind and len(blob) <= MAX_DHT_VALUE_BYTES:
+                        out.append(blob)
+                except RecordError:
+                    continue
+            return out
+        return read
+
+    for kind in ("receipt", "check"):
+        found = of_kind(kind)()
+        rep.add((kind, blob) for blob in found)
+        rep.follow(kind, of_kind(kind), start=len(found))
     return rep
