@@ -275,12 +275,20 @@ class Swarm:
     # ------------------------------------------------------------------ membership
 
     def view(self) -> dict[str, PeerInfo]:
-        """A fresh peer view from the DHT (this node included); see Membership.view."""
-        return self.members.view()
+        """A fresh peer view from the DHT (this node included); see Membership.view. Peers this node excluded
+        (failed spot-checks) are not in it: they neither vouch for states, donate them, nor count as the swarm's
+        majority (excluded junk senders summing among themselves would otherwise pull honest nodes onto their
+        state)."""
+        return self._without_excluded(self.members.view())
 
     def last_view(self) -> dict[str, PeerInfo]:
         """The last view read, without DHT work."""
-        return self.members.last_view()
+        return self._without_excluded(self.members.last_view())
+
+    def _without_excluded(self, view: dict[str, PeerInfo]) -> dict[str, PeerInfo]:
+        if not self.excluded:
+            return view
+        return {p: i for p, i in view.items() if p not in self.excluded}
 
     def announce(self, **fields) -> None:
         self.members.announce(**fields)
