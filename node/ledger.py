@@ -333,6 +333,7 @@ class ReceiptSet:
     check_rate_ppm: int = 0  # the group's per-member spot-check chance, parts per million
     receipts: dict[str, list[RoundReceipt]] = dataclasses.field(default_factory=dict)  # signer -> its receipts
     counted: list[str] = dataclasses.field(default_factory=list)  # signers not barred by earlier failed checks
+    barred: list[str] = dataclasses.field(default_factory=list)  # members barred by earlier failed checks
 
     @property
     def signers(self) -> list[str]:
@@ -636,6 +637,7 @@ def _groups(statements: list[StatementVerdict], exclude_after: int) -> dict[tupl
                 continue
             for rs in found.values():
                 rs.counted = [p for p in rs.signers if p not in barred]
+                rs.barred = [p for p in rs.members if p in barred]
             ordered = sorted(found.values(), key=lambda s: (-len(s.counted), s.members, s.result_hash, s.reducers,
                                                             s.check_rate_ppm))
             most = len(ordered[0].counted)
@@ -709,7 +711,7 @@ def _receipted(record: ContributionRecord, groups: Mapping[tuple[int, int], Grou
             problems.append(f"{where}: the receipted group of {len(rs.members)} does not include this peer")
             continue
         others = [s for s in rs.counted if s != record.peer_id]
-        need = max(1, len(rs.members) // 2)
+        need = max(1, (len(rs.members) - len(rs.barred)) // 2)  # barred members neither vouch nor count
         if len(others) >= need:
             return True, f"receipted in {where} by {len(others)} other member(s) of a group of {len(rs.members)}"
         problems.append(f"{where}: {len(others)} other member(s) of the group of {len(rs.members)} signed a receipt, "

@@ -203,10 +203,11 @@ def _start_identified(identity, manifest, *, client_mode: bool, **kwargs):
             os.unlink(tmp_key)
 
 
-def part_size_bytes(numel: int, grid, chunks: int = 64, floor: int = 1024, ceiling: int = 1 << 19) -> int:
+def part_size_bytes(numel: int, grid, chunks: int = 8, floor: int = 4096, ceiling: int = 1 << 19) -> int:
     """hivemind streams a shard in chunks and gives each chunk whole to one reducer; its default 512 KiB chunk
     makes any shard under 512 KiB one chunk, summed by one member, whose own part then nobody else holds (and
-    no spot-check can look at). `chunks` chunks per shard spread the parts over the group."""
+    no spot-check can look at). `chunks` chunks per shard spread the parts over the group (64 chunks of 1 KiB
+    broke reducer streams on a busy 2-core box: "values came back un-summed")."""
     return max(floor, min(ceiling, numel * torch.empty(0, dtype=grid.dtype).element_size() // chunks))
 
 
