@@ -136,25 +136,27 @@ def ping_rtts(dht: hivemind.DHT, peer_ids: Sequence[str], repeat: int = 3) -> di
 
 def read_swarm_records(initial_peers: Sequence[str], swarm_id: str) -> list[bytes]:
     """Every valid contribution record of a swarm, read by a short-lived client-mode DHT node."""
-    from node.swarm.validator import RecordsValidator, collect_records
+    from node.swarm.validator import collect_records
 
-    dht = start_dht(initial_peers=initial_peers, host_maddrs=None, client_mode=True,
-                    record_validators=[RecordsValidator(swarm_id)], retries=0)
-    try:
-        return collect_records(dht, swarm_id)
-    finally:
-        dht.shutdown()
+    return _read_swarm(initial_peers, swarm_id, collect_records)
 
 
 def read_swarm_statements(initial_peers: Sequence[str], swarm_id: str) -> dict[str, list[bytes]]:
     """Every valid signed statement of a swarm by kind ({"records", "rotations", "receipts", "checks"}:
     receipts and checks of the rounds the records name), read by a short-lived client-mode DHT node."""
-    from node.swarm.validator import RecordsValidator, collect_all
+    from node.swarm.validator import collect_all
+
+    return _read_swarm(initial_peers, swarm_id, collect_all)
+
+
+def _read_swarm(initial_peers: Sequence[str], swarm_id: str, read):
+    """`read(dht, swarm_id)` on a short-lived client-mode DHT node that validates the swarm's values."""
+    from node.swarm.validator import RecordsValidator
 
     dht = start_dht(initial_peers=initial_peers, host_maddrs=None, client_mode=True,
                     record_validators=[RecordsValidator(swarm_id)], retries=0)
     try:
-        return collect_all(dht, swarm_id)
+        return read(dht, swarm_id)
     finally:
         dht.shutdown()
 

@@ -80,19 +80,26 @@ def rotation_subkey(old_peer_id: str) -> str:
     return f"[ed25519-owner:{old_peer_id}]"
 
 
+def _owned(subkey: Any, value: Any, pattern: re.Pattern, form: str, verify) -> tuple[Any, Any, str]:
+    """(subkey match, verified statement, "") or (None, None, why not) for a value under an owner subkey."""
+    if not isinstance(subkey, str):
+        return None, None, f"subkey must be a string, got {type(subkey).__name__}"
+    match = pattern.fullmatch(subkey)
+    if match is None:
+        return None, None, f"subkey {subkey[:100]!r} is not of the form {form}"
+    if not isinstance(value, bytes):
+        return None, None, f"value must be bytes, got {type(value).__name__}"
+    try:
+        return match, verify(value), ""
+    except RecordError as e:
+        return None, None, f"value rejected: {e}"
+
+
 def check_value(swarm_id: str, subkey: Any, value: Any) -> str:
     """Why (subkey, value) may not be stored under this swarm's records key; "" if it may."""
-    if not isinstance(subkey, str):
-        return f"subkey must be a string, got {type(subkey).__name__}"
-    match = _SUBKEY_RE.fullmatch(subkey)
-    if match is None:
-        return f"subkey {subkey[:100]!r} is not of the form [ed25519-owner:<peer id>]:<seq>"
-    if not isinstance(value, bytes):
-        return f"value must be bytes, got {type(value).__name__}"
-    try:
-        record = verify_signed(value)
-    except RecordError as e:
-        return f"value rejected: {e}"
+    match, record, why = _owned(subkey, value, _SUBKEY_RE, "[ed25519-owner:<peer id>]:<seq>", verify_signed)
+    if why:
+        return why
     owner, seq = match.group(1), int(match.group(2))
     if record.peer_id != owner:
         return f"record signed by {record.peer_id} written to the subkey of {owner}"
@@ -105,17 +112,9 @@ def check_value(swarm_id: str, subkey: Any, value: Any) -> str:
 
 def check_rotation_value(swarm_id: str, subkey: Any, value: Any) -> str:
     """Why (subkey, value) may not be stored under this swarm's rotations key; "" if it may."""
-    if not isinstance(subkey, str):
-        return f"subkey must be a string, got {type(subkey).__name__}"
-    match = _ROTATION_SUBKEY_RE.fullmatch(subkey)
-    if match is None:
-        return f"subkey {subkey[:100]!r} is not of the form [ed25519-owner:<old peer id>]"
-    if not isinstance(value, bytes):
-        return f"value must be bytes, got {type(value).__name__}"
-    try:
-        rotation = verify_rotation(value)
-    except RecordError as e:
-        return f"value rejected: {e}"
+    match, rotation, why = _owned(subkey, value, _ROTATION_SUBKEY_RE, "[ed25519-owner:<old peer id>]", verify_rotation)
+    if why:
+        return why
     if rotation.old_peer_id != match.group(1):
         return f"rotation of {rotation.old_peer_id} written to the subkey of {match.group(1)}"
     if rotation.swarm_id != swarm_id:
