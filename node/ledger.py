@@ -630,11 +630,13 @@ def _groups(statements: list[StatementVerdict], exclude_after: int) -> dict[tupl
         by_set[id(rs)].append(sv)
     failures: dict[str, set[tuple[int, int]]] = defaultdict(set)
     groups: dict[tuple[int, int], Group] = {}
-    for round_ in sorted({r for r, _ in sets} | set(checks)):
+    shards_of: dict[int, list[int]] = defaultdict(list)
+    for r, shard in sorted(sets):
+        shards_of[r].append(shard)
+    for round_ in sorted(set(shards_of) | set(checks)):
         barred = {p for p, failed in failures.items() if len(failed) >= exclude_after}
-        for (r, shard), found in sorted(sets.items()):
-            if r != round_:
-                continue
+        for shard in shards_of.get(round_, []):
+            found = sets[(round_, shard)]
             for rs in found.values():
                 rs.counted = [p for p in rs.signers if p not in barred]
                 rs.barred = [p for p in rs.members if p in barred]
