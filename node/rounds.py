@@ -31,6 +31,7 @@ from node.data import assign_examples, data_commitment
 from node.swarm import quorum
 from node.swarm.swarm import Failed, RoundClaim
 from node.trainer import LocalResult, grad_commitment, lr_at
+from protocol.receipt import check_unit
 from protocol.record import to_fixed
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class RoundRunner:
         self.private_key = private_key
         self.on_record = on_record
         self.receipts = receipts  # node.receipts.ReceiptBook: signs, keeps and publishes receipts and checks
+        # per-step contributions carry microbatch sketches for spot-checks (node.spotcheck), unless checks are off
+        checked = not self.trainer.diloco and manifest.lora.dropout == 0 and manifest.credit.spot_check_rate > 0
+        self.sketch = spotcheck.Sketch(self.swarm_id, {k: adapter.shard_numel(k) for k in self.trained}) if checked else None
 
     def _local_work(self, r: int, members) -> tuple[LocalResult, dict[int, torch.Tensor], list[int], dict]:
         """This node's part of round r: (what it computed, its contribution per trained shard before the
@@ -114,7 +118,7 @@ class RoundRunner:
 
     def _gradients(self, indices) -> LocalResult:
         examples = [self.examples[i] for i in indices]
-        return self.trainer.local_gradients(examples) if examples else self._empty_local()
+        return self.trainer.local_gradients(examples, self.sketch) if examples else self._empty_local()
 
     def run(self, r: int, view: dict) -> RoundResult:
         m = self.m
@@ -137,7 +141,7 @@ class RoundRunner:
                 x[k] = noise * (scale * float(contribution[k].norm()) / max(float(noise.norm()), 1e-30))
         t_compute = time.time() - t0
         claim = RoundClaim(round=r, hashes=shard_hashes, samples=local.samples, tokens=local.tokens, loss_sum=local.loss_sum,
-                           indices=tuple(indices) if not self.trainer.diloco else ())
+                           indices=tuple(indices) if not self.trainer.diloco else (), sketches=local.sketches)
         expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
 
         t1 = time.time()
@@ -222,28 +226,33 @@ class RoundRunner:
         return result
 
     def _spot_checks(self, r: int, summed: dict) -> list:
-        """Recompute the contribution of each member the round's results draw for a check by this node."""
-        if self.trainer.diloco or self.m.lora.dropout > 0:
+        """Check each member the round's results draw for a check by this node: recompute the microbatch
+        the sum's hash draws from the round's start state, and compare (node.spotcheck.verdict)."""
+        if self.sketch is None:
             return []
         outcomes, recomputed = [], {}
-        total = self.m.rounds.target_batch_size
+        mb, tolerance = self.m.rounds.microbatch_size, self.m.credit.spot_check_tolerance
         for k, res in summed.items():
             if res.view is None:
                 continue
             for target, part in res.view.check_parts.items():
                 claim = res.claims.get(target)
-                if claim is None or any(not 0 <= i < len(self.examples) for i in claim.indices):
+                if claim is None or not claim.indices or any(not 0 <= i < len(self.examples) for i in claim.indices):
                     continue
                 t = time.time()
-                if target not in recomputed:
-                    recomputed[target] = self._gradients(list(claim.indices))
-                contribution = recomputed[target].grad_sums[k] / total
-                outcome = spotcheck.compare(part, res.view.offset, res, contribution, shard=k, target=target,
-                                            seconds=time.time() - t)
+                unit = check_unit(res.view.result_hash, target, -(-len(claim.indices) // mb))
+                if (target, unit) not in recomputed:
+                    recomputed[(target, unit)] = self._gradients(list(claim.indices[unit * mb : (unit + 1) * mb]))
+                mine = recomputed[(target, unit)].sketches[k][0]
+                outcome = spotcheck.verdict(part, res.view.offset, res, mine, claim.sketches.get(k, torch.zeros(0)), unit,
+                                            self.sketch, shard=k, target=target, total=self.m.rounds.target_batch_size,
+                                            tolerance=tolerance, seconds=time.time() - t)
                 outcomes.append(outcome)
                 log = logger.warning if outcome.failed else logger.info
-                log("round %d shard %d: spot-check of %s…: error %.3g (tolerance %g): %s", r, k, target[:16],
-                    outcome.error, spotcheck.TOLERANCE, "FAILED" if outcome.failed else "passed")
+                log("round %d shard %d: spot-check of %s… (microbatch %d): error %.3g (microbatch %s, part %.3g; "
+                    "tolerance %g): %s", r, k, target[:16], unit, outcome.error,
+                    "bit-exact" if outcome.exact else f"{outcome.unit_error:.3g}", outcome.part_error, tolerance,
+                    "FAILED" if outcome.failed else "passed")
         return outcomes
 
     def _free_ride(self, r: int, t0: float, start_hash: str, shard_hashes: dict) -> RoundResult:

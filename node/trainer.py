@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,8 @@ class LocalResult:
     samples: int
     tokens: int
     loss_sum: float  # sum of token cross-entropies (nats); DPO: sum of the pairs' losses
+    # shard -> (microbatches, node.spotcheck.BLOCKS) float32: each microbatch's gradient sketch (spot-check evidence)
+    sketches: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def lr_at(round_: int, optim: OptimSection, max_rounds: int) -> float:
@@ -104,13 +106,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ local work
 
-    def local_gradients(self, examples) -> LocalResult:
+    def local_gradients(self, examples, sketch=None) -> LocalResult:
+        """The gradient of the summed loss over `examples`, one microbatch of `microbatch_size` at a time.
+        Each microbatch's gradient is computed from zero and added to the sum, so recomputing one microbatch
+        alone gives the same bits (a spot-check's recomputation); `sketch` (node.spotcheck.Sketch)
+        records each microbatch's projection per trained shard in `sketches`."""
         from node.data import collate
 
         self.model.train()
         for p in self.params:
             p.grad = None
         tokens, loss_sum = 0, 0.0
+        sums: dict[int, torch.Tensor] = {}
+        sketches: dict[int, list[torch.Tensor]] = {k: [] for k in self.trained}
         for i in range(0, len(examples), self.microbatch_size):
             chunk = examples[i : i + self.microbatch_size]
             if self.dpo is not None:
@@ -123,13 +131,17 @@ class Trainer:
             loss.backward()
             tokens += n_tok
             loss_sum += float(loss.detach())
-        grads = {}
-        for k in self.trained:
-            flat = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().cpu() for p in self.adapter.shard_params(k)]
-            grads[k] = torch.cat(flat)
-        for p in self.params:
-            p.grad = None
-        return LocalResult(grads, len(examples), tokens, loss_sum)
+            for k in self.trained:
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                  for p in self.adapter.shard_params(k)])
+                sums[k] = flat if k not in sums else sums[k].add_(flat)
+                if sketch is not None:
+                    sketches[k].append(sketch.project(k, flat))
+            for p in self.params:
+                p.grad = None
+        grads = {k: (sums[k].cpu() if k in sums else torch.zeros(self.adapter.shard_numel(k))) for k in self.trained}
+        sketched = {k: torch.stack(v).cpu() for k, v in sketches.items() if v}
+        return LocalResult(grads, len(examples), tokens, loss_sum, sketched)
 
     # ------------------------------------------------------------------ DPO
 

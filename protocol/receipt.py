@@ -288,6 +288,14 @@ def spot_checks(result_hash: str, members: Sequence[str], rate: float,
     return out
 
 
+def check_unit(result_hash: str, target: str, units: int) -> int:
+    """Which of a drawn member's `units` microbatches its checker recomputes (from sha256(result_hash|"unit"|
+    target)): known only once the group's sum is, so a member cannot compute just the one that will be checked."""
+    if units < 1:
+        raise ValueError(f"a checked member has at least one microbatch, got {units}")
+    return _uniform(result_hash, "unit", target) % units
+
+
 def catch_rounds(rate: float, prob: float = 0.99) -> int:
     """Rounds after which a member that cheats every round has been checked (caught) at least once
     with probability >= `prob`: the least n with 1 - (1 - rate)**n >= prob."""

@@ -91,17 +91,31 @@ class RoundClaim:
     tokens: int
     loss_sum: float
     indices: tuple = ()  # the examples it trained on (per-step mode), for a spot-check's recomputation
+    # {shard: float32 (microbatches x node.spotcheck.BLOCKS)}: each microbatch's gradient sketch, for spot-checks
+    sketches: dict = field(default_factory=dict, compare=False)
 
     def to_wire(self) -> dict:
-        return {"r": self.round, "h": {str(k): h for k, h in self.hashes.items()}, "s": self.samples, "t": self.tokens,
+        wire = {"r": self.round, "h": {str(k): h for k, h in self.hashes.items()}, "s": self.samples, "t": self.tokens,
                 "l": self.loss_sum, "i": list(self.indices)}
+        if self.sketches:
+            wire["k"] = {str(k): v.float().contiguous().numpy().tobytes() for k, v in self.sketches.items()}
+        return wire
 
     @classmethod
     def from_wire(cls, value) -> "RoundClaim":
         """Raises TypeError/KeyError/ValueError/AttributeError on a malformed claim."""
         return cls(round=int(value["r"]), hashes={int(k): str(h) for k, h in dict(value["h"]).items()},
                    samples=int(value["s"]), tokens=int(value["t"]), loss_sum=float(value["l"]),
-                   indices=tuple(int(i) for i in value.get("i", ())))
+                   indices=tuple(int(i) for i in value.get("i", ())),
+                   sketches={int(k): _sketch(v) for k, v in dict(value.get("k", {})).items()})
+
+
+def _sketch(raw) -> torch.Tensor:
+    """A claim's microbatch sketches of one shard from the wire, flat float32 (node.spotcheck reads their
+    shape); ValueError when malformed."""
+    if not isinstance(raw, bytes) or not raw or len(raw) % 4:
+        raise ValueError("a sketch is float32 values")
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
 
 
 @dataclass(frozen=True)
