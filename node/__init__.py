@@ -6,7 +6,8 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
     data, preference        datasets and the one batch split; preference pairs and the DPO loss
     tiny, model             the built-in tiny Llama; base + LoRA (and start adapters)
     shards, checkpoint      which shards to train; atomic checkpoints
-    ledger, metrics         signed records, verification, credit; Prometheus metrics
+    ledger, credit          the node's signed-record file; offline verification of any ledgers and credit
+    metrics                 Prometheus metrics
     rotation                a rotated key continues a swarm's ledger (keeps the old one, finds the chain)
     trainer                 local forward/backward and the AdamW step
     swarm/                  the only package that imports hivemind:

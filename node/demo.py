@@ -99,7 +99,7 @@ def _evaluate_adapter(base_dir: Path, adapter_dir: Path, n: int) -> tuple[dict, 
 
 
 def run_demo(*, nodes: int = 3, rounds: int = 60, workdir: str | None = None, port_base: int = 0, quiet: bool = False, threads: int = 1) -> int:
-    from node.ledger import compute_credit, verify_logs
+    from node.credit import compute_credit, verify_logs
     from node.manifest import load_manifest
 
     from node.export import ExportError, check_target

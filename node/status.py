@@ -186,7 +186,7 @@ class CreditCache:
         return [blob for r in sorted(self._round_blobs) for blob in self._round_blobs[r]]
 
     def refresh(self) -> None:
-        from node.ledger import compute_credit, verify_logs
+        from node.credit import compute_credit, verify_logs
 
         blobs = {"local": self.ledger.blobs(), "evidence": self._evidence()}
         try:
@@ -202,7 +202,7 @@ class CreditCache:
 
 
 def credit_row(c) -> dict:
-    """One peer's credit (node.ledger.Credit) as the control service, the dashboard and `swarm status` show it:
+    """One peer's credit (node.credit.Credit) as the control service, the dashboard and `swarm status` show it:
     `verified_rounds` are the credited ones; `claimed_rounds` all rounds its valid records claim."""
     return {"peer_id": c.peer_id, "verified_rounds": c.credited_rounds, "claimed_rounds": c.claimed_rounds,
             "receipted_rounds": c.receipted_rounds, "spot_checks_passed": c.spot_checks_passed,

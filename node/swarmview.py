@@ -35,7 +35,7 @@ def shard_plan(manifest) -> list[tuple[int, int]] | None:
 
 def read_swarm(manifest, *, initial_peers: Sequence[str], wait_s: float = 10.0) -> dict:
     """One snapshot of the swarm; waits up to `wait_s` for the first heartbeats to arrive."""
-    from node.ledger import compute_credit, verify_logs
+    from node.credit import compute_credit, verify_logs
     from node.status import credit_row
     from node.swarm import quorum
     from node.swarm.dht import dht_time

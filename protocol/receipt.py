@@ -4,7 +4,7 @@ A RoundReceipt is signed by one member of the group that summed one shard in one
 the group (sorted member ids), what this signer, as a reducer, received from each member (a sha256
 commitment per member; empty when the signer reduced no part), and the hash of the group's exact
 integer sum, which every member computes identically. A record earns credit only when receipts of
-other members of its group name it (node/ledger.py says exactly when).
+other members of its group name it (node/credit.py says exactly when).
 
 A SpotCheck is signed by a checker that `spot_checks` drew for one target of one round: the checker
 recomputed the target's part from the round's start state and the target's assigned examples and

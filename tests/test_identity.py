@@ -189,7 +189,8 @@ def test_keygen_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_keygen_rotate_cli(tmp_path, capsys):
-    from node.ledger import Ledger, verify_logs
+    from node.credit import verify_logs
+    from node.ledger import Ledger
 
     old_key, new_key, ledger_path = tmp_path / "old.key", tmp_path / "new.key", tmp_path / "ledger.jsonl"
     old = generate_identity(old_key)

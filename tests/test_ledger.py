@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.cli import main
-from node.ledger import Ledger, LedgerError, compute_credit, read_log, verify_logs
+from node.credit import compute_credit, verify_logs
+from node.ledger import Ledger, LedgerError, read_log
 from protocol.peerid import peer_id_from_public_key
 from protocol.record import (
     ZERO_HASH,

@@ -18,7 +18,8 @@ import pytest
 
 from node.cli import main
 from node.identity import generate_identity, load_identity
-from node.ledger import Ledger, read_log, verify_logs
+from node.credit import verify_logs
+from node.ledger import Ledger, read_log
 from node.republish import Republisher, record_entry
 from node.rotation import RotationError, plan_ledger, retire_ledger
 from protocol.record import verify_rotation, verify_signed

@@ -180,7 +180,7 @@ def _collect_dht(peers: list[str], swarm_id: str) -> list[bytes]:
 
 def _report(args: argparse.Namespace, torn: list[str] | None = None):
     from node.cli.errors import UserError
-    from node.ledger import verify_logs
+    from node.credit import verify_logs
 
     swarm_id, cap, token_cap = _swarm_params(args)
     sources = _read_sources(_ledger_paths(args, allow_empty=bool(args.dht_peer)), torn)
@@ -366,7 +366,7 @@ def _credit(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from node.ledger import compute_credit
+    from node.credit import compute_credit
 
     report = _report(args)
     credit = compute_credit(report)
