@@ -15,6 +15,10 @@ The grid (`[sync] wire`) sets the bytes: `int8` sends one byte per value and get
 peers fits 32 bits). What a peer could not send, x - q * 2**e, stays with it and joins its next
 contribution, so nothing is lost over time. `encode_sum`/`decode_sum` are the reducer's reply format:
 a header (status, group size, count) and the bits the sum needs.
+
+The reducer's sum is robust (`robust_sum`): a part far above the median norm is scaled down first
+(`[sync] clip`), and with `[sync] robust = "trimmed"` each value of the sum drops the senders' most extreme
+values at both ends (a trimmed mean, scaled back to a sum of n), all in integers.
 """
 
 from __future__ import annotations
@@ -123,22 +127,74 @@ def group_exponents(per_peer: list, layout: Layout) -> torch.Tensor:
     return capped.clamp(E_MIN, E_MAX).to(torch.int8)
 
 
-def robust_sum(parts: list[torch.Tensor], clip: float) -> tuple[torch.Tensor, dict[int, float]]:
-    """The exact int64 sum of the senders' integer parts, each first scaled down (rounded to the grid) to at
-    most `clip` times the median L2 norm of the non-zero parts (clip 0: no clipping). Returns the sum and
-    {sender position: its norm / the median} for every part that was clipped. One reducer computes it and
-    sends every member the same sum, so members stay bit-identical whatever rounding happens here."""
-    total = torch.zeros(parts[0].numel(), dtype=torch.int64) if parts else torch.zeros(0, dtype=torch.int64)
+def trim_count(trim: float, n: int) -> int:
+    """Senders dropped at each end of each coordinate by a trimmed sum of `n` senders: floor(trim * n), but at
+    least 1 once n >= 3 (else a 10% trim would drop nobody below 10 senders; 3 senders keep the median), and
+    never so many that nobody is kept. 0 when trim is 0 or n < 3: two values have no middle."""
+    if trim <= 0 or n < 3:
+        return 0
+    return min(max(1, math.floor(trim * n)), (n - 1) // 2)
+
+
+def clip_parts(parts: list[torch.Tensor], clip: float) -> tuple[list[torch.Tensor], dict[int, float]]:
+    """The senders' integer parts as int64, each part above `clip` times the median L2 norm of the non-zero
+    parts scaled down to that norm (rounded to the grid; clip 0: none), and {sender position: its norm / the
+    median} for every part that was scaled."""
     clipped: dict[int, float] = {}
     norms = [float(p.to(torch.float64).norm()) for p in parts]
     nonzero = sorted(n for n in norms if n > 0)
-    bound = clip * nonzero[(len(nonzero) - 1) // 2] if clip > 0 and len(nonzero) >= 2 else float("inf")
+    median = nonzero[(len(nonzero) - 1) // 2] if nonzero else 0.0
+    bound = clip * median if clip > 0 and len(nonzero) >= 2 else float("inf")
+    out = []
     for i, (part, norm) in enumerate(zip(parts, norms)):
         if norm > bound:
-            clipped[i] = norm / nonzero[(len(nonzero) - 1) // 2]
-            part = torch.round(part.to(torch.float64) * (bound / norm)).to(torch.int64)  # |q| only shrinks
-        total += part.to(torch.int64)
-    return total, clipped
+            clipped[i] = norm / median
+            part = torch.round(part.to(torch.float64) * (bound / norm))  # |q| only shrinks
+        out.append(part.to(torch.int64))
+    return out, clipped
+
+
+def trimmed_sum(stacked: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate (column) of `stacked` (senders x values, integers within the grid): the `t` lowest and
+    `t` highest senders' values dropped, the rest summed in int64 and scaled back to all n senders,
+    round(kept_sum * n / kept) with halves away from zero, in integers only. The result is the trimmed mean
+    times n, so whoever divides the sum by the group's samples is unchanged, and within the sum's wire range
+    (|result| <= n * q_max). It depends only on the multiset of each column's values: the senders' order does
+    not change a bit. Also returns, per sender, how many of its values were dropped (ties: the sender listed
+    first counts as the lower)."""
+    n, numel = stacked.shape
+    if t <= 0:
+        return stacked.sum(dim=0, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    kept = n - 2 * t
+    # every value fits int32 (|q| <= q_max < 2**23); sorting int32 is faster than int64
+    values, order = torch.sort(stacked.to(torch.int32), dim=0, stable=True)
+    total = values[t : n - t].sum(dim=0, dtype=torch.int64)
+    scaled = (total.abs() * (2 * n) + kept).div_(2 * kept, rounding_mode="floor")  # |exact| + 1/2, floored
+    total = torch.where(total < 0, -scaled, scaled)
+    dropped = torch.cat([order[:t], order[n - t :]]).view(-1)
+    lost = torch.bincount(dropped, minlength=n) if numel else torch.zeros(n, dtype=torch.int64)
+    return total, lost
+
+
+def robust_sum(parts: list[torch.Tensor], clip: float, trim: float = 0.0) -> tuple[torch.Tensor, dict[int, float], dict[int, int]]:
+    """The exact int64 sum of the senders' integer parts, each first scaled down (rounded to the grid) to at
+    most `clip` times the median L2 norm of the non-zero parts (clip 0: no clipping); with `trim` > 0 and at
+    least 3 senders, per coordinate a trimmed sum (`trimmed_sum`, trim_count(trim, n) senders off each end)
+    instead of the plain one. Returns the sum, {sender position: its norm / the median} for every part that
+    was clipped, and {sender position: values of its part the trim dropped} (empty without a trim). One
+    reducer computes it and sends every member the same sum, so members stay bit-identical whatever rounding
+    happens here; integers throughout, so any reducer given the same parts computes the same sum."""
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64), {}, {}
+    scaled, clipped = clip_parts(parts, clip)
+    t = trim_count(trim, len(parts))
+    if not t:
+        total = scaled[0].clone()
+        for part in scaled[1:]:
+            total += part
+        return total, clipped, {}
+    total, lost = trimmed_sum(torch.stack(scaled), t)
+    return total, clipped, {i: int(c) for i, c in enumerate(lost.tolist()) if c}
 
 
 def _scales(exps: torch.Tensor, b: int, count: int, sign: int) -> torch.Tensor:
