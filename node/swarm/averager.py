@@ -88,13 +88,11 @@ class _ExactPartReducer(TensorPartReducer):
     first clipped to `clip` x the median part norm, then, with `trim` > 0, summed as a per-value trimmed mean
     (exact.robust_sum). A part's result is its sum, or None when some sender's piece is missing: hivemind
     would quietly divide by the weight that did arrive (with two peers, one peer's own gradient passing for
-    the group's). `clipped`: {sender index: largest norm / median} of the senders whose parts were clipped;
-    `trimmed`: {sender index: values of its parts the trim dropped}."""
+    the group's). `clipped`: {sender index: largest norm / median} of the senders whose parts were clipped."""
 
     def __init__(self, part_shapes, num_senders: int, clip: float = 0.0, trim: float = 0.0):
         self.clip, self.trim = clip, trim
         self.clipped: dict[int, float] = {}
-        self.trimmed: dict[int, int] = {}
         # per sender: sha256 over its parts as received (its commitment in this node's receipt), and the parts
         # themselves (a drawn spot-check compares them with a recomputation)
         self.hashes: dict[int, Any] = {}
@@ -127,11 +125,9 @@ class _ExactPartReducer(TensorPartReducer):
                     part = self.accumulator.by_sender[i]
                     self.hashes.setdefault(i, hashlib.sha256()).update(part.numpy().tobytes())
                     self.kept.setdefault(i, []).append(part)
-                total, clipped, lost = robust_sum([self.accumulator.by_sender[i] for i in senders], self.clip, self.trim)
+                total, clipped = robust_sum([self.accumulator.by_sender[i] for i in senders], self.clip, self.trim)
                 for pos, ratio in clipped.items():
                     self.clipped[senders[pos]] = max(ratio, self.clipped.get(senders[pos], 0.0))
-                for pos, count in lost.items():
-                    self.trimmed[senders[pos]] = self.trimmed.get(senders[pos], 0) + count
             self.current_part_future.set_result(total)
             self.reset_accumulators()
 
