@@ -263,6 +263,9 @@ class Swarm:
         self.find_group_timeout = 2 * matchmaking_time + 2.0
         self.peer_ttl = peer_ttl
         self.averagers: dict[int, ShardAverager] = {}
+        if trim > 0:
+            logger.info("robust sum: clip %g x the median part norm, then per value a trimmed mean (%g of the senders "
+                        "off each end, at least 1 of 3)", clip, trim)
         for k, sizes in enumerate(shard_layouts):
             self.averagers[k] = ShardAverager(
                 sizes,
