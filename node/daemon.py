@@ -142,7 +142,7 @@ class Node:
         self.swarm = swarm = Swarm(
             self._dht, swarm_id=self.swarm_id, shard_layouts=layouts, trained_shards=self.trained,
             matchmaking_time=m.averaging.matchmaking_time, allreduce_timeout=m.averaging.timeout,
-            peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, clip=m.sync.clip, initial_peers=cfg.initial_peers,
+            peer_ttl=m.averaging.peer_ttl, wire=m.sync.wire, clip=m.sync.clip, trim=m.sync.reducer_trim, initial_peers=cfg.initial_peers,
             reach=self.reach, spot_check_rate=self._spot_check_rate(),
         )
         # this node's records and rotation statements are stored again before the DHT forgets them

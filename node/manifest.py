@@ -119,8 +119,16 @@ class SyncSection:
     outer_lr: float = 0.7  # diloco: outer Nesterov SGD learning rate (OpenDiLoCo / INTELLECT-1: 0.7)
     outer_momentum: float = 0.9  # diloco: outer momentum (0 = plain SGD)
     clip: float = 4.0  # a peer's part more than clip x the group's median part norm is scaled down to that, and the peer flagged (0 = off)
+    robust: str = "clip"  # clip: each part clipped, then summed | trimmed: clipped, then per value the trim share of senders dropped at each end
+    trim: float = 0.1  # robust = "trimmed": share of senders dropped at EACH end of every value (at least 1 of >= 3 senders)
+
+    @property
+    def reducer_trim(self) -> float:
+        """What a reducer trims off each end of each value (node.swarm.exact.trim_count): 0 unless robust = "trimmed"."""
+        return self.trim if self.robust == "trimmed" else 0.0
 
 
+ROBUST = ("clip", "trimmed")  # [sync] robust: how a reducer sums the senders' parts (node/swarm/exact.robust_sum)
 OBJECTIVES = ("sft", "dpo")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo")  # TRL's DPOConfig.loss_type names (trl/trainer/dpo_trainer.py)
 
@@ -200,6 +208,8 @@ class Manifest:
             del d["dpo"]
         if not self.start.hash:
             del d["start"]
+        if self.sync.robust == "clip":  # likewise robust and trim, which only a trimmed sum uses
+            del d["sync"]["robust"], d["sync"]["trim"]
         return _lists(d)
 
     def resolve_path(self, value: str) -> str:
@@ -352,6 +362,7 @@ _RANGES: tuple[tuple[str, str, str, Any], ...] = (
     ("sync", "outer_lr", "> 0", lambda v: v > 0),
     ("sync", "outer_momentum", "[0, 1)", lambda v: 0.0 <= v < 1.0),
     ("sync", "clip", "0 (off) or >= 1", lambda v: v == 0 or v >= 1),
+    ("sync", "trim", "(0, 0.5): a share of senders at each end", lambda v: 0.0 < v < 0.5),
     ("credit", "max_samples_per_round", ">= 0 (0 = the round's whole batch)", lambda v: v >= 0),
     ("credit", "spot_check_rate", "[0, 1] (0 = no spot-checks)", lambda v: 0.0 <= v <= 1.0),
     ("credit", "spot_check_tolerance", "> 0", lambda v: v > 0),
@@ -366,6 +377,7 @@ _CHOICES = (
     ("averaging", "on_split", ("train", "wait")),
     ("sync", "mode", ("per-step", "diloco")),
     ("sync", "wire", ("int8", "int32")),
+    ("sync", "robust", ROBUST),
     ("dpo", "loss", DPO_LOSSES),
 )
 

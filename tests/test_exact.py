@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from node.swarm.averager import _ExactPartReducer
 from node.swarm.exact import (
     BLOCK, E_MIN, GRIDS, MAX_GROUP, Layout, WireError, block_exponents, check_part, decode_sum, dequantize,
-    EXP_SLACK, encode_sum, group_exponents, quantize, robust_sum, sum_bits, wire_bytes_per_value,
+    EXP_SLACK, encode_sum, group_exponents, quantize, robust_sum, sum_bits, trim_count, trimmed_sum, wire_bytes_per_value,
 )
 
 SIZES = [512, 512, 3 * BLOCK + 17, 3, 1]
@@ -130,6 +131,114 @@ def test_robust_sum_clips_a_part_far_above_the_median():
     # clip 0: the plain exact sum
     total, clipped = robust_sum(parts, clip=0)
     assert not clipped and torch.equal(total, sum(p.long() for p in parts))
+
+
+def test_trim_count_drops_at_least_one_of_three_and_always_keeps_one():
+    assert [trim_count(0.1, n) for n in (1, 2, 3, 4, 9, 10, 19, 20, 256)] == [0, 0, 1, 1, 1, 1, 1, 2, 25]
+    assert [trim_count(0.49, n) for n in (3, 4, 5, 6, 100)] == [1, 1, 2, 2, 49]
+    assert trim_count(0.0, 10) == 0
+
+
+def _trimmed_by_hand(parts, t):
+    """The trimmed sum one value at a time, in exact fractions: the reference for the vectorised one."""
+    n, kept = len(parts), len(parts) - 2 * t
+    return [round(Fraction(sum(sorted(column)[t : n - t]) * n, kept)) for column in zip(*(p.tolist() for p in parts))]
+
+
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))
+@pytest.mark.parametrize("n,trim", [(3, 0.1), (4, 0.25), (7, 0.3), (10, 0.1), (16, 0.3), (12, 0.45), (20, 0.45)])
+def test_trimmed_sum_is_exact_and_does_not_depend_on_the_senders_order(grid, n, trim):
+    g = torch.Generator().manual_seed(n)
+    numel = 3001
+    bound = min(grid.q_max, 1000)
+    parts = [torch.randint(-bound, bound + 1, (numel,), generator=g).to(grid.dtype) for _ in range(n)]
+    parts[0][:50] = grid.q_max  # ties and extremes: a whole column at the grid's edge, equal values
+    parts[1][:50] = grid.q_max
+    parts[-1][:50] = -grid.q_max
+    t = trim_count(trim, n)  # 1, 1, 2, 1, 4, 5, 9: max and min dropped (t 1), or compare-exchange passes
+    total, clipped = robust_sum(parts, clip=0, trim=trim)
+    assert total.dtype == torch.int64 and not clipped
+    assert total.tolist() == _trimmed_by_hand(parts, t)
+    assert int(total.abs().max()) <= grid.q_max * n  # what the sum's wire holds for a group of n
+    rng = random.Random(n)
+    for _ in range(3):
+        order = list(range(n))
+        rng.shuffle(order)
+        again, _ = robust_sum([parts[i] for i in order], clip=0, trim=trim)
+        assert torch.equal(again, total)
+    # the reducer sends it: encoded and decoded bit for bit
+    assert torch.equal(decode_sum(encode_sum(total, grid, n, numel), grid, n, numel).long(), total)
+
+
+def test_trimmed_sum_scales_the_kept_values_to_n_senders_and_rounds_halves_to_even():
+    def trimmed(columns, t=1):
+        return trimmed_sum(torch.tensor(columns, dtype=torch.int32).t().contiguous(), t).tolist()
+
+    # n 4, kept 2: the middle two times 4/2, exact (the 100 and -100 are each column's extremes)
+    assert trimmed([[1, 2, 3, 4], [-1, -2, -3, -4], [0, 100, -100, 0]]) == [10, -10, 0]
+    # n 5, kept 3: the middle three sum to 2 (the 5 and -5 trimmed); 2 * 5 / 3 = 3.33 -> 3
+    assert trimmed([[1, 1, 0, 5, -5], [-1, -1, 0, -5, 5]]) == [3, -3]
+    # n 6, kept 4: 1 * 6 / 4 = 1.5 -> 2; n 10, kept 8: 2 * 10 / 8 = 2.5 -> 2 (halves to even, either sign)
+    assert trimmed([[1, 0, 0, 9, -9, 0], [-1, 0, 0, 9, -9, 0]]) == [2, -2]
+    assert trimmed([[2] + [0] * 7 + [9, -9], [-2] + [0] * 7 + [9, -9]]) == [2, -2]
+    # t 2 of n 7 (compare-exchange passes): the middle three 0 + 1 + 2 = 3, times 7/3
+    assert trimmed([[-50, 40, 2, 0, 1, 60, -70]], t=2) == [7]
+
+
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))
+def test_a_huge_outlier_changes_the_trimmed_sum_only_through_the_values_it_displaces(grid):
+    """A poisoner 10^6 times the honest values (already at the grid's edge after quantisation): per value it
+    is the largest or smallest, so it is trimmed; the result is what the honest senders' values alone give
+    once the poisoner's slot takes the honest extreme it pushed in. No result moves by more than the spread
+    of the honest values, whatever the poisoner's size; with the plain sum it moves by q_max."""
+    g = torch.Generator().manual_seed(11)
+    numel, n_honest = 20000, 7
+    honest = [torch.randint(-20, 21, (numel,), generator=g).to(grid.dtype) for _ in range(n_honest)]
+    poison = (torch.randint(0, 2, (numel,), generator=g) * 2 - 1).to(grid.dtype) * grid.q_max
+    parts = [*honest, poison]
+    t = trim_count(0.1, len(parts))
+    assert t == 1
+    total, _ = robust_sum(parts, clip=0, trim=0.1)
+    # the trimmed result of n senders lies within n times the honest range at every value
+    stacked = torch.stack([h.long() for h in honest])
+    lo, hi = stacked.min(dim=0).values * len(parts), stacked.max(dim=0).values * len(parts)
+    assert bool(((total >= lo) & (total <= hi)).all())
+    # exactly: the poisoner, always beyond every honest value, drops out; one honest value at the other end does
+    high = poison.long() > 0
+    by_hand = torch.where(high, stacked.sum(0) - stacked.min(0).values, stacked.sum(0) - stacked.max(0).values)
+    kept = len(parts) - 2 * t
+    assert total.tolist() == [round(Fraction(s * len(parts), kept)) for s in by_hand.tolist()]
+    # the plain (clip-only, clip off) sum carries the poisoner's q_max at every value
+    plain, _ = robust_sum(parts, clip=0)
+    assert int((plain - stacked.sum(0)).abs().min()) == grid.q_max
+
+
+def test_trimmed_sum_with_clipping_first_and_a_small_group_falls_back_to_the_clipped_sum():
+    parts = [torch.tensor([3, -4, 0], dtype=torch.int8), torch.tensor([120, -127, 127], dtype=torch.int8)]
+    plain, _ = robust_sum(parts, clip=0)
+    total, _ = robust_sum(parts, clip=0, trim=0.4)  # two senders have no middle: the plain sum
+    assert torch.equal(total, plain)
+    # three senders: clipping first (the big part scaled to 4 x the median norm), then the trim
+    parts = [torch.tensor([3, -4, 0], dtype=torch.int8), torch.tensor([6, 8, 0], dtype=torch.int8),
+             torch.tensor([120, -127, 127], dtype=torch.int8)]
+    total, clipped = robust_sum(parts, clip=4.0, trim=0.1)
+    assert list(clipped) == [2]
+    big = torch.round(parts[2].double() * (4 * 10 / parts[2].double().norm())).long()  # median norm 10
+    stacked = torch.stack([parts[0].long(), parts[1].long(), big])
+    assert torch.equal(total, stacked.median(dim=0).values * 3)  # 3 senders, 1 off each end: 3 x the median
+
+
+def test_the_reducer_takes_the_trim():
+    a = torch.tensor([1, -1, 5, 0], dtype=torch.int8)
+    b = torch.tensor([2, -2, -6, 1], dtype=torch.int8)
+    c = torch.tensor([127, -127, 127, -127], dtype=torch.int8)
+
+    async def main():
+        reducer = _ExactPartReducer([torch.Size([4])], num_senders=3, clip=0.0, trim=0.1)
+        tasks = [asyncio.create_task(reducer.accumulate_part(i, 0, t)) for i, t in enumerate((a, b, c))]
+        return (await asyncio.gather(*tasks))[0]
+
+    assert asyncio.run(main()).tolist() == [6, -6, 15, 0]  # 3 x the median of each value
 
 
 @pytest.mark.parametrize("grid", GRIDS.values(), ids=list(GRIDS))

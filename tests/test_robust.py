@@ -4,8 +4,9 @@ sends noise 10^6 times its norm (SWARMTUNE_FAULT_POISON, node/rounds.py, as a mo
 Two defences keep the swarm training: the group's grid is at most 8x coarser than its median member needs
 (node/swarm/exact.group_exponents), so the poisoner cannot round the others' values away; and every
 reducer scales a part above [sync] clip x the median part norm down to that bound before the exact sum
-(exact.robust_sum), and the node flags the sender. Every member still gets the same sum: adapters stay
-bit-identical, the loss still falls.
+(exact.robust_sum), and the node flags the sender. With [sync] robust = "trimmed" each value of the sum
+then also drops the senders' largest and smallest value (of 3: 3 x the median). Every member still gets the
+same sum: adapters stay bit-identical, the loss still falls.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ pytestmark = pytest.mark.swarm
 
 
 @pytest.mark.timeout(300)
-def test_a_poisoner_is_clipped_and_flagged_and_the_loss_still_falls(tmp_path, tiny_base, spawn_node):
+@pytest.mark.parametrize("robust", ["clip", "trimmed"])
+def test_a_poisoner_is_clipped_and_flagged_and_the_loss_still_falls(tmp_path, tiny_base, spawn_node, robust):
     rounds = 12
     # spot-checks off: this test is about clipping (tests/test_cheaters.py has the poisoner caught and left out)
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
-                                   credit={"spot_check_rate": 0.0})
+                                   credit={"spot_check_rate": 0.0}, sync={"robust": robust})
     a = spawn_node(manifest, "a", "--min-peers", "3")
     peers = a.wait_info()["maddrs"]
     b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)
@@ -44,6 +46,7 @@ def test_a_poisoner_is_clipped_and_flagged_and_the_loss_still_falls(tmp_path, ti
     honest = {a.info()["peer_id"], b.info()["peer_id"]}
     assert not any(set(rows[n][r]["clipped"]) & honest for n in rows for r in together)
     assert f"peer {poisoner} sent a gradient part" in a.log.read_text()
+    assert ("per value a trimmed mean" in a.log.read_text()) == (robust == "trimmed")
     # the swarm still learns
     first, last = rows["a"][together[0]]["loss"], rows["a"][together[-1]]["loss"]
     assert last < 0.8 * first, [rows["a"][r]["loss"] for r in together]

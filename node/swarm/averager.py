@@ -85,13 +85,13 @@ class _SenderParts:
 
 class _ExactPartReducer(TensorPartReducer):
     """hivemind's reducer, summing integers exactly (int64) instead of averaging floats, each sender's part
-    first clipped to `clip` x the median part norm (exact.robust_sum). A part's result is its sum, or None
-    when some sender's piece is missing: hivemind would quietly divide by the weight that did arrive (with
-    two peers, one peer's own gradient passing for the group's). `clipped`: {sender index: largest norm /
-    median} of the senders whose parts were clipped."""
+    first clipped to `clip` x the median part norm, then, with `trim` > 0, summed as a per-value trimmed mean
+    (exact.robust_sum). A part's result is its sum, or None when some sender's piece is missing: hivemind
+    would quietly divide by the weight that did arrive (with two peers, one peer's own gradient passing for
+    the group's). `clipped`: {sender index: largest norm / median} of the senders whose parts were clipped."""
 
-    def __init__(self, part_shapes, num_senders: int, clip: float = 0.0):
-        self.clip = clip
+    def __init__(self, part_shapes, num_senders: int, clip: float = 0.0, trim: float = 0.0):
+        self.clip, self.trim = clip, trim
         self.clipped: dict[int, float] = {}
         # per sender: sha256 over its parts as received (its commitment in this node's receipt), and the parts
         # themselves (a drawn spot-check compares them with a recomputation)
@@ -125,7 +125,7 @@ class _ExactPartReducer(TensorPartReducer):
                     part = self.accumulator.by_sender[i]
                     self.hashes.setdefault(i, hashlib.sha256()).update(part.numpy().tobytes())
                     self.kept.setdefault(i, []).append(part)
-                total, clipped = robust_sum([self.accumulator.by_sender[i] for i in senders], self.clip)
+                total, clipped = robust_sum([self.accumulator.by_sender[i] for i in senders], self.clip, self.trim)
                 for pos, ratio in clipped.items():
                     self.clipped[senders[pos]] = max(ratio, self.clipped.get(senders[pos], 0.0))
             self.current_part_future.set_result(total)
@@ -157,7 +157,7 @@ class _ExactSumRunner(AllReduceRunner):
     and sends every sender the same reply: the part's sum in `sum_bits` bits, or INCOMPLETE. The runner
     yields the sums (int32), never a float average, so every member ends with the same integers."""
 
-    def __init__(self, *, grid: Grid, clip: float = 0.0, cut_first_stream: bool = False, **kwargs):
+    def __init__(self, *, grid: Grid, clip: float = 0.0, trim: float = 0.0, cut_first_stream: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.grid = grid
         self._cut_first_stream = cut_first_stream
@@ -166,7 +166,7 @@ class _ExactSumRunner(AllReduceRunner):
         self._part_sizes = [[part.numel() for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer]
         self._replies: dict[int, bytes] = {}  # part index -> the encoded sum every sender gets
         self.tensor_part_reducer.finished.set()  # the float reducer hivemind made is never used
-        self.tensor_part_reducer = _ExactPartReducer(tuple(p.shape for p in self.parts_for_local_averaging), self.group, clip)
+        self.tensor_part_reducer = _ExactPartReducer(tuple(p.shape for p in self.parts_for_local_averaging), self.group, clip, trim)
 
     def reducer_view(self, sums: torch.Tensor, checker_rate: float) -> "ReducerView":
         """What this node's reducer saw of a completed sum: every sender's part hash, the result's hash and,
@@ -269,10 +269,12 @@ class ShardAverager(DecentralizedAverager):
     (adapter tensors + optimizer state + round), captured at a round boundary.
     """
 
-    def __init__(self, sizes: Sequence[int], grid: Grid, clip: float = 0.0, spot_check_rate: float = 0.0, **kwargs):
+    def __init__(self, sizes: Sequence[int], grid: Grid, clip: float = 0.0, trim: float = 0.0,
+                 spot_check_rate: float = 0.0, **kwargs):
         self.layout = Layout(sizes)
         self.grid = grid
         self.clip = clip
+        self.trim = trim  # > 0: reducers sum each value as a trimmed mean ([sync] robust = "trimmed")
         self.spot_check_rate = spot_check_rate  # members drawn for a spot-check keep their parts (ReducerView)
         self.values = torch.zeros(self.layout.numel, dtype=torch.float32)
         self.sums = torch.zeros(self.layout.numel, dtype=torch.int32)
@@ -296,7 +298,7 @@ class ShardAverager(DecentralizedAverager):
         cut = _CUT_STREAM_ROUND >= 0 and self._matchmaking.group_key_manager.group_bits == group_key(_CUT_STREAM_ROUND, 0)
         runner = _ExactSumRunner(grid=self.grid, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
                                  tensors=[q], group_id=group_id, ordered_peer_ids=group_info.peer_ids,
-                                 clip=self.clip, cut_first_stream=cut, **kwargs)
+                                 clip=self.clip, trim=self.trim, cut_first_stream=cut, **kwargs)
         assert group_id in self._running_groups, "the group was not registered"
         self._running_groups[group_id].set_result(runner)
         async for total in runner:

@@ -240,6 +240,7 @@ class Swarm:
         peer_ttl: float,
         wire: str = "int8",
         clip: float = 0.0,
+        trim: float = 0.0,
         spot_check_rate: float = 0.0,
         initial_peers: Sequence[str] = (),
         reach: Reachability | None = None,
@@ -262,11 +263,15 @@ class Swarm:
         self.find_group_timeout = 2 * matchmaking_time + 2.0
         self.peer_ttl = peer_ttl
         self.averagers: dict[int, ShardAverager] = {}
+        if trim > 0:
+            logger.info("robust sum: clip %g x the median part norm, then per value a trimmed mean (%g of the senders "
+                        "off each end, at least 1 of 3)", clip, trim)
         for k, sizes in enumerate(shard_layouts):
             self.averagers[k] = ShardAverager(
                 sizes,
                 self.grid,
                 clip=clip,
+                trim=trim,
                 spot_check_rate=spot_check_rate,
                 dht=dht,
                 prefix=f"{swarm_id}/shard-{k}",
