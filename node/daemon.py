@@ -342,7 +342,8 @@ class Node:
                     self.save_checkpoint()
                 self._after_round(res, view, progress)
         if not self.storage_failed:
-            self.receipts.collect(self.round)  # the groupmates' receipts of the last rounds
+            # the groupmates' receipts of the last rounds; a drain (SIGTERM) does not wait on a cut link for them
+            self.receipts.collect(self.round, budget_s=5.0 if self._drain.is_set() else 30.0)
         self._set_state("stopped")
         return 0
 
@@ -437,7 +438,7 @@ class Node:
             "link_mbit": round(deadline.throughput * 8 / 1e6, 2) if deadline.throughput else None,
             "sent_bytes": sent, "received_bytes": received, "clipped": res.clipped, "receipt_bytes": self.receipts.take_signed_bytes(),
             "spot_checks": [{"target": o.target, "shard": o.shard, "error": round(o.error, 6) if o.error != float("inf")
-                             else None, "failed": o.failed, "seconds": round(o.seconds, 4)} for o in res.checks],
+                             else None, "failed": o.failed, "exact": o.exact, "seconds": round(o.seconds, 4)} for o in res.checks],
         }
         progress.write(json.dumps(entry) + "\n")
         before = self.board.snapshot()

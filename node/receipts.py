@@ -3,7 +3,7 @@
 After each round whose sums came back, the node signs, per shard, a receipt (protocol/receipt.py):
 the group's members, each member's part hash as this node's reducer received it, and the hash of
 the exact sum. A drawn checker signs a spot-check statement (node/spotcheck.py) saying whether the
-target's part matched its recomputation. Both go to the DHT (per-round keys, so a node reads only
+target's part matched its announced microbatch sketches and the drawn microbatch its recomputation. Both go to the DHT (per-round keys, so a node reads only
 one round's worth) and into `receipts.jsonl` next to the ledger, with the groupmates' receipts
 that name this node, read back one round later. `swarmtune credit` reads that file with the ledger:
 a record earns credit only when other members' receipts name it, and not when a valid spot-check
@@ -103,12 +103,18 @@ class ReceiptBook:
 
     # ------------------------------------------------------------------ groupmates' statements
 
-    def collect(self, current_round: int) -> None:
+    def collect(self, current_round: int, budget_s: float | None = None) -> None:
         """Read the receipts and checks of the rounds this node finished before `current_round`: keep the
-        receipts that name this node and the checks of its groups (counted towards exclusion)."""
+        receipts that name this node and the checks of its groups (counted towards exclusion). With
+        `budget_s`, rounds not reached within it stay pending (a node stopping behind a cut link must not
+        spend a DHT timeout per round on its way out; the statements stay in the DHT for later readers)."""
+        started = time.monotonic()
         for r in sorted(self._pending):
             if r >= current_round:
                 continue
+            if budget_s is not None and time.monotonic() - started > budget_s:
+                logger.info("left the receipts of rounds %d.. unread (%.0f s spent reading the DHT)", r, budget_s)
+                return
             shards = self._pending.pop(r)
             try:
                 receipts, checks = self.swarm.read_receipts(r), self.swarm.read_checks(r)

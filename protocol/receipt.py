@@ -7,8 +7,9 @@ integer sum, which every member computes identically. A record earns credit only
 other members of its group name it (node/credit.py says exactly when).
 
 A SpotCheck is signed by a checker that `spot_checks` drew for one target of one round: the checker
-recomputed the target's part from the round's start state and the target's assigned examples and
-compares it with the part the target committed to. `failed` = 1 is an accusation; the accused's
+recomputed one microbatch of the target's assigned examples (`check_unit` draws which) from the round's
+start state, compared its gradient sketch with the one the target announced, and the part the target
+committed to with the sum of its announced sketches (node/spotcheck.py). `failed` = 1 is an accusation; the accused's
 round earns nothing.
 
 The body rules are those of protocol/record.py (canonical JSON, integers only, one byte string per
@@ -98,8 +99,8 @@ class SpotCheck:
     target: str  # the member checked
     result_hash: str  # 64 hex: the round's sum, which identifies the group and seeds the draw
     commitment: str  # 64 hex: the target's part hash as the checker reduced it (its receipt's commitment)
-    evidence_hash: str  # 64 hex: sha256 of the checker's recomputed part (float32 little-endian)
-    error_ppm: int  # ||sent - recomputed|| / ||recomputed|| x 1e6, capped at 2**53-1
+    evidence_hash: str  # 64 hex: sha256 of the checker's recomputed microbatch sketch (float32 little-endian)
+    error_ppm: int  # the larger relative L2 error of the two comparisons (node/spotcheck.py) x 1e6, capped at 2**53-1
     tolerance_ppm: int  # the tolerance the check applied
     failed: int  # 1 exactly when error_ppm > tolerance_ppm (an accusation), else 0
     time_ms: int  # when the check was made, unix milliseconds
