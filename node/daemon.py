@@ -327,7 +327,10 @@ class Node:
                     self.round += 1
                     trained_here += 1
                     if res.resync:  # some shards' sums did not come back here; their groups may have applied them
-                        got = sync.resync(self.round - 1, required=False)
+                        # after the swarm's last round no later round heals a stale shard, and the peers that hold
+                        # its state stop soon: keep trying then (seen: a diloco node ending with another adapter)
+                        last = self.round >= self.manifest.rounds.max_rounds
+                        got = sync.resync(self.round - 1, required=last)
                         self.round = self.round if got is None else got
                 else:
                     got = sync.resync(self.round, required=False)
