@@ -43,8 +43,8 @@ _POISON = float(os.environ.get("SWARMTUNE_FAULT_POISON", "0") or 0)
 # SWARMTUNE_FAULT_JUNK=zeros|noise: a node that sends zeros, or seeded noise at its contribution's norm, and records
 # its round as if it had trained (what spot-checks catch)
 _JUNK = os.environ.get("SWARMTUNE_FAULT_JUNK", "")
-# SWARMTUNE_FAULT_FREERIDE=1: a free-rider, which never trains nor averages: it waits for the others to finish each
-# round, signs a record claiming the round's whole batch, and takes their state (what receipts stop)
+# SWARMTUNE_FAULT_FREERIDE=1: a free-rider, which never trains nor averages: it waits for the first other node to finish
+# each round, signs a record claiming the round's whole batch, and takes the state (what receipts stop)
 _FREERIDE = os.environ.get("SWARMTUNE_FAULT_FREERIDE", "") == "1"
 
 
@@ -256,11 +256,13 @@ class RoundRunner:
         return outcomes
 
     def _free_ride(self, r: int, t0: float, start_hash: str, shard_hashes: dict) -> RoundResult:
-        """Fault injection: record round r without training once the other trainers are past it."""
+        """Fault injection: record round r without training once another node is past it."""
         deadline = time.time() + 60
         while time.time() < deadline:
             others = [i for p, i in self.swarm.view().items() if p != self.peer_id]
-            if others and all(i.round > r for i in others):
+            # it follows the leader: waiting for every other node would let one stuck peer hold it back, and a
+            # lagging peer pins the swarm's (lower median) round that a behind node may sync to
+            if any(i.round > r for i in others):
                 break
             time.sleep(0.3)
         samples = self.m.credit_cap
