@@ -24,7 +24,9 @@ def _by_round(rows):
 
 
 def _applied(node):
-    return {r["round"]: r for r in node.rounds() if r["applied"]}
+    """Rounds the node applied whole: when one shard's sum missed it, the row holds the state it then took
+    from the group (a later round's), not that round's."""
+    return {r["round"]: r for r in node.rounds() if r["applied"] and not r["resync"]}
 
 
 def _wait_state(node, state, timeout=60):
