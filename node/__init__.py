@@ -7,6 +7,7 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
     tiny, model             the built-in tiny Llama; base + LoRA (and start adapters)
     shards, checkpoint      which shards to train; atomic checkpoints
     ledger, credit          the node's signed-record file; offline verification of any ledgers and credit
+    receipt_sets            which receipts and spot checks count (canonical receipt set per round and shard)
     metrics                 Prometheus metrics
     rotation                a rotated key continues a swarm's ledger (keeps the old one, finds the chain)
     trainer                 local forward/backward and the AdamW step
