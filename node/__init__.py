@@ -12,7 +12,7 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
     rotation                a rotated key continues a swarm's ledger (keeps the old one, finds the chain)
     trainer                 local forward/backward and the AdamW step
     swarm/                  the only package that imports hivemind:
-        exact                 fixed-point grid and the limb codec (pure torch)
+        exact                 the shared integer grid, exact sums and their wire codec (pure torch)
         averager              the hivemind averager subclass and every private hivemind hook
         dht, probe, traffic   DHT start / failures / cleanup; bandwidth probe; bytes on p2pd's sockets
         membership            heartbeats, the peer view, re-dialling, the member check
