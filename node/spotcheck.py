@@ -144,9 +144,9 @@ def verdict(part: torch.Tensor, offset: int, summed, recomputed: torch.Tensor, a
     """The verdict on one member's part: `recomputed` is the checker's sketch of microbatch `unit`,
     `announced` the member's sketches from its round metadata (microbatches x BLOCKS values)."""
     announced = announced.reshape(-1, BLOCKS) if announced.numel() % BLOCKS == 0 else announced.reshape(1, -1)
-    if announced.shape[1] != BLOCKS or not 0 <= unit < announced.shape[0]:
-        unit_error = float("inf")  # no sketch for the drawn microbatch: nothing backs the part
-        part_error = float("inf")
+    backed = announced.shape[1] == BLOCKS and 0 <= unit < announced.shape[0]
+    if not backed:  # no sketch for the drawn microbatch: nothing backs the part
+        unit_error = part_error = float("inf")
     else:
         unit_error = relative_error(announced[unit], recomputed)
         first, last = sketch.blocks_inside(shard, offset, part.numel())
@@ -158,7 +158,6 @@ def verdict(part: torch.Tensor, offset: int, summed, recomputed: torch.Tensor, a
         shard=shard, target=target, error=error, failed=not error <= tolerance,
         evidence_hash=hashlib.sha256(recomputed.float().contiguous().numpy().tobytes()).hexdigest(),
         commitment=hashlib.sha256(part.contiguous().numpy().tobytes()).hexdigest(), seconds=seconds,
-        exact=bool(announced.shape[1] == BLOCKS and 0 <= unit < announced.shape[0]
-                   and torch.equal(announced[unit], recomputed.float())),
+        exact=backed and torch.equal(announced[unit], recomputed.float()),
         unit_error=unit_error, part_error=part_error,
     )

@@ -108,9 +108,10 @@ class Trainer:
 
     def local_gradients(self, examples, sketch=None) -> LocalResult:
         """The gradient of the summed loss over `examples`, one microbatch of `microbatch_size` at a time.
-        Each microbatch's gradient is computed from zero and added to the sum, so recomputing one microbatch
-        alone gives the same bits (a spot-check's recomputation); `sketch` (node.spotcheck.Sketch)
-        records each microbatch's projection per trained shard in `sketches`."""
+        With `sketch` (node.spotcheck.Sketch: spot-checks are on) each microbatch's gradient is computed from
+        zero and added to the sum, so recomputing one microbatch alone gives the same bits (a spot-check's
+        recomputation), and its projection per trained shard goes to `sketches`; without, the microbatches'
+        gradients accumulate in place and are read once."""
         from node.data import collate
 
         self.model.train()
@@ -131,17 +132,25 @@ class Trainer:
             loss.backward()
             tokens += n_tok
             loss_sum += float(loss.detach())
-            for k in self.trained:
-                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                                  for p in self.adapter.shard_params(k)])
-                sums[k] = flat if k not in sums else sums[k].add_(flat)
-                if sketch is not None:
+            if sketch is not None:
+                for k in self.trained:
+                    flat = self._flat_grad(k)
+                    sums[k] = flat if k not in sums else sums[k].add_(flat)
                     sketches[k].append(sketch.project(k, flat))
-            for p in self.params:
-                p.grad = None
+                for p in self.params:
+                    p.grad = None
+        if sketch is None:
+            sums = {k: self._flat_grad(k) for k in self.trained}
+        for p in self.params:
+            p.grad = None
         grads = {k: (sums[k].cpu() if k in sums else torch.zeros(self.adapter.shard_numel(k))) for k in self.trained}
         sketched = {k: torch.stack(v).cpu() for k, v in sketches.items() if v}
         return LocalResult(grads, len(examples), tokens, loss_sum, sketched)
+
+    def _flat_grad(self, k: int) -> torch.Tensor:
+        """Shard k's gradient as it stands, flat float32 on the model's device (zeros where none flowed)."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in self.adapter.shard_params(k)])
 
     # ------------------------------------------------------------------ DPO
 
