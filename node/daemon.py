@@ -353,7 +353,7 @@ class Node:
     def _spot_check_rate(self) -> float:
         """Per shard group: a node that trains every shard is checked with [credit] spot_check_rate per round."""
         m = self.manifest
-        if m.sync.mode != "per-step" or m.lora.dropout > 0:  # not recomputable (node/spotcheck.py)
+        if not spotcheck.applies(m):  # not recomputable (node/spotcheck.py)
             return 0.0
         # in parts per million, as receipts carry it: the round's draw and a verifier's are the same draw
         return round(spotcheck.group_rate(m.credit.spot_check_rate, self.adapter.num_shards) * 1_000_000) / 1_000_000

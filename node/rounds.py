@@ -86,7 +86,7 @@ class RoundRunner:
         self.on_record = on_record
         self.receipts = receipts  # node.receipts.ReceiptBook: signs, keeps and publishes receipts and checks
         # per-step contributions carry microbatch sketches for spot-checks (node.spotcheck), unless checks are off
-        checked = not self.trainer.diloco and manifest.lora.dropout == 0 and manifest.credit.spot_check_rate > 0
+        checked = spotcheck.applies(manifest) and manifest.credit.spot_check_rate > 0
         self.sketch = spotcheck.Sketch(self.swarm_id, {k: adapter.shard_numel(k) for k in self.trained}) if checked else None
 
     def _local_work(self, r: int, members) -> tuple[LocalResult, dict[int, torch.Tensor], list[int], dict]:

@@ -63,6 +63,12 @@ class Outcome:
     part_error: float = 0.0  # the part held vs the announced sketches' sum
 
 
+def applies(manifest) -> bool:
+    """Whether this swarm's contributions can be spot-checked: per-step mode with LoRA dropout 0 (see the
+    module docstring)."""
+    return manifest.sync.mode == "per-step" and manifest.lora.dropout == 0
+
+
 def group_rate(rate: float, num_shards: int) -> float:
     """The chance to draw each member of one shard's group, such that a member of all `num_shards` groups is
     drawn with probability `rate` per round (a drawn member's gradient is recomputed once, whatever the
