@@ -142,6 +142,12 @@ class NodeProc:
             return []
         return [json.loads(line) for line in (wd / "rounds.jsonl").read_text().splitlines() if line.strip()]
 
+    def applied(self) -> dict[int, dict]:
+        """{round: row} of the rounds this node applied whole. A row whose round some shard's sum missed
+        (`resync`) holds the state the node then took from its group, a later round's, not that round's: a
+        hash comparison between nodes skips it."""
+        return {r["round"]: r for r in self.rounds() if r["applied"] and not r["resync"]}
+
     def wait_info(self, timeout: float = 120) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -19,10 +19,6 @@ from node.control import ControlClient
 from tests.conftest import REPO, evidence, start_test_dht, verify_ledgers, write_test_manifest
 
 
-def _applied(node):
-    return {r["round"]: r for r in node.rounds() if r["applied"]}
-
-
 @pytest.mark.swarm
 @pytest.mark.timeout(360)
 def test_peer_killed_mid_round(tmp_path, tiny_base, spawn_node):
@@ -40,7 +36,7 @@ def test_peer_killed_mid_round(tmp_path, tiny_base, spawn_node):
     for node in (a, b):
         assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
 
-    ra, rb = _applied(a), _applied(b)
+    ra, rb = a.applied(), b.applied()
     # a survivor whose part of the interrupted all-reduce was lost discards that round and takes the
     # other survivor's state (it retries from the next round): at most the interrupted round is missing
     assert len(set(range(rounds)) - set(ra)) <= 1 and len(set(range(rounds)) - set(rb)) <= 1, (sorted(ra), sorted(rb))
@@ -92,7 +88,7 @@ def test_two_late_joiners_at_once(tmp_path, tiny_base, spawn_node):
             client.resume()
     for n in (a, b, c, d):
         assert n.wait_exit(timeout=300) == 0, n.log.read_text()[-3000:]
-    ra, rb, rc, rd = _applied(a), _applied(b), _applied(c), _applied(d)
+    ra, rb, rc, rd = a.applied(), b.applied(), c.applied(), d.applied()
     resumed_at = min(r for rows in (ra, rb) for r, row in rows.items() if row["peers"] >= 4)
     for joiner in (rc, rd):
         first = min(joiner)
@@ -133,7 +129,7 @@ def test_a_peer_lying_about_its_progress_does_not_stall_the_swarm(tmp_path, tiny
         stop.set()
         t.join(5)
         liar.shutdown()
-    ra, rb = _applied(a), _applied(b)
+    ra, rb = a.applied(), b.applied()
     assert all(len(set(range(rounds)) - set(rows)) <= 2 for rows in (ra, rb)), "training went on round by round"
     assert a.rounds()[-1]["hash"] == b.rounds()[-1]["hash"]
     assert all(r["next_round"] <= rounds for r in a.rounds() + b.rounds()), "nobody jumped to the liar's epoch"
@@ -208,8 +204,7 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
             time.sleep(0.2)
         honest = entry.value
         for k, avg in enumerate(averagers):
-            avg.state_sharing_priority = 1e9
-            meta, tensors = avg.load_state_from_peers(timeout=30)  # the honest state, from a
+            _, meta, tensors = avg.download_state_from([a_id], timeout=30)  # the honest state, from a
             bad = [t.clone() for t in tensors]
             bad[0] += 0.5  # corrupt one LoRA matrix, keep the honest metadata (round, hash)
             avg.publish_state(meta, bad)
@@ -236,7 +231,7 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
         for avg in averagers:
             avg.shutdown()
         liar.shutdown()
-    ra, rc, rd = _applied(a), _applied(c), _applied(d)
+    ra, rc, rd = a.applied(), c.applied(), d.applied()
     for joiner in (rc, rd):
         first = min(joiner)
         assert joiner[first]["start_hash"] == ra[first]["start_hash"], "a joiner started from a state the swarm never held"

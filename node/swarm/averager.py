@@ -65,6 +65,16 @@ def group_key(round_: int, attempt: int) -> str:
     return format(key, f"0{KEY_BITS}b")
 
 
+async def _held_open(messages, until: asyncio.Event):
+    """A sender's parts, then nothing until `until` is set: the stream's end (the reducer's cue to finish and
+    close) waits until every sum came back. A reducer that closes right after its last reply races the
+    reply: p2pd resets a stream whose other direction is still open (doStreamPipe), and the reset can
+    overtake the reply's bytes, so the sender read one part short (seen under load on 2 cores)."""
+    async for message in messages:
+        yield message
+    await until.wait()
+
+
 async def _cut(messages):
     """A stream to a reducer that ends before any of its messages went through."""
     return
@@ -168,6 +178,14 @@ class _ExactSumRunner(AllReduceRunner):
         self.tensor_part_reducer.finished.set()  # the float reducer hivemind made is never used
         self.tensor_part_reducer = _ExactPartReducer(tuple(p.shape for p in self.parts_for_local_averaging), self.group, clip, trim)
 
+    def finalize(self, *, cancel: bool = False, exception: BaseException | None = None):
+        # hivemind keeps a failed or cancelled all-reduce's error in the runner's future, which nothing awaits
+        # (the error reaches the step through the iterator), so asyncio logged "Future exception was never
+        # retrieved" with a traceback after every timed-out attempt; read it here, where it is set
+        super().finalize(cancel=cancel, exception=exception)
+        if self._future.done() and not self._future.cancelled():
+            self._future.exception()
+
     def reducer_view(self, sums: torch.Tensor, checker_rate: float) -> "ReducerView":
         """What this node's reducer saw of a completed sum: every sender's part hash, the result's hash and,
         for each member the round's result draws for a spot-check by this node, its part (node.spotcheck)."""
@@ -207,9 +225,9 @@ class _ExactSumRunner(AllReduceRunner):
                 total = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part)
                 self._register(peer_index, part_index, total)
             return
+        done_sending, received_all = asyncio.Event(), asyncio.Event()
         try:
-            done_sending = asyncio.Event()
-            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            inputs = _held_open(attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending), received_all)
             if self._cut_first_stream:
                 self._cut_first_stream = False
                 logger.warning("fault injection: cutting this all-reduce stream to %s", peer_id)
@@ -227,9 +245,12 @@ class _ExactSumRunner(AllReduceRunner):
                 total = decode_sum(msg.tensor_part.buffer, self.grid, self.group, self._part_sizes[peer_index][part_index])
                 self._register(peer_index, part_index, total)
                 part_index += 1
+                if part_index == expected:
+                    received_all.set()  # now the stream may end (_held_open)
             if part_index != expected:
                 raise AllreduceException(f"peer {peer_id} sent {part_index} parts, but we expected {expected}")
         except BaseException as e:
+            received_all.set()
             if isinstance(e, Exception):
                 logger.debug("all-reduce with %s failed: %r", peer_id, e)
             self.tensor_part_container.register_failed_reducer(peer_index)
@@ -281,6 +302,13 @@ class ShardAverager(DecentralizedAverager):
         self._published: tuple[Any, list[torch.Tensor]] | None = None
         self._published_lock = threading.Lock()
         super().__init__([self.values, self.sums], **kwargs)
+
+    async def _declare_for_download_periodically(self):
+        """Runs in the averager process; hivemind stores `<prefix>.all_averagers` here every declare period for
+        its own load_state_from_peers. Donors come from the swarm's peer view instead (statesync, quorum), so
+        nothing reads that key: it was a DHT store per shard every few seconds for nothing, and one still on its
+        way to the DHT process when this process stopped made the DHT process log a traceback at every exit."""
+        return
 
     def _call(self, method: str, timeout: float | None, **kwargs):
         """Run `method` in the averager process (through hivemind's pipe) and wait for its result."""

@@ -285,7 +285,6 @@ class Swarm:
                 next_chunk_timeout=allreduce_timeout / 2,
                 allow_state_sharing=k in self.trained and self.reach.dialable,
                 client_mode=not self.reach.dialable,
-                declare_state_period=max(2.0, peer_ttl / 3),
                 part_size_bytes=part_size_bytes(sum(sizes), self.grid),
             )
         self.members = Membership(dht, swarm_id=swarm_id, trained=self.trained, peer_ttl=peer_ttl, initial_peers=initial_peers,
