@@ -319,8 +319,10 @@ class Node:
                 proceed, self.round = self.guard.before_round(self.round, my_hashes, self._prev_hashes)
                 if not proceed:
                     continue
-                self.receipts.collect(self.round)  # groupmates' receipts and checks of the rounds before
-                view = swarm.view()
+                # groupmates' receipts and checks of the rounds before the last one: they store them in the background
+                # as their next round starts (node/swarm/swarm.py `_in_background`), so one round of slack
+                self.receipts.collect(self.round - 1)
+                view = swarm.last_view()  # the one the split guard just read
                 res = self.rounds.run(self.round, view)
                 self._prev_hashes = res.shard_hashes
                 if res.applied:

@@ -41,7 +41,7 @@ def check_subkey(peer_id: str, shard: int, target: str) -> str:
     return f"[ed25519-owner:{peer_id}]:{shard}:{target}"
 
 
-def publish_receipt(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
+def publish_receipt(dht: DHT, swarm_id: str, blob: bytes, expiration: float, return_future: bool = False):
     r = verify_receipt(blob)
     if r.swarm_id != swarm_id:
         raise ValueError("refusing to publish a receipt of another swarm")
@@ -49,16 +49,18 @@ def publish_receipt(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> 
         logger.warning(f"receipt of round {r.round} shard {r.shard} ({len(r.members)} members, {len(blob)} bytes) "
                        f"is over {MAX_DHT_VALUE_BYTES} bytes: kept in receipts.jsonl, not published to the DHT")
         return False
-    return bool(dht.store(receipts_key(swarm_id, r.round), blob, expiration_time=expiration,
-                          subkey=receipt_subkey(r.peer_id, r.shard)))
+    stored = dht.store(receipts_key(swarm_id, r.round), blob, expiration_time=expiration,
+                       subkey=receipt_subkey(r.peer_id, r.shard), return_future=return_future)
+    return stored if return_future else bool(stored)
 
 
-def publish_check(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
+def publish_check(dht: DHT, swarm_id: str, blob: bytes, expiration: float, return_future: bool = False):
     c = verify_check(blob)
     if c.swarm_id != swarm_id:
         raise ValueError("refusing to publish a spot-check of another swarm")
-    return bool(dht.store(checks_key(swarm_id, c.round), blob, expiration_time=expiration,
-                          subkey=check_subkey(c.peer_id, c.shard, c.target)))
+    stored = dht.store(checks_key(swarm_id, c.round), blob, expiration_time=expiration,
+                       subkey=check_subkey(c.peer_id, c.shard, c.target), return_future=return_future)
+    return stored if return_future else bool(stored)
 
 
 def _collect(dht: DHT, key: str, subkey_of, verify) -> list[bytes]:

@@ -208,9 +208,10 @@ class RecordsValidator(RecordValidatorBase):
         return isinstance(other, RecordsValidator) and other.swarm_id == self.swarm_id
 
 
-def publish_record(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> bool:
+def publish_record(dht: DHT, swarm_id: str, blob: bytes, expiration: float, return_future: bool = False):
     """Store a signed record under its owner's subkey until `expiration` (absolute DHT time,
-    e.g. `get_dht_time() + 3600`). Returns whether the DHT accepted it."""
+    e.g. `get_dht_time() + 3600`). Returns whether the DHT accepted it (with `return_future`, a future of
+    that, and the caller goes on while the store travels)."""
     reason = ""
     try:
         record = verify_signed(blob)
@@ -220,9 +221,9 @@ def publish_record(dht: DHT, swarm_id: str, blob: bytes, expiration: float) -> b
         raise ValueError(f"refusing to publish an invalid record: {reason or 'it belongs to another swarm'}")
     if expiration <= get_dht_time():
         raise ValueError("expiration is an absolute DHT time (get_dht_time() + ttl seconds); got a time in the past")
-    return bool(
-        dht.store(records_key(swarm_id), blob, expiration_time=expiration, subkey=owner_subkey(record.peer_id, record.seq))
-    )
+    stored = dht.store(records_key(swarm_id), blob, expiration_time=expiration, subkey=owner_subkey(record.peer_id, record.seq),
+                       return_future=return_future)
+    return stored if return_future else bool(stored)
 
 
 def _collect(dht: DHT, key: str, check, pattern: re.Pattern, swarm_id: str) -> list[tuple]:
