@@ -22,10 +22,6 @@ from tests.conftest import verify_ledgers, write_test_manifest
 pytestmark = pytest.mark.swarm
 
 
-def _applied(node):
-    return {r["round"]: r for r in node.rounds() if r["applied"]}
-
-
 @pytest.mark.timeout(300)
 def test_one_inner_step_with_plain_outer_sgd_equals_per_step(tmp_path, tiny_base, spawn_node):
     """A solo diloco node (H = 1, outer SGD lr 1, no momentum) against per-step training of the same
@@ -43,7 +39,7 @@ def test_one_inner_step_with_plain_outer_sgd_equals_per_step(tmp_path, tiny_base
                                      "wire": "int32"})
     node = spawn_node(path, "diloco")
     assert node.wait_exit(timeout=240) == 0, node.log.read_text()[-3000:]
-    rows = _applied(node)
+    rows = node.applied()
     assert sorted(rows) == list(range(rounds))
 
     torch.set_num_threads(1)
@@ -95,7 +91,7 @@ def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path
     for node in (a, b, late):
         assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
 
-    runs = {"a": _applied(a), "b": _applied(b), "c": _applied(c), "late": _applied(late)}
+    runs = {"a": a.applied(), "b": b.applied(), "c": c.applied(), "late": late.applied()}
     for r in range(rounds):
         hashes = {name: rows[r]["hash"] for name, rows in runs.items() if r in rows}
         assert len(set(hashes.values())) == 1, f"round {r}: outer states differ {hashes}"

@@ -194,7 +194,7 @@ def test_three_node_dpo_swarm_from_an_adapter_raises_preference_accuracy(tmp_pat
     assert sum(first["round"] == 0 for first in firsts) >= 2, firsts
     for first in firsts:
         assert first["start_hash"] == m.start.hash if first["round"] == 0 else first["start_hash"] in later, first
-    runs = [{r["round"]: r for r in n.rounds() if r["applied"]} for n in (a, b, c)]
+    runs = [n.applied() for n in (a, b, c)]
     # the reference is the start adapter: before the first step policy and reference agree, the loss is log 2
     assert all(abs(run[0]["loss"] - math.log(2)) < 1e-5 for run in runs if 0 in run)
     common = set(runs[0]) & set(runs[1]) & set(runs[2])

@@ -32,7 +32,7 @@ def _status(node) -> dict:
 
 def _trained_together(nodes, size: int) -> None:
     """Every node applied every round 0..ROUNDS-1 in one group of `size`, and all hold the same adapter after each."""
-    per_node = [{r["round"]: r for r in n.rounds() if r["applied"]} for n in nodes]
+    per_node = [n.applied() for n in nodes]
     for n, rows in zip(nodes, per_node):
         assert sorted(rows) == list(range(ROUNDS)), (sorted(rows), n.log.read_text()[-3000:])
         assert all(set(r["groups"].values()) == {size} for r in rows.values()), [r["groups"] for r in rows.values()]
@@ -155,7 +155,7 @@ def test_node_behind_nat_killed_mid_round_and_restarted(tmp_path, tiny_base, spa
     assert again.wait_info()["reachability"] == "outbound-only"
     for n in (p0, p1, again):
         assert n.wait_exit(timeout=200) == 0, n.log.read_text()[-3000:]
-    r0, r1 = ({r["round"]: r for r in n.rounds() if r["applied"]} for n in (p0, p1))
+    r0, r1 = (n.applied() for n in (p0, p1))
     assert all(r0[r]["hash"] == r1[r]["hash"] for r in set(r0) & set(r1)), "the public nodes disagreed"
     assert len(set(range(rounds)) - set(r0)) <= 2, sorted(set(range(rounds)) - set(r0))
     assert min(r["time"] for r in r0.values() if r["time"] > killed_at) - killed_at < 40

@@ -33,7 +33,7 @@ def test_a_poisoner_is_clipped_and_flagged_and_the_loss_still_falls(tmp_path, ti
         assert node.wait_exit(timeout=240) == 0, node.log.read_text()[-3000:]
     poisoner = p.info()["peer_id"]
     # rounds a node applied whole (a shard whose sum missed it is resynced: that row holds the later state)
-    rows = {n.home.name: {r["round"]: r for r in n.rounds() if r["applied"] and not r["resync"]} for n in (a, b, p)}
+    rows = {n.home.name: n.applied() for n in (a, b, p)}
     together = [r for r in range(rounds) if all(r in row for row in rows.values())]
     # a node that comes up late on a busy 2-core box joins as a late joiner a few rounds in
     assert len(together) >= rounds // 2, {n: sorted(r) for n, r in rows.items()}

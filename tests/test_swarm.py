@@ -23,12 +23,6 @@ def _by_round(rows):
     return {r["round"]: r for r in rows}
 
 
-def _applied(node):
-    """Rounds the node applied whole: when one shard's sum missed it, the row holds the state it then took
-    from the group (a later round's), not that round's."""
-    return {r["round"]: r for r in node.rounds() if r["applied"] and not r["resync"]}
-
-
 def _wait_state(node, state, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -64,7 +58,7 @@ def test_three_nodes_stay_identical_and_late_joiner_syncs(tmp_path, tiny_base, s
     for node in (a, b, c, late):
         assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
 
-    ra, rb, rc, rl = (_applied(n) for n in (a, b, c, late))
+    ra, rb, rc, rl = (n.applied() for n in (a, b, c, late))
     # a round whose all-reduce lost a part (hivemind reports success) is discarded by that node, which
     # then takes the others' state: a node may miss such a round, never hold different weights
     assert len(set(range(rounds)) - set(ra)) <= 2, sorted(ra)
