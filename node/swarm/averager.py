@@ -227,7 +227,10 @@ class _ExactSumRunner(AllReduceRunner):
             return
         done_sending, received_all = asyncio.Event(), asyncio.Event()
         try:
-            inputs = _held_open(attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending), received_all)
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            if not self.should_delay_results(self.peer_id):
+                # (a reducer sends a client-mode sender nothing before its input ended: that one cannot wait)
+                inputs = _held_open(inputs, received_all)
             if self._cut_first_stream:
                 self._cut_first_stream = False
                 logger.warning("fault injection: cutting this all-reduce stream to %s", peer_id)
