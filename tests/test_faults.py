@@ -74,6 +74,15 @@ def test_same_key_on_another_machine_is_refused_within_a_heartbeat(tmp_path, tin
         assert "Traceback" not in log, log
         assert _files(second) == ["identity.key"]  # refused before it wrote anything
         assert first.popen.poll() is None
+        # when the hub's dial-back reaches the first node instead of the twin, p2pd refuses to start; the twin
+        # is then looked for from a throwaway reader, with the same answer
+        from node.manifest import load_manifest
+        from node.swarm.dht import SwarmError
+        from node.swarm.swarm import _refuse_if_twin
+
+        with pytest.raises(SwarmError, match="is already running in this swarm"):
+            _refuse_if_twin(first.info()["peer_id"], load_manifest(manifest), peers)
+        _refuse_if_twin("12D3KooWBdE4pJ5h5TGNsB3StCVVBWy8Mkq2AkEBF6qCCa1bNh7q", load_manifest(manifest), peers)  # nobody
     finally:
         hub.shutdown()
 

@@ -281,14 +281,15 @@ def check_membership(dht, manifest: Manifest, initial_peers: Sequence[str], *, a
     )
 
 
-def check_no_twin(dht, swarm_id: str, peer_ttl: float) -> None:
+def check_no_twin(dht, swarm_id: str, peer_ttl: float, peer_id: str | None = None) -> None:
     """Refuse to start when another process in the swarm runs with this node's peer id (the same key on
     another machine; on one machine the key lock in node.identity refuses it first).
 
     Nothing under our id has been published yet, so a heartbeat for it is someone else's, or the
     leftover of our own previous run that crashed. The two are told apart by waiting one heartbeat
-    period: a live twin refreshes its heartbeat (a later expiration), a leftover does not."""
-    me = str(dht.peer_id)
+    period: a live twin refreshes its heartbeat (a later expiration), a leftover does not. `peer_id`: the id
+    to look for when `dht` is not this node's own (a throwaway reader)."""
+    me = peer_id or str(dht.peer_id)
     key = f"{swarm_id}/peers"
 
     def theirs() -> PeerInfo | None:

@@ -176,8 +176,15 @@ def start_network(identity, manifest, *, initial_peers: Sequence[str], host_madd
     (node/swarm/reach.py). Returns (dht, Reachability). A node nobody can dial is restarted in hivemind's
     client mode: it asks and sends over connections it opens, and nobody waits on requests to it.
     p2pd reads the key from a private temporary file that is removed as soon as the daemon started."""
-    dht = _start_identified(identity, manifest, initial_peers=initial_peers, host_maddrs=host_maddrs,
-                            announce_maddrs=announce_maddrs, client_mode=False)
+    try:
+        dht = _start_identified(identity, manifest, initial_peers=initial_peers, host_maddrs=host_maddrs,
+                                announce_maddrs=announce_maddrs, client_mode=False)
+    except SwarmError as e:
+        if "can't access this node" in str(e) and initial_peers:
+            # the initial peer dialled our peer id back and reached another process with it: the same key
+            # running on another machine looks like this from here (seen in the suite, 1 start in ~20)
+            _refuse_if_twin(identity.peer_id, manifest, initial_peers)
+        raise
     try:
         check_membership(dht, manifest, initial_peers)
         check_no_twin(dht, manifest.swarm_id, manifest.averaging.peer_ttl)
@@ -200,6 +207,19 @@ def start_network(identity, manifest, *, initial_peers: Sequence[str], host_madd
         dht.shutdown()
         raise
     return dht, reach
+
+
+def _refuse_if_twin(peer_id: str, manifest, initial_peers: Sequence[str]) -> None:
+    """SwarmError (another node runs with this key) when `peer_id` has a live heartbeat in the swarm, read by a
+    throwaway client-mode node; nothing when it has none or the swarm cannot be read."""
+    try:
+        reader = start_dht(initial_peers=initial_peers, host_maddrs=None, client_mode=True, retries=0)
+    except SwarmError:
+        return
+    try:
+        check_no_twin(reader, manifest.swarm_id, manifest.averaging.peer_ttl, peer_id=peer_id)
+    finally:
+        reader.shutdown()
 
 
 def _start_identified(identity, manifest, *, client_mode: bool, **kwargs):
