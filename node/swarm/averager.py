@@ -498,8 +498,8 @@ async def dial_and_ping(peers: list[tuple[str, tuple[str, ...]]], timeout: float
     from hivemind.utils.multiaddr import Multiaddr
 
     try:
-        connected = {str(info.peer_id) for info in await node.p2p.list_peers()}
-    except (P2PDaemonError, P2PHandlerError, OSError) as e:
+        connected = {str(info.peer_id) for info in await asyncio.wait_for(node.p2p.list_peers(), timeout)}
+    except (asyncio.TimeoutError, P2PDaemonError, P2PHandlerError, OSError) as e:
         logger.warning("cannot list this node's p2p connections (%s); dialling every missing peer", e)
         connected = set()
 
@@ -509,7 +509,7 @@ async def dial_and_ping(peers: list[tuple[str, tuple[str, ...]]], timeout: float
             if pid not in connected:  # a dial to a connected peer is useless, and a cancelled one backs off its dials
                 # hivemind has no public "dial this address"; the p2pd client's connect is what bootstrap uses too
                 await asyncio.wait_for(node.p2p._client.connect(peer, [Multiaddr(a) for a in addrs]), timeout)
-            return pid if await node.protocol.call_ping(peer) is not None else None
+            return pid if await asyncio.wait_for(node.protocol.call_ping(peer), timeout) is not None else None
         except (asyncio.TimeoutError, P2PDaemonError, P2PHandlerError, OSError, ValueError) as e:
             logger.debug("peer %s… did not answer a redial: %r", pid[:12], e)  # expected while a partition lasts
             return None

@@ -150,9 +150,13 @@ class Membership:
         if not missing:
             return []
         try:
-            back = self.dht.run_coroutine(partial(dial_and_ping, missing, CONNECT_TIMEOUT_S))
-        except Exception as e:  # the DHT process is gone or its pipe broke
-            logger.warning("re-dialling %d peer(s) failed: %s", len(missing), e)
+            # bounded: hivemind's DHT process keeps no reference to the task running a coroutine, and one seen
+            # collected while pending (asyncio: "Task was destroyed but it is pending!") never answers; an
+            # unbounded wait here would stop this node's heartbeats
+            back = self.dht.run_coroutine(partial(dial_and_ping, missing, CONNECT_TIMEOUT_S),
+                                          return_future=True).result(timeout=3 * CONNECT_TIMEOUT_S + 5)
+        except Exception as e:  # the DHT process is gone, its pipe broke, or no answer in time
+            logger.warning("re-dialling %d peer(s) failed: %r", len(missing), e)
             return []
         if back:
             logger.info("reached %d peer(s) again: %s", len(back), ", ".join(p[:12] + "…" for p in back))
