@@ -20,6 +20,7 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
         swarm                 the facade: exact all-reduce, state sharing, round/state metadata formats
         follow                follow a swarm without training in it (read heartbeats, download shard state)
         statements, validator per-round receipt and spot-check keys; the DHT's signed-value guard and readers
+        stores                this node's DHT stores on their way (not waited for by the round)
     spotcheck, receipts     recompute a drawn member's part; sign, keep, publish and collect receipts and checks
     stack                   everything a node loads before it joins (checked inputs -> model, trainer)
     rounds                  one round: train, exchange, apply, record

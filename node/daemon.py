@@ -320,7 +320,7 @@ class Node:
                 if not proceed:
                     continue
                 # groupmates' receipts and checks of the rounds before the last one: they store them in the background
-                # as their next round starts (node/swarm/swarm.py `_in_background`), so one round of slack
+                # as their next round starts (node/swarm/stores.py), so one round of slack
                 self.receipts.collect(self.round - 1)
                 view = swarm.last_view()  # the one the split guard just read
                 res = self.rounds.run(self.round, view)

@@ -44,7 +44,7 @@ LAYERS = [
     ["node.tiny"],
     ["node.model"],
     ["node.shards", "node.checkpoint", "node.ledger", "node.receipt_sets", "node.credit", "node.metrics", "node.trainer", "node.rotation"],
-    ["node.swarm", "node.swarm.exact", "node.swarm.deadline", "node.swarm.validator", "node.swarm.statements"],
+    ["node.swarm", "node.swarm.exact", "node.swarm.deadline", "node.swarm.validator", "node.swarm.statements", "node.swarm.stores"],
     ["node.swarm.averager", "node.swarm.probe", "node.swarm.reach", "node.swarm.dht"],
     ["node.swarm.membership", "node.swarm.traffic"],
     ["node.swarm.quorum"],

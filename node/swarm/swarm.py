@@ -46,6 +46,7 @@ from node.swarm.membership import Membership, PeerInfo, check_membership, check_
 from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
 from node.swarm.reach import PUBLIC, Reachability, detect_reachability, serve_dialback
 from node.swarm.statements import collect_checks, collect_receipts, publish_check, publish_receipt
+from node.swarm.stores import PendingStores
 from node.swarm.validator import RecordsValidator, collect_records, publish_record
 
 logger = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ class Swarm:
         self.trained = tuple(sorted(trained_shards))
         self.matchmaking_time = matchmaking_time
         self.allreduce_timeout = allreduce_timeout  # the deadline now in force (see node/swarm/deadline.py)
-        self._stores: list[tuple[str, object]] = []  # (what, future): signed statements on their way to the DHT
+        self.stores = PendingStores()  # signed statements on their way to the DHT
         self.deadline = AveragingDeadline(allreduce_timeout)
         self.grid = GRIDS[wire]
         self.layouts = [Layout(sizes) for sizes in shard_layouts]
@@ -532,44 +533,8 @@ class Swarm:
 
     def publish_record(self, blob: bytes) -> None:
         """Store a signed record in the DHT for a day (raises ValueError for a record that is not valid). The
-        store travels while the next round starts (see `_in_background`)."""
-        self._in_background("a record", publish_record(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s(), return_future=True))
-
-    def _in_background(self, what: str, future) -> None:
-        """Keep a DHT store's future instead of waiting for it: records, receipts and checks are written to this
-        node's files first and the DHT copy is best effort (node/republish.py stores it again), so a round need not wait the
-        ~0.1 s a store takes even on loopback (measured: three stores were a quarter of a tiny round's time).
-        Failures are logged when seen; `flush_stores` waits for the rest before the node leaves."""
-        self._settle(wait=0.0)
-        if future is not False:  # False: not published (too large for one DHT value; the publisher said why)
-            self._stores.append((what, future))
-
-    def _settle(self, wait: float) -> None:
-        deadline = time.monotonic() + wait
-        pending = []
-        for what, future in self._stores:
-            try:
-                stored = future.result(timeout=max(0.0, deadline - time.monotonic())) if wait else (
-                    future.result() if future.done() else None)
-            except TimeoutError:
-                stored = None
-            except Exception as e:  # the DHT process is gone, or the store failed
-                logger.warning("could not publish %s to the DHT: %s", what, e)
-                continue
-            if stored is None and not future.done():
-                pending.append((what, future))
-            elif not stored:
-                logger.info("the DHT did not take %s (no peer accepted it): it is in this node's files, and stored "
-                            "again later", what)
-        self._stores = pending
-
-    def flush_stores(self, timeout: float = 10.0) -> None:
-        """Wait (at most `timeout` s) for the DHT stores still on their way; what is left is only in the files."""
-        self._settle(wait=timeout)
-        if self._stores:
-            logger.info("%d signed statement(s) not yet in the DHT at exit; they are in this node's files",
-                        len(self._stores))
-            self._stores = []
+        store travels while the next round starts (node/swarm/stores.py)."""
+        self.stores.add("a record", publish_record(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s(), return_future=True))
 
     def store_many(self, entries: Sequence[tuple[str, str, bytes]], timeout: float = 30.0) -> list[bool]:
         """Store (key, subkey, value) entries for the record TTL in batches (one DHT traversal per key and
@@ -603,14 +568,14 @@ class Swarm:
 
     def publish_receipt(self, blob: bytes) -> None:
         """Store one of this node's signed round receipts in the DHT (a day, like records), in the background."""
-        self._in_background("a receipt", publish_receipt(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s(), return_future=True))
+        self.stores.add("a receipt", publish_receipt(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s(), return_future=True))
 
     def read_receipts(self, round_: int) -> list[bytes]:
         """The valid receipts of one round found in the DHT."""
         return collect_receipts(self.dht, self.swarm_id, round_)
 
     def publish_check(self, blob: bytes) -> None:
-        self._in_background("a spot-check", publish_check(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s(), return_future=True))
+        self.stores.add("a spot-check", publish_check(self.dht, self.swarm_id, blob, dht_time() + record_ttl_s(), return_future=True))
 
     def read_checks(self, round_: int) -> list[bytes]:
         return collect_checks(self.dht, self.swarm_id, round_)
@@ -624,7 +589,7 @@ class Swarm:
     # ------------------------------------------------------------------ lifecycle
 
     def shutdown(self) -> None:
-        self.flush_stores()
+        self.stores.flush()
         self.members._stop.set()
         for avg in self.averagers.values():
             try:
