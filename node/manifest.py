@@ -118,6 +118,7 @@ class SyncSection:
     inner_steps: int = 1  # diloco: local AdamW steps per round (each on this node's share of one global batch)
     outer_lr: float = 0.7  # diloco: outer Nesterov SGD learning rate (OpenDiLoCo / INTELLECT-1: 0.7)
     outer_momentum: float = 0.9  # diloco: outer momentum (0 = plain SGD)
+    overlap: bool = False  # diloco: sum round r's pseudo-gradient while round r+1's inner steps run (the outer step lands one round late)
     clip: float = 4.0  # a peer's part more than clip x the group's median part norm is scaled down to that, and the peer flagged (0 = off)
     robust: str = "clip"  # clip: each part clipped, then summed | trimmed: clipped, then per value the trim share of senders dropped at each end
     trim: float = 0.1  # robust = "trimmed": share of senders dropped at EACH end of every value (at least 1 of >= 3 senders)
@@ -428,6 +429,9 @@ def validate(m: Manifest, where: str = "manifest") -> None:
     if m.sync.mode == "per-step" and m.sync.inner_steps != 1:
         bad(f"[sync] inner_steps = {m.sync.inner_steps} needs mode = \"diloco\" (per-step mode takes one step per round)",
             "sync.inner_steps")
+    if m.sync.overlap and m.sync.mode != "diloco":
+        bad("[sync] overlap = true needs mode = \"diloco\" (it overlaps the outer exchange with the next inner steps)",
+            "sync.overlap")
     if m.averaging.timeout <= m.averaging.matchmaking_time:
         bad(f"[averaging] timeout = {m.averaging.timeout!r} must be greater than matchmaking_time = "
             f"{m.averaging.matchmaking_time!r} (the all-reduce starts after matchmaking)", "averaging.timeout")

@@ -6,7 +6,12 @@ and record what this node contributed.
 
 per-step mode: my slice of the round's global batch -> its gradient -> summed -> one AdamW step.
 diloco mode: `inner_steps` local AdamW steps, one slice of one global batch each -> the pseudo-gradient
-(start - end) -> summed -> one outer step from the start (node.trainer).
+(start - end) -> summed -> one outer step from the start (node.trainer). With [sync] overlap, round r
+sums round r - 1's pseudo-gradient in a thread while its own inner steps run, then takes the outer
+step along that sum from round r's start (one round late); its own pseudo-gradient waits for r + 1
+(node.trainer.Pending). Round r's inner steps start from the swarm's state at r plus this node's own
+progress of round r - 1 (not in that state yet), so no progress is made, and applied, twice. A round's
+record credits the samples it summed.
 
 A contribution goes on the wire grid (node/swarm/exact.py) with this node's error-feedback residual
 added; what the grid could not carry becomes the next residual, once the round is applied.
@@ -22,6 +27,7 @@ import dataclasses
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +36,7 @@ from node import spotcheck
 from node.data import assign_examples, data_commitment
 from node.swarm import quorum
 from node.swarm.swarm import Failed, RoundClaim
-from node.trainer import LocalResult, grad_commitment, lr_at
+from node.trainer import LocalResult, Pending, grad_commitment, lr_at
 from protocol.receipt import check_unit
 from protocol.record import to_fixed
 
@@ -87,19 +93,33 @@ class RoundRunner:
         self.receipts = receipts  # node.receipts.ReceiptBook: signs, keeps and publishes receipts and checks
         # per-step contributions carry microbatch sketches for spot-checks (node.spotcheck), unless checks are off
         checked = spotcheck.applies(manifest) and manifest.credit.spot_check_rate > 0
+        self._sending = self._unsummed = None  # overlap: the pending pseudo-gradient on the wire, and one a failed round did not sum
         self.sketch = spotcheck.Sketch(self.swarm_id, {k: adapter.shard_numel(k) for k in self.trained}) if checked else None
 
     def _local_work(self, r: int, members) -> tuple[LocalResult, dict[int, torch.Tensor], list[int], dict]:
         """This node's part of round r: (what it computed, its contribution per trained shard before the
         residual, the example indices it used, the round's start weights (diloco))."""
-        m, total = self.m, self.m.rounds.target_batch_size
+        total = self.m.rounds.target_batch_size
         if not self.trainer.diloco:
             indices = assign_examples(len(self.examples), swarm_id=self.swarm_id, round=r, total=total,
                                       members=members, me=self.peer_id)
             local = self._gradients(indices)
             return local, {k: local.grad_sums[k] / total for k in self.trained}, indices, {}
-        steps = m.sync.inner_steps
+        local, delta, indices, start = self._inner_steps(r, members)
+        return local, self._weighted(delta, local.samples), indices, start
+
+    def _inner_steps(self, r: int, members, ahead: dict | None = None):
+        """diloco: round r's inner AdamW steps from the round's start weights (plus `ahead`, with overlap: this
+        node's own progress the swarm has not applied yet). Returns (what it computed, the pseudo-gradient
+        (phase start - end) per trained shard, the example indices, the round's start weights)."""
+        m, total, steps = self.m, self.m.rounds.target_batch_size, self.m.sync.inner_steps
         start = {k: self.trainer.flat_shard(k) for k in self.trained}
+        begin = start
+        if ahead is not None:
+            begin = {k: start[k] - ahead[k] for k in self.trained}
+            for k, flat in begin.items():
+                self.trainer.load_flat_shard(k, flat)
+            begin = {k: self.trainer.flat_shard(k) for k in self.trained}  # as the weights hold it (their dtype)
         all_indices, samples, tokens, loss_sum = [], 0, 0, 0.0
         for h in range(steps):  # inner step h trains on my slice of global batch r * steps + h
             step = r * steps + h
@@ -111,27 +131,40 @@ class RoundRunner:
                 self.trainer.inner_step(local, lr)
             all_indices += indices
             samples, tokens, loss_sum = samples + local.samples, tokens + local.tokens, loss_sum + local.loss_sum
-        # the pseudo-gradient, weighted by my samples (the group's sum / its samples is the weighted mean)
-        weight = samples / (steps * total)
-        contribution = {k: (start[k] - self.trainer.flat_shard(k)) * weight for k in self.trained}
-        return LocalResult({}, samples, tokens, loss_sum), contribution, all_indices, start
+        delta = {k: begin[k] - self.trainer.flat_shard(k) for k in self.trained}
+        return LocalResult({}, samples, tokens, loss_sum), delta, all_indices, start
+
+    def _weighted(self, delta: dict, samples: int) -> dict:
+        """A pseudo-gradient weighted by this node's samples (the group's sum / its samples is the weighted mean)."""
+        weight = samples / (self.m.sync.inner_steps * self.m.rounds.target_batch_size)
+        return {k: v * weight for k, v in delta.items()}
 
     def _gradients(self, indices) -> LocalResult:
         examples = [self.examples[i] for i in indices]
         return self.trainer.local_gradients(examples, self.sketch) if examples else self._empty_local()
 
-    def run(self, r: int, view: dict) -> RoundResult:
-        m = self.m
-        t0 = time.time()
-        start_hash = self.adapter.state_hash()
-        shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
-        peers = {p: c for p, c in quorum.others(view, self.peer_id).items() if p not in self.swarm.excluded}
-        members = quorum.round_members(peers, self.peer_id, r)
-        total = m.rounds.target_batch_size
+    @property
+    def overlap(self) -> bool:
+        return self.trainer.diloco and self.m.sync.overlap
 
-        if _FREERIDE:
-            return self._free_ride(r, t0, start_hash, shard_hashes)
-        local, contribution, indices, start = self._local_work(r, members)
+    def _pending_work(self, r: int) -> tuple[LocalResult, dict[int, torch.Tensor], tuple, dict | None]:
+        """overlap: what this node sums in round r, the pseudo-gradient of its round r - 1 inner steps (weighted),
+        and that progress itself (round r's inner steps start from the swarm's state plus it, so that no
+        progress is made twice); zeros and no samples when it has none from that round (its first round, a
+        late joiner, after a resync)."""
+        # a round that failed is retried from the same state with the same pseudo-gradient (self._unsummed), or the
+        # node resynced to the next round, which sums the failed round's own inner steps (trainer.pending)
+        found = [p for p in (self.trainer.pending, self._unsummed) if p is not None and p.round == r - 1]
+        self.trainer.pending = self._unsummed = None
+        if not found:
+            zeros = {k: torch.zeros(self.adapter.shard_numel(k)) for k in self.trained}
+            return LocalResult({}, 0, 0, 0.0), zeros, (), None
+        pend = self._sending = found[0]
+        local = LocalResult({}, pend.samples, pend.tokens, pend.loss_sum)
+        return local, self._weighted(pend.delta, pend.samples), pend.indices, pend.delta
+
+    def _wire_input(self, r: int, local: LocalResult, contribution: dict, indices, shard_hashes: dict):
+        """What this node puts on the wire (its contribution plus its error-feedback residual) and its claim."""
         x = {k: contribution[k] + self.trainer.residual[k] for k in self.trained}
         if _POISON or _JUNK:
             g = torch.Generator().manual_seed(r)
@@ -139,11 +172,13 @@ class RoundRunner:
             for k, v in x.items():
                 noise = torch.randn(v.numel(), generator=g) if _JUNK != "zeros" else torch.zeros(v.numel())
                 x[k] = noise * (scale * float(contribution[k].norm()) / max(float(noise.norm()), 1e-30))
-        t_compute = time.time() - t0
         claim = RoundClaim(round=r, hashes=shard_hashes, samples=local.samples, tokens=local.tokens, loss_sum=local.loss_sum,
                            indices=tuple(indices) if not self.trainer.diloco else (), sketches=local.sketches)
-        expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
+        return x, claim
 
+    def _exchange(self, r: int, x: dict, claim: RoundClaim, expected: dict) -> tuple[dict, float]:
+        """Each trained shard's exact sum with its group (a group of one sums alone), a lost part retried within
+        the round; returns ({shard: Summed | Failed}, seconds)."""
         t1 = time.time()
         results = {k: self.swarm.local_sum(k, x[k], claim) for k in self.trained if expected[k] <= 1}
         to_average = {k: v for k, v in x.items() if k not in results}
@@ -162,7 +197,40 @@ class RoundRunner:
                         sorted(lost), attempt + 1)
             results.update(self.swarm.allreduce_sums({k: x[k] for k in lost}, claim, expected, round_=r,
                                                      attempt=attempt, exact_groups=lost))
-        t_avg = time.time() - t1
+        return results, time.time() - t1
+
+    def run(self, r: int, view: dict) -> RoundResult:
+        m = self.m
+        t0 = time.time()
+        start_hash = self.adapter.state_hash()
+        shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
+        peers = {p: c for p, c in quorum.others(view, self.peer_id).items() if p not in self.swarm.excluded}
+        members = quorum.round_members(peers, self.peer_id, r)
+        total = m.rounds.target_batch_size
+
+        if _FREERIDE:
+            return self._free_ride(r, t0, start_hash, shard_hashes)
+        expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
+        if self.overlap:
+            # the last round's pseudo-gradient is summed now, while this round's inner steps run
+            local, contribution, indices, ahead = self._pending_work(r)
+            x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
+            with ThreadPoolExecutor(1, thread_name_prefix="exchange") as pool:
+                exchange = pool.submit(self._exchange, r, x, claim, expected)
+                try:
+                    if m.rounds.max_rounds and r >= m.rounds.max_rounds - 1:  # nothing would sum this round's steps
+                        fresh, start = None, {k: self.trainer.flat_shard(k) for k in self.trained}
+                    else:
+                        mine, delta, new_indices, start = self._inner_steps(r, members, ahead)
+                        fresh = Pending(r, delta, mine.samples, mine.tokens, mine.loss_sum, tuple(new_indices))
+                    t_compute = time.time() - t0
+                finally:
+                    results, t_avg = exchange.result()
+        else:
+            local, contribution, indices, start = self._local_work(r, members)
+            x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
+            t_compute = time.time() - t0
+            results, t_avg = self._exchange(r, x, claim, expected)
 
         updates, groups, resync, failed, loss_num, loss_den, clipped = {}, {}, [], [], 0.0, 0, {}
         for k in self.trained:
@@ -208,6 +276,10 @@ class RoundRunner:
             updates, sent, checks = {}, {}, []
             for k, flat in start.items():  # diloco: back to the round's start (the swarm's state at r)
                 self.trainer.load_flat_shard(k, flat)
+        if self.overlap:  # summed next round (from a resync to round r + 1 too: those inner steps began at r's state)
+            self.trainer.pending = fresh
+            self._unsummed = self._sending if not updates else None
+            self._sending = None
         t_end = time.time()
 
         result = RoundResult(

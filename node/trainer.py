@@ -12,11 +12,16 @@ among the peers ([sync] mode = "per-step"), or `inner_steps` such batches ("dilo
   inner optimizer and its moments are this node's alone), node.rounds sums the pseudo-gradients
   (start - end) exactly, and every trainer applies the same outer Nesterov SGD step from the same
   start (`outer_apply`): the outer state (weights, momentum) is bit-identical after every round.
+  With [sync] overlap the pseudo-gradient of round r's inner steps is held (`pending`) and summed
+  during round r + 1, while that round's inner steps run (from the outer state plus this node's own
+  round-r progress): every round still starts from the same outer state on every trainer, and its
+  outer step is along the previous round's pseudo-gradient.
 
 State peers share (`shard_state`): a shard's weights and the moments of the optimizer every
 trainer runs identically (AdamW's in per-step, the outer momentum in diloco). State only this
-node has (`local_tensors`, checkpointed): the inner AdamW moments and the error-feedback residual
-(what the wire grid could not carry yet; node.rounds adds it to the next contribution).
+node has (`local_tensors`, checkpointed): the inner AdamW moments, the error-feedback residual
+(what the wire grid could not carry yet; node.rounds adds it to the next contribution), and with
+overlap the pending pseudo-gradient.
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ class LocalResult:
     loss_sum: float  # sum of token cross-entropies (nats); DPO: sum of the pairs' losses
     # shard -> (microbatches, node.spotcheck.BLOCKS) float32: each microbatch's gradient sketch (spot-check evidence)
     sketches: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Pending:
+    """diloco with overlap: the pseudo-gradient of one round's inner steps, summed in the next round."""
+
+    round: int  # the round whose inner steps made it
+    delta: dict[int, torch.Tensor]  # per trained shard: the inner steps' start - end
+    samples: int
+    tokens: int
+    loss_sum: float
+    indices: tuple = ()  # the examples the inner steps trained on (the record's data commitment)
 
 
 def lr_at(round_: int, optim: OptimSection, max_rounds: int) -> float:
@@ -103,6 +120,7 @@ class Trainer:
         self.inner_steps_done = 0
         # error feedback: per trained shard, what the wire grid could not carry yet
         self.residual = {k: torch.zeros(adapter.shard_numel(k)) for k in self.trained}
+        self.pending: Pending | None = None  # diloco with overlap: the last inner steps' pseudo-gradient, not yet summed
 
     # ------------------------------------------------------------------ local work
 
@@ -325,6 +343,11 @@ class Trainer:
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """What only this node holds: residuals per trained shard, and (diloco) the inner AdamW moments."""
         out = {f"residual/{k}": r.clone() for k, r in self.residual.items()}
+        if self.pending is not None:
+            pend = self.pending
+            out |= {f"pending/{k}": v.clone() for k, v in pend.delta.items()}
+            out["pending/meta"] = torch.tensor([pend.round, pend.samples, pend.tokens, pend.loss_sum], dtype=torch.float64)
+            out["pending/indices"] = torch.tensor(pend.indices, dtype=torch.int64)
         if self.inner is not None:
             for name, p in zip(self.adapter.names, self.adapter.params):
                 st = self.inner.state.get(p)
@@ -339,6 +362,13 @@ class Trainer:
             r = tensors.get(f"residual/{k}")
             if r is not None and r.numel() == self.residual[k].numel():
                 self.residual[k] = r.float().clone()
+        meta = tensors.get("pending/meta")
+        parts = {k: tensors.get(f"pending/{k}") for k in self.trained}
+        if meta is not None and all(v is not None and v.numel() == self.residual[k].numel() for k, v in parts.items()):
+            rnd, samples, tokens, loss_sum = meta.tolist()
+            indices = tuple(int(i) for i in tensors.get("pending/indices", torch.zeros(0, dtype=torch.int64)).tolist())
+            self.pending = Pending(int(rnd), {k: v.float().clone() for k, v in parts.items()}, int(samples), int(tokens),
+                                   float(loss_sum), indices)
         if self.inner is None:
             return
         for name, p in zip(self.adapter.names, self.adapter.params):

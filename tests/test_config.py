@@ -165,6 +165,12 @@ def test_sync_modes_and_the_removed_fixed_point_bits():
         parse_manifest(_raw(sync={"wire": "int4"}))
     with pytest.raises(ManifestError, match=r"inner_steps = 5 needs mode = \"diloco\""):
         parse_manifest(_raw(sync={"inner_steps": 5}))
+    assert parse_manifest(_raw(sync={"mode": "diloco", "inner_steps": 20, "overlap": True})).sync.overlap
+    with pytest.raises(ManifestError, match=r"overlap = true needs mode = \"diloco\"") as err:
+        parse_manifest(_raw(sync={"overlap": True}))
+    assert err.value.field == "sync.overlap"
+    with pytest.raises(ManifestError, match=r"expected true/false"):
+        parse_manifest(_raw(sync={"mode": "diloco", "overlap": "yes"}))
     # a manifest from before the wire grids names the line to delete instead of listing allowed keys
     with pytest.raises(ManifestError, match=r"'fixed_point_bits' is no longer used: .*\[sync\] wire.*delete the line"):
         parse_manifest(_raw(averaging={"fixed_point_bits": 30}))

@@ -4,7 +4,9 @@
   curve (the outer step just re-applies the inner one, through the wire grid);
 - a 3-node diloco swarm, one node SIGKILLed in the middle of an inner phase and a late joiner: after
   every round every trainer holds the same outer state (hashes), the killed node's partial work is in
-  nobody's update, the joiner starts from the swarm's exact state, and every ledger verifies.
+  nobody's update, the joiner starts from the swarm's exact state, and every ledger verifies; the same
+  with [sync] overlap, where each round sums the round before's pseudo-gradients while its own inner
+  steps run (the exchange runs alongside the compute, and a round credits the samples it summed).
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ def test_one_inner_step_with_plain_outer_sgd_equals_per_step(tmp_path, tiny_base
 
 
 @pytest.mark.timeout(480)
-def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path, tiny_base, spawn_node):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path, tiny_base, spawn_node, overlap):
     rounds, steps = 8, 8
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
-                                   sync={"mode": "diloco", "inner_steps": steps, "wire": "int8"})
+                                   sync={"mode": "diloco", "inner_steps": steps, "wire": "int8", "overlap": overlap})
     a = spawn_node(manifest, "a", "--min-peers", "3")
     peers = a.wait_info()["maddrs"]
     b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)
@@ -92,18 +95,31 @@ def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path
         assert node.wait_exit(timeout=300) == 0, node.log.read_text()[-3000:]
 
     runs = {"a": a.applied(), "b": b.applied(), "c": c.applied(), "late": late.applied()}
+    compared = 0
     for r in range(rounds):
+        # a round that lost one shard's sum (the kill) applied only the other and is whole on no node; it is
+        # compared through the rounds after it
         hashes = {name: rows[r]["hash"] for name, rows in runs.items() if r in rows}
-        assert len(set(hashes.values())) == 1, f"round {r}: outer states differ {hashes}"
+        assert len(set(hashes.values())) <= 1, f"round {r}: outer states differ {hashes}"
+        compared += len(hashes) >= 2
+    assert compared >= rounds - 2, runs
     assert killed_in not in runs["c"], "the killed node completed no round it was killed in"
     # the survivors completed the round c died in, without it (its partial inner work is in no update)
     assert runs["a"][killed_in]["groups"] == {"0": 2, "1": 2} or runs["a"][killed_in + 1]["groups"] == {"0": 2, "1": 2}
-    # a round of diloco counts every inner step's samples: 8 steps of a third of 24
-    assert runs["a"][0]["samples"] == steps * 8
+    # a round of diloco counts every inner step's samples: 8 steps of a third of 24; with overlap, those of the
+    # round before (summed in this one): round 0 sums nothing, and the last round runs no inner steps
+    if overlap:
+        assert runs["a"][0]["samples"] == 0 and runs["a"][1]["samples"] == steps * 8
+        assert runs["a"][rounds - 1]["compute_s"] < 0.5 * runs["a"][1]["compute_s"]
+        # the exchange ran alongside the inner steps: rounds took less than compute plus averaging
+        inner = [runs["a"][r] for r in range(1, rounds - 1) if r in runs["a"]]
+        assert sum(x["seconds"] for x in inner) < sum(x["compute_s"] + x["averaging_s"] for x in inner), inner
+    else:
+        assert runs["a"][0]["samples"] == steps * 8
     first = min(runs["late"])
     assert first > killed_in
     assert runs["late"][first]["start_hash"] == runs["a"][first]["start_hash"], "the joiner starts from the swarm's state"
     assert a.rounds()[-1]["hash"] == b.rounds()[-1]["hash"] == late.rounds()[-1]["hash"]
-    losses = [runs["a"][r]["loss"] for r in sorted(runs["a"])]
+    losses = [runs["a"][r]["loss"] for r in sorted(runs["a"]) if runs["a"][r]["loss"] is not None]
     assert losses[-1] < 0.8 * losses[0], losses
     verify_ledgers(manifest, a, b, c, late)

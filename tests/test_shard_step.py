@@ -60,3 +60,33 @@ def test_a_checkpoint_after_a_partial_round_restores_each_shards_step(tmp_path, 
         t.apply(grads, 1e-3)
     for k in range(2):
         assert torch.equal(before.flat_shard(k), after.flat_shard(k)), f"shard {k} differs after the next step"
+
+
+def test_a_checkpoint_keeps_the_pending_pseudo_gradient_of_an_overlapped_round(tmp_path, tiny_base):
+    """diloco with overlap: a round's pseudo-gradient is summed in the next round; a restart between the two
+    sums it from the checkpoint (the same bits, samples, tokens, loss and examples), and one without any
+    (round 0, a last round) restores none."""
+    from node import checkpoint
+    from node.manifest import load_manifest
+    from node.trainer import Pending
+
+    m = load_manifest(write_test_manifest(tmp_path / "swarm.toml", tiny_base,
+                                          sync={"mode": "diloco", "inner_steps": 4, "overlap": True}))
+    before, after = _trainer(m, tiny_base), _trainer(m, tiny_base)
+    trained = range(before.adapter.num_shards)
+    gen = torch.Generator().manual_seed(3)
+    before.pending = Pending(5, {k: torch.randn(before.flat_shard(k).numel(), generator=gen) for k in trained},
+                             samples=96, tokens=2345, loss_sum=123.456789, indices=(3, 1, 4, 1, 5))
+    for name, expect in (("ckpt", before.pending), ("none", None)):
+        if expect is None:
+            before.pending = None
+        checkpoint.save(tmp_path / name, round=6, opt_step=6, ledger_seq=5, swarm_id="s",
+                        tensors=checkpoint.training_tensors(before, before.adapter, trained))
+        after.pending = None
+        checkpoint.restore_training(checkpoint.load_latest(tmp_path / name, "s"), after, after.adapter, trained)
+        if expect is None:
+            assert after.pending is None
+            continue
+        got = after.pending
+        assert (got.round, got.samples, got.tokens, got.loss_sum, got.indices) == (5, 96, 2345, 123.456789, (3, 1, 4, 1, 5))
+        assert all(torch.equal(got.delta[k], expect.delta[k]) for k in trained)
