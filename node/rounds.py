@@ -93,6 +93,7 @@ class RoundRunner:
         self.receipts = receipts  # node.receipts.ReceiptBook: signs, keeps and publishes receipts and checks
         # per-step contributions carry microbatch sketches for spot-checks (node.spotcheck), unless checks are off
         checked = spotcheck.applies(manifest) and manifest.credit.spot_check_rate > 0
+        self._compute_s = 0.0  # overlap: the last round's inner steps (seconds)
         self._sending = self._unsummed = None  # overlap: the pending pseudo-gradient on the wire, and one a failed round did not sum
         self.sketch = spotcheck.Sketch(self.swarm_id, {k: adapter.shard_numel(k) for k in self.trained}) if checked else None
 
@@ -176,14 +177,16 @@ class RoundRunner:
                            indices=tuple(indices) if not self.trainer.diloco else (), sketches=local.sketches)
         return x, claim
 
-    def _exchange(self, r: int, x: dict, claim: RoundClaim, expected: dict) -> tuple[dict, float]:
+    def _exchange(self, r: int, x: dict, claim: RoundClaim, expected: dict, compute_s: float) -> tuple[dict, float]:
         """Each trained shard's exact sum with its group (a group of one sums alone), a lost part retried within
-        the round; returns ({shard: Summed | Failed}, seconds)."""
+        the round; returns ({shard: Summed | Failed}, seconds). `compute_s`: how long a round's local work takes
+        here; groupmates on other machines finish theirs seconds apart (seen: 24 s and 33 s for 20 inner steps on
+        one box), so the group is looked for up to half of it (a per-step round's second changes nothing)."""
         t1 = time.time()
         results = {k: self.swarm.local_sum(k, x[k], claim) for k in self.trained if expected[k] <= 1}
         to_average = {k: v for k, v in x.items() if k not in results}
         if to_average:
-            results.update(self.swarm.allreduce_sums(to_average, claim, expected, round_=r))
+            results.update(self.swarm.allreduce_sums(to_average, claim, expected, round_=r, patience=compute_s / 2))
         for attempt in range(1, RETRIES + 1):  # a lost part is retried within the round, by the whole group
             lost = {k: res.group for k, res in results.items() if isinstance(res, Failed) and res.retry}
             if any(not isinstance(res, Failed) for res in results.values()):
@@ -216,21 +219,22 @@ class RoundRunner:
             local, contribution, indices, ahead = self._pending_work(r)
             x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
             with ThreadPoolExecutor(1, thread_name_prefix="exchange") as pool:
-                exchange = pool.submit(self._exchange, r, x, claim, expected)
+                # the groupmates' rounds began as their last ones ended, up to about a round's compute apart
+                exchange = pool.submit(self._exchange, r, x, claim, expected, self._compute_s)
                 try:
                     if m.rounds.max_rounds and r >= m.rounds.max_rounds - 1:  # nothing would sum this round's steps
                         fresh, start = None, {k: self.trainer.flat_shard(k) for k in self.trained}
                     else:
                         mine, delta, new_indices, start = self._inner_steps(r, members, ahead)
                         fresh = Pending(r, delta, mine.samples, mine.tokens, mine.loss_sum, tuple(new_indices))
-                    t_compute = time.time() - t0
+                    t_compute = self._compute_s = time.time() - t0
                 finally:
                     results, t_avg = exchange.result()
         else:
             local, contribution, indices, start = self._local_work(r, members)
             x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
             t_compute = time.time() - t0
-            results, t_avg = self._exchange(r, x, claim, expected)
+            results, t_avg = self._exchange(r, x, claim, expected, t_compute)
 
         updates, groups, resync, failed, loss_num, loss_den, clipped = {}, {}, [], [], 0.0, 0, {}
         for k in self.trained:

@@ -105,7 +105,7 @@ def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path
     assert compared >= rounds - 2, runs
     assert killed_in not in runs["c"], "the killed node completed no round it was killed in"
     # the survivors completed the round c died in, without it (its partial inner work is in no update)
-    assert runs["a"][killed_in]["groups"] == {"0": 2, "1": 2} or runs["a"][killed_in + 1]["groups"] == {"0": 2, "1": 2}
+    assert {"0": 2, "1": 2} in [runs["a"][r]["groups"] for r in (killed_in, killed_in + 1) if r in runs["a"]], runs["a"]
     # a round of diloco counts every inner step's samples: 8 steps of a third of 24; with overlap, those of the
     # round before (summed in this one): round 0 sums nothing, and the last round runs no inner steps
     if overlap:

@@ -359,7 +359,7 @@ class Swarm:
 
     def allreduce_sums(
         self, contributions: dict[int, torch.Tensor], claim: RoundClaim, expected: dict[int, int], *, round_: int,
-        attempt: int = 0, exact_groups: dict[int, int] | None = None,
+        attempt: int = 0, exact_groups: dict[int, int] | None = None, patience: float = 0.0,
     ) -> dict[int, "Summed | Failed"]:
         """Sum each shard's float32 contribution over the shard's group, exactly and identically on every member.
 
@@ -368,7 +368,8 @@ class Swarm:
         Returns, per shard, a `Summed`, or `Failed` when no group formed in time or a part was lost.
         `attempt` (0..3) is part of the matchmaking key, so a retry of the same round meets only the
         peers retrying it; `exact_groups[k]`: the retry of shard k runs only with exactly that many peers
-        (the group that lost the part).
+        (the group that lost the part). `patience`: seconds to keep looking for the group when that is longer
+        than the usual window (diloco's long rounds end seconds apart on unequal machines).
         """
         planned = self.allreduce_bytes({k: expected.get(k, 2) for k in contributions})
         self._apply_deadline(self.deadline.seconds_for(planned))
@@ -376,7 +377,7 @@ class Swarm:
         # a retry's group is known and assembles the moment all are back; but a member whose own stream broke
         # retries at once, while the others learn of the lost part only when the reducer gives up on it (a
         # sender timeout, half the deadline, later): it waits that long plus one matchmaking window
-        find = self.allreduce_timeout / 2 + self.matchmaking_time + 1.0 if exact_groups else self.find_group_timeout
+        find = self.allreduce_timeout / 2 + self.matchmaking_time + 1.0 if exact_groups else max(self.find_group_timeout, patience)
         controls = {}
         for k, x in contributions.items():
             avg = self.averagers[k]
