@@ -117,7 +117,9 @@ class SyncSection:
     wire: str = "int8"  # int8 | int32: the grid contributions are summed on, exactly (int8: ~1/4 of fp32's bytes, with error feedback)
     inner_steps: int = 1  # diloco: local AdamW steps per round (each on this node's share of one global batch)
     outer_lr: float = 0.7  # diloco: outer Nesterov SGD learning rate (OpenDiLoCo / INTELLECT-1: 0.7)
-    outer_momentum: float = 0.9  # diloco: outer momentum (0 = plain SGD)
+    # OpenDiLoCo / INTELLECT-1 pretrain with momentum 0.9 over thousands of outer steps; a LoRA fine-tune over tens of
+    # outer rounds overshot with it (README "What crosses the wire": held-out loss +127 %, with overlap it diverged)
+    outer_momentum: float = 0.5  # diloco: outer Nesterov momentum (0 = plain SGD; 0.9 is for pretraining runs)
     overlap: bool = False  # diloco: sum round r's pseudo-gradient while round r+1's inner steps run (the outer step lands one round late)
     clip: float = 4.0  # a peer's part more than clip x the group's median part norm is scaled down to that, and the peer flagged (0 = off)
     robust: str = "clip"  # clip: each part clipped, then summed | trimmed: clipped, then per value the trim share of senders dropped at each end
