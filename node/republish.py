@@ -135,8 +135,9 @@ class Republisher:
         self.stored += ok
         logger.debug("re-published %d of %d due DHT entries (%d tracked)", ok, len(due), len(self._blobs))
         if ok < len(due):
-            logger.warning("the DHT did not take %d of %d re-published entries; trying again in %.0f s",
-                           len(due) - ok, len(due), self.check_every)
+            # also when the DHT holds a copy that expires later: groupmates' receipts are stored by their signers too
+            logger.warning("the DHT did not take %d of %d re-published entries (no peer reachable, or a copy there "
+                           "expires later); trying again in %.0f s", len(due) - ok, len(due), self.check_every)
         return ok
 
 

@@ -222,4 +222,7 @@ def test_records_outlive_the_dht_expiry(tmp_path, tiny_base, spawn_node):
         node.signal(signal.SIGTERM)
     for node in (a, b):
         assert node.wait_exit(timeout=60) == 0, node.log.read_text()[-3000:]
-    assert "did not take" not in log
+    # no store failed outright (a timeout or a DHT error). A store the DHT "did not take" is not one: both nodes
+    # store the receipts of their rounds (each its own, and the groupmate's as its evidence), so the copy with
+    # the earlier expiry is refused; the records' presence past the expiry, above, is what the republisher owes
+    assert "DHT entries failed" not in log and "could not publish" not in log, log[-3000:]
