@@ -94,7 +94,7 @@ class RoundRunner:
         # per-step contributions carry microbatch sketches for spot-checks (node.spotcheck), unless checks are off
         checked = spotcheck.applies(manifest) and manifest.credit.spot_check_rate > 0
         self._compute_s = 0.0  # overlap: the last round's inner steps (seconds)
-        self._sending = self._unsummed = None  # overlap: the pending pseudo-gradient on the wire, and one a failed round did not sum
+        self._unsummed = None  # overlap: the pending pseudo-gradient a failed round did not sum
         self.sketch = spotcheck.Sketch(self.swarm_id, {k: adapter.shard_numel(k) for k in self.trained}) if checked else None
 
     def _local_work(self, r: int, members) -> tuple[LocalResult, dict[int, torch.Tensor], list[int], dict]:
@@ -148,10 +148,10 @@ class RoundRunner:
     def overlap(self) -> bool:
         return self.trainer.diloco and self.m.sync.overlap
 
-    def _pending_work(self, r: int) -> tuple[LocalResult, dict[int, torch.Tensor], tuple, dict | None]:
+    def _pending_work(self, r: int) -> tuple[LocalResult, dict[int, torch.Tensor], tuple, Pending | None]:
         """overlap: what this node sums in round r, the pseudo-gradient of its round r - 1 inner steps (weighted),
-        and that progress itself (round r's inner steps start from the swarm's state plus it, so that no
-        progress is made twice); zeros and no samples when it has none from that round (its first round, a
+        and that Pending itself (round r's inner steps start from the swarm's state plus its progress, so that
+        no progress is made twice); zeros and no samples when it has none from that round (its first round, a
         late joiner, after a resync)."""
         # a round that failed is retried from the same state with the same pseudo-gradient (self._unsummed), or the
         # node resynced to the next round, which sums the failed round's own inner steps (trainer.pending)
@@ -160,9 +160,9 @@ class RoundRunner:
         if not found:
             zeros = {k: torch.zeros(self.adapter.shard_numel(k)) for k in self.trained}
             return LocalResult({}, 0, 0, 0.0), zeros, (), None
-        pend = self._sending = found[0]
+        pend = found[0]
         local = LocalResult({}, pend.samples, pend.tokens, pend.loss_sum)
-        return local, self._weighted(pend.delta, pend.samples), pend.indices, pend.delta
+        return local, self._weighted(pend.delta, pend.samples), pend.indices, pend
 
     def _wire_input(self, r: int, local: LocalResult, contribution: dict, indices, shard_hashes: dict):
         """What this node puts on the wire (its contribution plus its error-feedback residual) and its claim."""
@@ -216,7 +216,7 @@ class RoundRunner:
         expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
         if self.overlap:
             # the last round's pseudo-gradient is summed now, while this round's inner steps run
-            local, contribution, indices, ahead = self._pending_work(r)
+            local, contribution, indices, sending = self._pending_work(r)
             x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
             with ThreadPoolExecutor(1, thread_name_prefix="exchange") as pool:
                 # the groupmates' rounds began as their last ones ended, up to about a round's compute apart
@@ -225,6 +225,7 @@ class RoundRunner:
                     if m.rounds.max_rounds and r >= m.rounds.max_rounds - 1:  # nothing would sum this round's steps
                         fresh, start = None, {k: self.trainer.flat_shard(k) for k in self.trained}
                     else:
+                        ahead = sending.delta if sending is not None else None
                         mine, delta, new_indices, start = self._inner_steps(r, members, ahead)
                         fresh = Pending(r, delta, mine.samples, mine.tokens, mine.loss_sum, tuple(new_indices))
                     t_compute = self._compute_s = time.time() - t0
@@ -282,8 +283,7 @@ class RoundRunner:
                 self.trainer.load_flat_shard(k, flat)
         if self.overlap:  # summed next round (from a resync to round r + 1 too: those inner steps began at r's state)
             self.trainer.pending = fresh
-            self._unsummed = self._sending if not updates else None
-            self._sending = None
+            self._unsummed = sending if not updates else None
         t_end = time.time()
 
         result = RoundResult(
