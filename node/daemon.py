@@ -332,9 +332,17 @@ class Node:
                         # after the swarm's last round no later round heals a stale shard, and the peers that hold
                         # its state stop soon: keep trying then (seen: a diloco node ending with another adapter)
                         last = self.round >= self.manifest.rounds.max_rounds
-                        if last or self._applied_elsewhere(res.resync):
+                        # when every trainer lost those sums (a groupmate killed mid all-reduce) all hold the round's
+                        # start: a resync would only announce "syncing", and the groupmates that start the next round
+                        # first would leave this node out of it (seen: a 3-node diloco swarm split after a kill); a
+                        # heartbeat that comes later is caught by the next round's group check
+                        lost = {k: self.adapter.shard_hash(k) for k in res.resync}
+                        if last or quorum.applied_elsewhere(quorum.others(swarm.view(), self.peer_id), self.round, lost):
                             got = sync.resync(self.round - 1, required=last)
                             self.round = self.round if got is None else got
+                        else:
+                            logger.info("shard(s) %s: no peer holds another state of them at round %d; keeping ours",
+                                        res.resync, self.round)
                 else:
                     got = sync.resync(self.round, required=False)
                     self.round = self.round if got is None else got
@@ -352,21 +360,6 @@ class Node:
             self.receipts.collect(self.round, budget_s=5.0 if self._drain.is_set() else 30.0)
         self._set_state("stopped")
         return 0
-
-    def _applied_elsewhere(self, shards) -> bool:
-        """After a round that applied only some shards: whether a peer's heartbeat shows another state for one
-        of the others at our new round (its group applied it). When every trainer lost that shard's sum
-        (a groupmate killed mid all-reduce), all of them hold the round's start and there is nothing to
-        take; a resync would only announce "syncing", and the groupmates that start the next round first
-        would leave this node out of it (seen: a 3-node diloco swarm split in two after a kill). A heartbeat
-        that arrives later is caught by the next round's group check (node.rounds: "differs from the group's")."""
-        peers = quorum.others(self.swarm.view(), self.peer_id)
-        for k in shards:
-            mine = self.adapter.shard_hash(k)
-            if any(i.round >= self.round and i.shard_hashes.get(k) not in (None, mine) for i in peers.values()):
-                return True
-        logger.info("shard(s) %s: no peer holds another state of them at round %d; keeping ours", list(shards), self.round)
-        return False
 
     def _spot_check_rate(self) -> float:
         """Per shard group: a node that trains every shard is checked with [credit] spot_check_rate per round."""

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.swarm.quorum import (
+    applied_elsewhere,
     coverage,
     dialable_peers,
     donor_order,
@@ -650,3 +651,16 @@ def test_coverage_trained_iterable_consumed_once():
 def test_coverage_many_peers():
     view = {p: at(1, shards=(0, 1)) for p in "ABCD"} | {"E": at(1, shards=(1,))}
     assert coverage(view, "M", [1], 2) == {0: 4, 1: 6}
+
+
+# ---------------------------------------------------------------------------------------- applied_elsewhere
+
+
+def test_applied_elsewhere_sees_another_state_only_at_or_after_the_round():
+    mine = {0: "start"}
+    assert not applied_elsewhere({}, 4, mine)
+    assert not applied_elsewhere({"b": at(4, "start")}, 4, mine)  # every trainer lost that sum
+    assert not applied_elsewhere({"b": at(3, "older")}, 4, mine)  # still finishing the round: not evidence
+    assert not applied_elsewhere({"b": at(4, hashes={1: "x"})}, 4, mine)  # it does not say what it holds of shard 0
+    assert applied_elsewhere({"b": at(4, "start"), "c": at(5, "applied")}, 4, mine)
+    assert applied_elsewhere({"b": at(4, hashes={0: "start", 1: "y"})}, 4, {0: "start", 1: "z"})

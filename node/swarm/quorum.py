@@ -84,6 +84,13 @@ def donor_order(peers: Mapping[str, Claim], me: str, shard: int, *, skip: Iterab
     return order
 
 
+def applied_elsewhere(peers: Mapping[str, Claim], round_: int, hashes: Mapping[int, str]) -> bool:
+    """After a round that applied only some shards: whether a peer at `round_` (the next one) or later holds
+    another state of one of the others (`hashes`: this node's, kept at the round's start), i.e. its group
+    applied that shard. When every trainer lost that sum, none does, and there is nothing to download."""
+    return any(i.round >= round_ and i.shard_hashes.get(k) not in (None, h) for k, h in hashes.items() for i in peers.values())
+
+
 def unvouched_shard(peers: Mapping[str, Claim], round_: int, my_round: int, hashes: Mapping[int, str]) -> int | None:
     """Whether a downloaded state at `round_` with these shard hashes is the swarm's.
 
