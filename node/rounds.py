@@ -35,7 +35,7 @@ import torch
 from node import spotcheck
 from node.data import assign_examples, data_commitment
 from node.swarm import quorum
-from node.swarm.swarm import Failed, RoundClaim
+from node.swarm.outcome import Failed, RoundClaim
 from node.trainer import LocalResult, Pending, grad_commitment, lr_at
 from protocol.receipt import check_unit
 from protocol.record import to_fixed
@@ -102,7 +102,7 @@ class RoundRunner:
         residual, the example indices it used, the round's start weights (diloco))."""
         total = self.m.rounds.target_batch_size
         if not self.trainer.diloco:
-            indices = assign_examples(len(self.examples), swarm_id=self.swarm_id, round=r, total=total,
+            indices = assign_examples(len(self.examples), swarm_id=self.m.order_key, round=r, total=total,
                                       members=members, me=self.peer_id)
             local = self._gradients(indices)
             return local, {k: local.grad_sums[k] / total for k in self.trained}, indices, {}
@@ -124,7 +124,7 @@ class RoundRunner:
         all_indices, samples, tokens, loss_sum = [], 0, 0, 0.0
         for h in range(steps):  # inner step h trains on my slice of global batch r * steps + h
             step = r * steps + h
-            indices = assign_examples(len(self.examples), swarm_id=self.swarm_id, round=step, total=total,
+            indices = assign_examples(len(self.examples), swarm_id=self.m.order_key, round=step, total=total,
                                       members=members, me=self.peer_id)
             local = self._gradients(indices)
             if local.tokens:

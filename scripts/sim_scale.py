@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from node.swarm.dht import remove_stale_sockets, start_dht, stop_children  # noqa: E402
 from node.swarm.exact import GRIDS, Layout, block_exponents, group_exponents, quantize  # noqa: E402
-from node.swarm.swarm import RoundClaim, Summed, Swarm  # noqa: E402
+from node.swarm.outcome import RoundClaim, Summed  # noqa: E402
+from node.swarm.swarm import Swarm  # noqa: E402
 
 
 def _contribution(peer: int, round_: int, values: int) -> torch.Tensor:

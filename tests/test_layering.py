@@ -46,7 +46,7 @@ LAYERS = [
     ["node.shards", "node.checkpoint", "node.ledger", "node.receipt_sets", "node.credit", "node.metrics", "node.trainer", "node.rotation"],
     ["node.swarm", "node.swarm.exact", "node.swarm.deadline", "node.swarm.validator", "node.swarm.statements", "node.swarm.stores"],
     ["node.swarm.averager", "node.swarm.probe", "node.swarm.reach", "node.swarm.dht"],
-    ["node.swarm.membership", "node.swarm.traffic"],
+    ["node.swarm.membership", "node.swarm.traffic", "node.swarm.outcome"],
     ["node.swarm.quorum"],
     ["node.swarm.swarm", "node.swarm.follow"],
     ["node.spotcheck", "node.receipts"],

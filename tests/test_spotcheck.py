@@ -10,7 +10,7 @@ import torch
 from node import spotcheck
 from node.manifest import OptimSection
 from node.swarm.exact import GRIDS, Layout, block_exponents, quantize
-from node.swarm.swarm import RoundClaim, Summed
+from node.swarm.outcome import RoundClaim, Summed
 from protocol.receipt import check_unit
 from tests.conftest import write_test_manifest
 

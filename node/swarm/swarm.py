@@ -4,11 +4,9 @@
     swarm = Swarm(dht, swarm_id=..., shard_layouts=..., trained_shards=..., wire="int8", reach=reach, ...)
     results = swarm.allreduce_sums({shard: float32 vector}, RoundClaim(...), expected, round_=r)
 
-It owns the two formats peers exchange besides records and heartbeats:
-- the round metadata every group member sends with its part (`RoundClaim`: the round, the
-  hashes of the shards it started from, its samples, tokens and loss sum);
-- the state metadata a donor serves with a shard's tensors (`StateMeta`: round, hash,
-  optimizer step, swarm id).
+It owns the state metadata a donor serves with a shard's tensors (`StateMeta`: round, hash,
+optimizer step, swarm id); the round metadata every group member sends with its part (`RoundClaim`)
+and what an all-reduce gives (`Summed`, `Failed`) are node/swarm/outcome.py's.
 Each shard averages under the hivemind prefix `<swarm_id>/shard-<k>`, so only the trainers of
 shard k ever average shard k, and the round number is part of the matchmaking key, so peers
 in different rounds never average together.
@@ -27,22 +25,18 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
 import torch
 
-from node.swarm.averager import (
-    CLIPPED_KEY, ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, KEY_BITS, RECEIPT_KEY, ReducerView,
-    ShardAverager, group_key,
-)
+from node.swarm.averager import EXPONENTS_KEY, KEY_BITS, ShardAverager, group_key
 from node.swarm.deadline import AveragingDeadline
 from node.swarm.dht import SwarmError, dht_time, peer_id_of, start_dht
-from node.swarm.exact import (
-    GRIDS, MAX_GROUP, Layout, WireError, block_exponents, dequantize, group_exponents, quantize, wire_bytes_per_value,
-)
+from node.swarm.exact import GRIDS, MAX_GROUP, Layout, block_exponents, quantize, wire_bytes_per_value
 from node.swarm.membership import Membership, PeerInfo, check_membership, check_no_twin
+from node.swarm.outcome import Failed, RoundClaim, Summed, read_outcome
 from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
 from node.swarm.reach import PUBLIC, Reachability, detect_reachability, serve_dialback
 from node.swarm.statements import collect_checks, collect_receipts, publish_check, publish_receipt
@@ -79,78 +73,6 @@ async def _store_many(_dht, node, entries, expiration):
     keys, subkeys, values = zip(*entries)
     done = await node.store_many(list(keys), list(values), expiration, subkeys=list(subkeys))
     return [bool(done.get((key, subkey))) for key, subkey, _ in entries]
-
-
-@dataclass(frozen=True)
-class RoundClaim:
-    """What a group member says about its part: the round, the hash of each shard it started from,
-    and its samples, tokens and summed token loss (the group's loss is computed from these)."""
-
-    round: int
-    hashes: dict  # {shard: hash}
-    samples: int
-    tokens: int
-    loss_sum: float
-    indices: tuple = ()  # the examples it trained on (per-step mode), for a spot-check's recomputation
-    # {shard: float32 (microbatches x node.spotcheck.BLOCKS)}: each microbatch's gradient sketch, for spot-checks
-    sketches: dict = field(default_factory=dict, compare=False)
-
-    def to_wire(self) -> dict:
-        wire = {"r": self.round, "h": {str(k): h for k, h in self.hashes.items()}, "s": self.samples, "t": self.tokens,
-                "l": self.loss_sum, "i": list(self.indices)}
-        if self.sketches:
-            wire["k"] = {str(k): v.float().contiguous().numpy().tobytes() for k, v in self.sketches.items()}
-        return wire
-
-    @classmethod
-    def from_wire(cls, value) -> "RoundClaim":
-        """Raises TypeError/KeyError/ValueError/AttributeError on a malformed claim."""
-        return cls(round=int(value["r"]), hashes={int(k): str(h) for k, h in dict(value["h"]).items()},
-                   samples=int(value["s"]), tokens=int(value["t"]), loss_sum=float(value["l"]),
-                   indices=tuple(int(i) for i in value.get("i", ())),
-                   sketches={int(k): _sketch(v) for k, v in dict(value.get("k", {})).items()})
-
-
-def _sketch(raw) -> torch.Tensor:
-    """A claim's microbatch sketches of one shard from the wire, flat float32 (node.spotcheck reads their
-    shape); ValueError when malformed."""
-    if not isinstance(raw, bytes) or not raw or len(raw) % 4:
-        raise ValueError("a sketch is float32 values")
-    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class Summed:
-    """A shard's exact sum over its group: the integers, the grid they are on, what this node's own
-    contribution was worth on that grid (its error-feedback residual is what it meant minus this), and
-    every member's claim."""
-
-    total: torch.Tensor  # int32: the sum of every member's q
-    exps: torch.Tensor  # int8 per block: the group's grid
-    sent: torch.Tensor  # float32: q * 2**e of this node's contribution
-    claims: dict  # {peer_id: RoundClaim}
-    layout: Layout
-    seconds: float = 0.0  # the all-reduce itself (matchmaking excluded)
-    clipped: dict = field(default_factory=dict)  # {peer id: norm / median} of parts this node's reducer clipped
-    view: ReducerView | None = None  # the group, the sum's hash, what this node's reducer saw (receipts, spot-checks)
-
-    def value(self) -> torch.Tensor:
-        """The sum as float32, the same bits on every member."""
-        return dequantize(self.total, self.exps, self.layout)
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A shard's all-reduce that gave no sum. `retry`: a part was lost (a reducer summed it without one of
-    its senders and told every sender so, or this node's stream to a reducer broke); nobody applied the
-    round, and the group retries it together: the retry assembles only when all `group` members are back,
-    so no subset ever applies a sum the others did not. When the retry cannot gather them (they completed
-    the round without this node), or without `retry` (no group formed), the node takes the state of the
-    peers that completed the round."""
-
-    reason: str
-    retry: bool
-    group: int = 0  # the group that lost the part: a retry must gather exactly these many peers
 
 
 @dataclass(frozen=True)
@@ -408,48 +330,13 @@ class Swarm:
                 logger.warning("shard %d: averaging failed (%s: %s)", k, type(e).__name__, e)
                 slow = slow or isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "timeout" in type(e).__name__.lower()
                 continue
-            gathered = dict(gathered or {})
-            took = float(gathered.pop(ELAPSED_KEY, 0.0))
-            lost = gathered.pop(FAILED_KEY, 0)
-            incomplete = gathered.pop(INCOMPLETE_KEY, 0)
-            clipped = gathered.pop(CLIPPED_KEY, {})
-            view = gathered.pop(RECEIPT_KEY, None)
-            if not gathered:
-                continue
-            if exact_groups and k in exact_groups and len(gathered) != exact_groups[k]:
-                logger.warning("shard %d: the retry gathered %d of the %d peers that lost a part; not applied", k,
-                               len(gathered), exact_groups[k])
-                continue
-            if lost:
-                # a stream to a reducer broke: that reducer dropped us, and its INCOMPLETE reply makes the others
-                # retry; or only this node missed the sums while the others completed the round (then the retry
-                # finds nobody, and the node takes their state)
-                logger.warning("shard %d: %d values came back un-summed (a stream to a reducer broke mid all-reduce); "
-                               "retrying the round with the same group", k, lost)
-                slow = True  # parts given up on: a deadline too short for the link, or a peer gone (one doubling)
-                results[k] = Failed("part not returned", retry=True, group=len(gathered))
-                continue
-            if incomplete:
-                # every groupmate got the same INCOMPLETE reply from that reducer: all of them retry the round
-                # together, and nothing was applied anywhere
-                logger.warning("shard %d: %d values were summed without every groupmate (a part was lost mid "
-                               "all-reduce); the group retries the round", k, incomplete)
-                slow = True
-                results[k] = Failed("part lost", retry=True, group=len(gathered))
-                continue
-            moved += self.allreduce_bytes({k: len(gathered)})
-            elapsed = max(elapsed, took)
-            try:
-                exps = group_exponents([meta.get(EXPONENTS_KEY) if isinstance(meta, dict) else None
-                                        for meta in gathered.values()], self.layouts[k])
-                claims = {str(pid): RoundClaim.from_wire(meta) for pid, meta in gathered.items()}
-                view = ReducerView.from_wire(view) if view is not None else None
-            except (WireError, TypeError, KeyError, ValueError, AttributeError) as e:
-                logger.warning("shard %d: a groupmate sent malformed round metadata (%s); round discarded", k, e)
-                continue
-            with self.averagers[k].get_tensors() as (values, sums):
-                results[k] = Summed(sums.clone(), exps, values.clone(), claims, self.layouts[k], took,
-                                    dict(clipped) if isinstance(clipped, dict) else {}, view)
+            results[k] = outcome = read_outcome(k, gathered, self.averagers[k], self.layouts[k],
+                                                exact_groups.get(k) if exact_groups else None)
+            if isinstance(outcome, Failed):
+                slow = slow or outcome.retry  # parts given up on: a deadline too short for the link, or a peer gone
+            else:
+                moved += self.allreduce_bytes({k: len(outcome.claims)})
+                elapsed = max(elapsed, outcome.seconds)
         if slow:
             self.deadline.timed_out()
             logger.warning("averaging ran out of time or lost parts (deadline %.1f s); the next round gets %.1f s",
