@@ -80,6 +80,10 @@ class DataSection:
     digest: str  # sha256 of the data (node.data.dataset_digest)
     max_length: int = 128  # tokens per example after truncation
     packing: bool = False  # pack several examples into one max_length window
+    # 0: the order in which the swarm visits the examples follows from the swarm id (every manifest its own
+    # order); another value orders them by this seed alone, so swarms that differ only in, say, [sync] train on
+    # the same batches in the same order (a paired comparison of sync modes: scripts/bench_comm.py B5)
+    shuffle_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,11 @@ class Manifest:
         return hashlib.sha256(canonical_json(d).encode()).hexdigest()
 
     @property
+    def order_key(self) -> str:
+        """What seeds the examples' order (node.data.round_batch_indices): the swarm id, or [data] shuffle_seed."""
+        return f"shuffle-seed:{self.data.shuffle_seed}" if self.data.shuffle_seed else self.swarm_id
+
+    @property
     def token_cap(self) -> int:
         """Most tokens one credited sample can have taken: [data] max_length (examples are truncated to it),
         twice that for a DPO pair (chosen and rejected, each up to max_length)."""
@@ -211,6 +220,8 @@ class Manifest:
             del d["dpo"]
         if not self.start.hash:
             del d["start"]
+        if not self.data.shuffle_seed:  # likewise the data order's seed when it is the swarm id's
+            del d["data"]["shuffle_seed"]
         if self.sync.robust == "clip":  # likewise robust and trim, which only a trimmed sum uses
             del d["sync"]["robust"], d["sync"]["trim"]
         return _lists(d)
@@ -350,6 +361,7 @@ _RANGES: tuple[tuple[str, str, str, Any], ...] = (
     ("lora", "dropout", "[0, 1)", lambda v: 0.0 <= v < 1.0),
     ("lora", "init_seed", "[0, 2**63)", lambda v: 0 <= v < 2**63),
     ("data", "max_length", ">= 1", lambda v: v >= 1),
+    ("data", "shuffle_seed", "[0, 2**63) (0 = from the swarm id)", lambda v: 0 <= v < 2**63),
     ("optim", "lr", "> 0", lambda v: v > 0),
     ("optim", "weight_decay", ">= 0", lambda v: v >= 0),
     ("optim", "eps", "> 0", lambda v: v > 0),

@@ -48,9 +48,9 @@ MODES = {  # name -> [sync] section
     "diloco int8 overlap": {"mode": "diloco", "wire": "int8", "overlap": True},
 }
 REFERENCE = "per-step int32"
-# the reference again from another seed (LoRA init and, through the swarm id, the data order): how far apart two
-# runs of the same mode land, the noise floor of B5's comparison on a task this small
-RESEEDED = "per-step int32, another seed"
+# B5 is paired: within one seed every mode starts from the same LoRA init ([lora] init_seed) and trains on the same
+# batches in the same order ([data] shuffle_seed), so what differs is what the sync mode does. Across seeds the
+# reference's own spread is the noise floor of a comparison on a task this small.
 
 
 # ---------------------------------------------------------------------------------------------- codec
@@ -159,7 +159,7 @@ def _manifest(path: Path, base: Path, *, data: str, sync: dict, rounds: int, ran
               matchmaking: float = 1.0, seed: int = 0) -> Path:
     from tests.conftest import write_test_manifest
 
-    return write_test_manifest(path, base, data=data, rounds={"max_rounds": rounds, "target_batch_size": batch, "microbatch_size": 8},
+    return write_test_manifest(path, base, data=data, data_fields={"shuffle_seed": 1 + seed}, rounds={"max_rounds": rounds, "target_batch_size": batch, "microbatch_size": 8},
                                lora={"rank": rank, "alpha": 2 * rank, "init_seed": seed}, sync=sync,
                                averaging={"matchmaking_time": matchmaking, "timeout": 30.0, "peer_ttl": 10.0})
 
@@ -207,8 +207,10 @@ def addition_task(folder: Path) -> tuple[str, Path]:
     return str(folder / "train.jsonl"), folder / "eval.jsonl"
 
 
-def bench_modes(base: Path, work: Path, *, tasks: dict, rank: int, batch: int, per_step_rounds: int, inner_steps: int) -> dict:
-    """B4 and B5: each mode's 2-node swarm on loopback, for each task; the three swarms of a task run at once."""
+def bench_modes(base: Path, work: Path, *, tasks: dict, rank: int, batch: int, per_step_rounds: int, inner_steps: int,
+                seeds: int) -> dict:
+    """B4 and B5: each mode's 2-node swarm on loopback, for each task and seed, one swarm after another (their
+    nodes would otherwise share two cores and time each other out). B4 from the first task's first seed."""
     from node.data import load_records
 
     values = adapter_values(base, rank)
@@ -216,40 +218,48 @@ def bench_modes(base: Path, work: Path, *, tasks: dict, rank: int, batch: int, p
     rows, losses = {}, {}
     for task, (data, eval_path) in tasks.items():
         records = load_records(eval_path)
-        started = {}
-        for name, sync in {**MODES, RESEEDED: MODES[REFERENCE]}.items():
-            sync = dict(sync)
-            rounds = per_step_rounds
-            if sync["mode"] == "diloco":
-                sync.update(inner_steps=inner_steps)  # the manifest's outer lr and momentum (swarm init's)
-                # with overlap round 0 only trains and the last round only sums: one round more for equal samples
-                rounds = max(1, per_step_rounds // inner_steps) + int(sync.get("overlap", False))
-            folder = work / task / name.replace(",", "").replace(" ", "-")
-            folder.mkdir(parents=True)
-            manifest = _manifest(folder / "swarm.toml", base, data=data, sync=sync, rounds=rounds, rank=rank, batch=batch,
-                                 seed=int(name == RESEEDED))
-            started[name] = (folder, manifest)
-        # one swarm after another: their nodes would otherwise share two cores and time each other out
-        for name, (folder, manifest) in started.items():
-            t0 = time.time()
-            homes = run_swarm(manifest, folder, 2, export=True)
-            sent, samples = _sent_per_round(homes)
-            hashes = {_records(h)[-1]["hash"] for h in homes}
-            loss = held_out_loss(base, folder / "export0", records)
-            losses.setdefault(task, {})[name] = loss
-            if task == next(iter(tasks)) and name in MODES:
-                rows[name] = {"sent_bytes_per_round": sent, "samples_per_round": samples,
-                              "bytes_over_fp32_bound": round(sent / bound, 4), "bytes_per_sample": round(sent / samples, 1),
-                              "identical_adapters": len(hashes) == 1, "seconds": round(time.time() - t0, 1)}
+        for seed in range(seeds):
+            for name, sync in MODES.items():
+                sync = dict(sync)
+                rounds = per_step_rounds
+                if sync["mode"] == "diloco":
+                    sync.update(inner_steps=inner_steps)  # the manifest's outer lr and momentum (swarm init's)
+                    # with overlap round 0 only trains and the last round only sums: one round more for equal samples
+                    rounds = max(1, per_step_rounds // inner_steps) + int(sync.get("overlap", False))
+                folder = work / task / f"seed{seed}" / name.replace(" ", "-")
+                folder.mkdir(parents=True)
+                manifest = _manifest(folder / "swarm.toml", base, data=data, sync=sync, rounds=rounds, rank=rank,
+                                     batch=batch, seed=seed)
+                t0 = time.time()
+                homes = run_swarm(manifest, folder, 2, export=True)
+                sent, samples = _sent_per_round(homes)
+                hashes = {_records(h)[-1]["hash"] for h in homes}
+                losses.setdefault(task, {}).setdefault(name, []).append(held_out_loss(base, folder / "export0", records))
+                if task == next(iter(tasks)) and seed == 0:
+                    rows[name] = {"sent_bytes_per_round": sent, "samples_per_round": samples,
+                                  "bytes_over_fp32_bound": round(sent / bound, 4),
+                                  "bytes_per_sample": round(sent / samples, 1),
+                                  "identical_adapters": len(hashes) == 1, "seconds": round(time.time() - t0, 1)}
+                elif len(hashes) != 1:
+                    rows[name]["identical_adapters"] = False
     limbs_per_sample = 4 * rows[REFERENCE]["bytes_per_sample"]
     modes = []
     for name, row in rows.items():
         modes.append({"name": name, **row, "bytes_per_sample_vs_limbs": round(row["bytes_per_sample"] / limbs_per_sample, 5),
                       "samples_per_limb_byte_gain": round(limbs_per_sample / row["bytes_per_sample"], 1)})
-    loss_rows = {task: {name: {"held_out_loss": round(v, 5), "vs_reference": round(v / by_mode[REFERENCE] - 1, 5)}
-                        for name, v in by_mode.items()} for task, by_mode in losses.items()}
+    loss_rows = {}
+    for task, by_mode in losses.items():
+        ref = by_mode[REFERENCE]
+        loss_rows[task] = {"reference_spread_over_seeds": round((max(ref) - min(ref)) / statistics.mean(ref), 5)}
+        for name, per_seed in by_mode.items():
+            paired = [v / r - 1 for v, r in zip(per_seed, ref)]
+            loss_rows[task][name] = {"held_out_loss": round(statistics.mean(per_seed), 5),
+                                     "per_seed": [round(v, 5) for v in per_seed],
+                                     "vs_reference": round(statistics.mean(per_seed) / statistics.mean(ref) - 1, 5),
+                                     "vs_reference_paired": [round(d, 5) for d in paired]}
     return {"adapter_values": values, "nodes": 2, "fp32_ring_bound_bytes": bound, "per_step_rounds": per_step_rounds,
-            "inner_steps": inner_steps, "target_batch_size": batch, "modes": modes, "loss_at_equal_samples": loss_rows,
+            "inner_steps": inner_steps, "target_batch_size": batch, "seeds": seeds, "modes": modes,
+            "loss_at_equal_samples": loss_rows,
             "limbs_reference": "4 x the int32 grid's measured bytes per sample (the limbs sent four 32-bit words per value)"}
 
 
@@ -344,6 +354,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and configurations (under 10 minutes on 2 cores)")
     ap.add_argument("--out", default="bench_comm.json")
     ap.add_argument("--skip", nargs="*", default=[], choices=["codec", "modes", "utilisation", "scale"])
+    ap.add_argument("--seeds", type=int, default=0, help="B5: runs per mode and task, paired by seed (default 2 quick, 3 full)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (node logs, rounds.jsonl) and print its path")
     args = ap.parse_args()
     if os.geteuid() != 0 and "utilisation" not in args.skip:
@@ -366,7 +377,8 @@ def main() -> int:
                 train, evals = addition_task(work / "addition")
                 tasks["addition"] = (train, evals)
             report["B4_B5"] = bench_modes(base, work / "modes", tasks=tasks, rank=64, batch=24,
-                                          per_step_rounds=20 if args.quick else 60, inner_steps=10 if args.quick else 20)
+                                          per_step_rounds=20 if args.quick else 60, inner_steps=10 if args.quick else 20,
+                                          seeds=args.seeds or (2 if args.quick else 3))
             report["modes"] = [{k: m[k] for k in ("name", "bytes_over_fp32_bound", "bytes_per_sample_vs_limbs")}
                                | {"codec_us_per_value": report.get("codec", {}).get("grids", {}).get(m["name"].split()[-1], {}).get("us_per_value")}
                                for m in report["B4_B5"]["modes"]]

@@ -60,7 +60,7 @@ def bench_b1(base: Path, work: Path, rounds: int, batch: int) -> dict:
         pad = node.stack.tokenizer.pad_token_id
 
         def plain_round(r: int) -> int:
-            idx = round_batch_indices(len(node.stack.examples), node.swarm_id, r, batch)
+            idx = round_batch_indices(len(node.stack.examples), m.order_key, r, batch)
             exs = [node.stack.examples[i] for i in idx]
             tokens = 0
             for i in range(0, len(exs), m.rounds.microbatch_size):

@@ -81,8 +81,10 @@ def start_test_dht(**kwargs):
                 raise
 
 
-def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task", **sections) -> Path:
-    """A manifest for the tiny model; `sections` override fields, e.g. rounds={"max_rounds": 5}."""
+def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task", data_fields: dict | None = None,
+                        **sections) -> Path:
+    """A manifest for the tiny model; `sections` override fields, e.g. rounds={"max_rounds": 5}; `data_fields`
+    those of [data] besides its source (e.g. {"shuffle_seed": 1})."""
     from node.data import resolve_data
     from node.data import dataset_digest
     from node.manifest import (
@@ -93,7 +95,7 @@ def write_test_manifest(path: Path, base_dir: Path, *, data: str = "builtin:task
     m = Manifest(
         name="test",
         base=BaseSection(model=str(base_dir), fingerprint=base_fingerprint(base_dir)),
-        data=DataSection(source=data, digest=dataset_digest(resolve_data(data)), max_length=48),
+        data=DataSection(source=data, digest=dataset_digest(resolve_data(data)), **{"max_length": 48, **(data_fields or {})}),
         optim=OptimSection(lr=3e-3),
         rounds=RoundSection(target_batch_size=24, microbatch_size=8, max_rounds=6),
         averaging=AveragingSection(matchmaking_time=2.0, timeout=20.0, peer_ttl=10.0),

@@ -133,6 +133,7 @@ def _raw(**sections):
 OUT_OF_RANGE = [
     ("lora", "rank", 0, ">= 1"), ("lora", "alpha", 0, ">= 1"), ("lora", "dropout", 1.0, "[0, 1)"),
     ("lora", "dropout", -0.1, "[0, 1)"), ("lora", "init_seed", -1, "[0, 2**63)"), ("data", "max_length", 0, ">= 1"),
+    ("data", "shuffle_seed", -1, "[0, 2**63)"),
     ("optim", "lr", -1.0, "> 0"), ("optim", "lr", 0.0, "> 0"), ("optim", "weight_decay", -0.5, ">= 0"),
     ("optim", "eps", 0.0, "> 0"), ("optim", "warmup_rounds", -1, ">= 0"), ("optim", "max_grad_norm", -1.0, ">= 0"),
     ("rounds", "target_batch_size", 0, ">= 1"), ("rounds", "microbatch_size", 0, ">= 1"), ("rounds", "max_rounds", -3, ">= 0"),
@@ -203,6 +204,21 @@ def test_revision_is_optional_left_out_when_empty_and_not_part_of_the_swarm_id(t
         parse_manifest(_raw(base={"model": "builtin:tiny", "revision": "main"}))
     with pytest.raises(ManifestError, match="revision = 'a b' is not a commit"):
         parse_manifest(_raw(base={"model": "org/name", "revision": "a b"}))
+
+
+def test_shuffle_seed_orders_the_data_alone_and_is_left_out_when_unset(tmp_path, tiny_base):
+    from node.data import round_batch_indices
+
+    plain = load_manifest(write_test_manifest(tmp_path / "a.toml", tiny_base))
+    assert "shuffle_seed" not in plain.to_dict()["data"] and plain.order_key == plain.swarm_id  # ids as before
+    other_wire = load_manifest(write_test_manifest(tmp_path / "b.toml", tiny_base, sync={"wire": "int32"}))
+    assert round_batch_indices(4000, plain.order_key, 3, 24) != round_batch_indices(4000, other_wire.order_key, 3, 24)
+    seeded = [load_manifest(write_test_manifest(tmp_path / f"{w}.toml", tiny_base, data_fields={"shuffle_seed": 7},
+                                                sync={"wire": w})) for w in ("int8", "int32")]
+    assert seeded[0].order_key == "shuffle-seed:7"
+    # two swarms (two ids) that differ only in their wire visit the same batches in the same order
+    assert seeded[0].swarm_id != seeded[1].swarm_id and seeded[0].order_key == seeded[1].order_key
+    assert seeded[0].to_dict()["data"]["shuffle_seed"] == 7 and seeded[0].swarm_id != plain.swarm_id
 
 
 def test_hub_ids_stay_hub_ids_and_relative_paths_resolve_beside_the_manifest(tmp_path, tiny_base, monkeypatch):

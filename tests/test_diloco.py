@@ -55,7 +55,7 @@ def test_one_inner_step_with_plain_outer_sgd_equals_per_step(tmp_path, tiny_base
                       device="cpu", pad_id=tok.pad_token_id, sync=SyncSection())  # per-step
     me = node.info()["peer_id"]
     for r in range(rounds):
-        idx = assign_examples(len(examples), swarm_id=m.swarm_id, round=r, total=batch, members=[me], me=me)
+        idx = assign_examples(len(examples), swarm_id=m.order_key, round=r, total=batch, members=[me], me=me)
         local = trainer.local_gradients([examples[i] for i in idx])
         loss = local.loss_sum / local.tokens
         assert rows[r]["samples"] == local.samples == batch
