@@ -57,11 +57,12 @@ def size_of(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * len(tensors) + 4096
 
 
-def space_needed(directory: Path, tensors: dict[str, torch.Tensor]) -> int:
+def space_needed(directory: Path, tensors: dict[str, torch.Tensor], later: int = 0) -> int:
     """More disk this node's checkpoints will take: KEEP kept while the next one is written, less what
-    the checkpoints already in `directory` hold (they are among the KEEP)."""
+    the checkpoints already in `directory` hold (they are among the KEEP). `later`: bytes a checkpoint will
+    hold that `tensors` do not have yet (overlap's pending pseudo-gradient, held from round 1 on)."""
     held = sum(p.stat().st_size for p in directory.glob("round-*.safetensors")) if directory.is_dir() else 0
-    return max(0, (KEEP + 1) * size_of(tensors) - held)
+    return max(0, (KEEP + 1) * (size_of(tensors) + later) - held)
 
 
 def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor],

@@ -90,3 +90,9 @@ def test_a_checkpoint_keeps_the_pending_pseudo_gradient_of_an_overlapped_round(t
         got = after.pending
         assert (got.round, got.samples, got.tokens, got.loss_sum, got.indices) == (5, 96, 2345, 123.456789, (3, 1, 4, 1, 5))
         assert all(torch.equal(got.delta[k], expect.delta[k]) for k in trained)
+    # the space a node checks for at start (no pending yet) counts the pending tensor it will hold from round 1
+    bare = checkpoint.training_tensors(before, before.adapter, trained)
+    later = 4 * sum(before.flat_shard(k).numel() for k in trained)
+    (written,) = (tmp_path / "ckpt").glob("round-*.safetensors")
+    assert checkpoint.size_of(bare) < written.stat().st_size <= checkpoint.size_of(bare) + later
+    assert checkpoint.space_needed(tmp_path / "empty", bare, later=later) == (checkpoint.KEEP + 1) * (checkpoint.size_of(bare) + later)
