@@ -15,7 +15,9 @@ B4      per mode, a 2-node swarm on 127.0.0.1: bytes each node sent per round, r
         transport: 4 × the int32 grid's measured bytes per sample).
 B5      the same runs' held-out loss at equal samples (exported adapter, stock PEFT, the task's
         eval split) against per-step on the exact 32-bit grid; on the built-in task, and (full
-        run) on a second task, two-digit addition, generated here.
+        run) on a second task, two-digit addition, generated here. Paired: within a seed every
+        mode has the same LoRA init and the same batches in the same order ([data] shuffle_seed);
+        over --seeds seeds, with the reference's own spread over seeds as the noise floor.
 B2      compute ÷ wall of each node for 2 (and, full, 3) nodes in network namespaces whose links
         are shaped with tc tbf (50 and, full, 20 Mbit/s), with an adapter of >= 8 M values.
 scale   scripts/sim_scale.py: exact sums in one group of N averaging-only peers.
