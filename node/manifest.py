@@ -125,7 +125,7 @@ class SyncSection:
     # outer rounds overshot with it (README "What crosses the wire": held-out loss +127 %, with overlap it diverged)
     outer_momentum: float = 0.5  # diloco: outer Nesterov momentum (0 = plain SGD; 0.9 is for pretraining runs)
     overlap: bool = False  # diloco: sum round r's pseudo-gradient while round r+1's inner steps run (the outer step lands one round late)
-    clip: float = 4.0  # a peer's part more than clip x the group's median part norm is scaled down to that, and the peer flagged (0 = off)
+    clip: float = 4.0  # a peer's part more than clip x the group's median part norm is scaled down to that, and the peer flagged (0 = off; needs 3+ senders)
     robust: str = "clip"  # clip: each part clipped, then summed | trimmed: clipped, then per value the trim share of senders dropped at each end
     trim: float = 0.1  # robust = "trimmed": share of senders dropped at EACH end of every value (at least 1 of >= 3 senders)
 

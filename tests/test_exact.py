@@ -131,6 +131,10 @@ def test_robust_sum_clips_a_part_far_above_the_median():
     # clip 0: the plain exact sum
     total, clipped = robust_sum(parts, clip=0)
     assert not clipped and torch.equal(total, sum(p.long() for p in parts))
+    # two non-zero parts: neither is the odd one out, whatever their norms (the plain exact sum)
+    pair = [parts[0], parts[3], parts[2]]
+    total, clipped = robust_sum(pair, clip=4.0)
+    assert not clipped and torch.equal(total, sum(p.long() for p in pair))
 
 
 def test_trim_count_drops_at_least_one_of_three_and_always_keeps_one():
