@@ -17,7 +17,8 @@ Module map, lowest layer first (tests/test_layering.py keeps imports pointing do
         dht, probe, traffic   DHT start / failures / cleanup; bandwidth probe; bytes on p2pd's sockets
         membership            heartbeats, the peer view, re-dialling, the member check
         quorum                consensus rules over one peer view (pure functions)
-        swarm                 the facade: exact all-reduce, state sharing, round/state metadata formats
+        outcome               what one shard's all-reduce gives: members' round claims, the exact sum or a failure
+        swarm                 the facade: exact all-reduce, state sharing, the state metadata format
         follow                follow a swarm without training in it (read heartbeats, download shard state)
         statements, validator per-round receipt and spot-check keys; the DHT's signed-value guard and readers
         stores                this node's DHT stores on their way (not waited for by the round)

@@ -60,9 +60,24 @@ def size_of(tensors: dict[str, torch.Tensor]) -> int:
 def space_needed(directory: Path, tensors: dict[str, torch.Tensor], later: int = 0) -> int:
     """More disk this node's checkpoints will take: KEEP kept while the next one is written, less what
     the checkpoints already in `directory` hold (they are among the KEEP). `later`: bytes a checkpoint will
-    hold that `tensors` do not have yet (overlap's pending pseudo-gradient, held from round 1 on)."""
+    hold that `tensors` do not have yet (`later_bytes`)."""
     held = sum(p.stat().st_size for p in directory.glob("round-*.safetensors")) if directory.is_dir() else 0
     return max(0, (KEEP + 1) * (size_of(tensors) + later) - held)
+
+
+def later_bytes(m, adapter, trained, tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes a checkpoint will hold that this node's `tensors` at start (`training_tensors`) lack: diloco's inner
+    AdamW moments (from the first inner step on, unless restored already) and, with overlap, the pending
+    pseudo-gradient with its meta and example indices (from round 1 on). `m`: the manifest."""
+    values = sum(adapter.shard_numel(k) for k in trained)
+    names = sum(len(adapter.shard_names(k)) for k in trained)
+    out = 0
+    if m.sync.mode == "diloco" and not any(key.startswith("inner_exp_avg/") for key in tensors):
+        out += 8 * values + names * (3 * 256 + 4)  # exp_avg and exp_avg_sq (float32), a step count; 256: a header entry
+    if m.sync.overlap:
+        examples = m.sync.inner_steps * m.rounds.target_batch_size  # at most: a node alone takes every example
+        out += 4 * values + 256 * (len(trained) + 2) + 32 + 8 * examples
+    return out
 
 
 def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor],

@@ -94,9 +94,9 @@ class Node:
             self.release_key()
             raise NodeError(str(e)) from None
         # a read-only or too small home is refused now, not at the first checkpoint
-        pending = 4 * sum(self.adapter.shard_numel(k) for k in self.trained) if stack.manifest.sync.overlap else 0
-        need = checkpoint.space_needed(self.workdir / "checkpoints", checkpoint.training_tensors(
-            self.trainer, self.adapter, self.trained), later=pending) + LOG_RESERVE
+        tensors = checkpoint.training_tensors(self.trainer, self.adapter, self.trained)
+        later = checkpoint.later_bytes(stack.manifest, self.adapter, self.trained, tensors)
+        need = checkpoint.space_needed(self.workdir / "checkpoints", tensors, later=later) + LOG_RESERVE
         problem = storage_problem(cfg.home_dir, need, "the checkpoints and the ledger")
         if problem:
             self.release_key()

@@ -131,10 +131,13 @@ def test_robust_sum_clips_a_part_far_above_the_median():
     # clip 0: the plain exact sum
     total, clipped = robust_sum(parts, clip=0)
     assert not clipped and torch.equal(total, sum(p.long() for p in parts))
-    # two non-zero parts: neither is the odd one out, whatever their norms (the plain exact sum)
-    pair = [parts[0], parts[3], parts[2]]
+    # two senders: neither is the odd one out, whatever their norms (the plain exact sum)
+    pair = [parts[0], parts[3]]
     total, clipped = robust_sum(pair, clip=4.0)
     assert not clipped and torch.equal(total, sum(p.long() for p in pair))
+    # a sender of zeros beside them makes three: the big part is clipped to 4 x the lower median of 5 and 216
+    total, clipped = robust_sum([parts[0], parts[2], parts[3]], clip=4.0)
+    assert list(clipped) == [2] and clipped[2] == pytest.approx(216.0 / 5, rel=1e-3)
 
 
 def test_trim_count_drops_at_least_one_of_three_and_always_keeps_one():
@@ -217,7 +220,7 @@ def test_a_huge_outlier_changes_the_trimmed_sum_only_through_the_values_it_displ
     assert int((plain - stacked.sum(0)).abs().min()) == grid.q_max
 
 
-def test_trimmed_sum_with_clipping_first_and_a_small_group_falls_back_to_the_clipped_sum():
+def test_trimmed_sum_with_clipping_first_and_a_pair_falls_back_to_the_plain_sum():
     parts = [torch.tensor([3, -4, 0], dtype=torch.int8), torch.tensor([120, -127, 127], dtype=torch.int8)]
     plain, _ = robust_sum(parts, clip=0)
     total, _ = robust_sum(parts, clip=0, trim=0.4)  # two senders have no middle: the plain sum

@@ -138,14 +138,14 @@ def trim_count(trim: float, n: int) -> int:
 
 def _clip_bound(parts: list[torch.Tensor], clip: float) -> tuple[list[float], float, float]:
     """Each part's L2 norm, the lower median of the non-zero ones, and the norm a part is clipped to: none below
-    3 non-zero parts. Of two, neither is the odd one out: the lower median is the smaller, so an honest pair's
-    halves were clipped whenever one had 4x the other's norm (in 10 and 11 of 60 rounds on the two reducers of a
-    2-node per-step swarm on the built-in task, ratios 4.6-9.6), and a sender with a tiny part would clip an
-    honest one down to it. A poisoner in a pair is left to the spot-checks (node/receipts.py)."""
+    3 senders. Of two, neither is the odd one out: the lower median is the smaller, so an honest pair's halves
+    were clipped whenever one had 4x the other's norm (in 10 and 11 of 60 rounds on the two reducers of a 2-node
+    per-step swarm on the built-in task, ratios 4.6-9.6). Counted by senders, not by non-zero parts, so a
+    sender of zeros cannot switch clipping off for a poisoner beside one honest peer."""
     norms = [float(p.to(torch.float64).norm()) for p in parts]
     nonzero = sorted(n for n in norms if n > 0)
     median = nonzero[(len(nonzero) - 1) // 2] if nonzero else 0.0
-    return norms, median, clip * median if clip > 0 and len(nonzero) >= 3 else float("inf")
+    return norms, median, clip * median if clip > 0 and len(parts) >= 3 and nonzero else float("inf")
 
 
 def _row_sum(rows: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ def trimmed_sum(stacked: torch.Tensor, t: int) -> torch.Tensor:
 
 def robust_sum(parts: list[torch.Tensor], clip: float, trim: float = 0.0) -> tuple[torch.Tensor, dict[int, float]]:
     """The exact int64 sum of the senders' integer parts, each first scaled down (rounded to the grid) to at
-    most `clip` times the median L2 norm of the non-zero parts when there are 3 or more (clip 0: no clipping); with `trim` > 0 and at
+    most `clip` times the median L2 norm of the non-zero parts when there are 3 or more senders (clip 0: none); with `trim` > 0 and at
     least 3 senders, per value a trimmed sum (`trimmed_sum`, trim_count(trim, n) senders off each end)
     instead of the plain one. Returns the sum and {sender position: its norm / the median} for every part
     that was clipped. One reducer computes it and sends every member the same sum, so members stay
