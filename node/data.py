@@ -463,7 +463,8 @@ def _epoch_permutation(num_examples: int, swarm_id: str, epoch: int) -> tuple[in
 def round_batch_indices(num_examples: int, swarm_id: str, round: int, total: int) -> list[int]:
     """The whole swarm's global batch for `round`, in order (`total` examples).
 
-    Epoch e is a permutation of all examples seeded by (swarm_id, e). When
+    Epoch e is a permutation of all examples seeded by (swarm_id, e); a node passes its manifest's
+    `order_key` (the swarm id, or `[data] shuffle_seed`). When
     total <= num_examples, an epoch holds num_examples // total rounds, round r
     takes the next `total` entries of its epoch's permutation, and the last
     num_examples % total entries of each epoch are skipped (each epoch
