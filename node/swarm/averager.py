@@ -397,10 +397,13 @@ class ShardAverager(DecentralizedAverager):
             meta, tensors = self._published
             return meta, tensors, None
 
-    async def _set_target_group_size(self, size: int, future, min_size: int = 2) -> None:
+    async def _set_target_group_size(self, size: int, future, min_size: int = 2, wait: float | None = None) -> None:
         """Runs in the averager process: a group assembles as soon as `size` peers joined; when the
-        matchmaking time runs out, one of at least `min_size` peers still runs (else it disbands)."""
+        matchmaking time runs out (`wait` seconds, when given: what a leader declares it waits), one of at
+        least `min_size` peers still runs (else it disbands)."""
         mm = self._matchmaking
+        if wait is not None:
+            mm.min_matchmaking_time = mm.potential_leaders.min_matchmaking_time = float(wait)
         keys = mm.group_key_manager
         if not getattr(keys, "_swarmtune_fixed", False):
             # the key is set per round by set_group_bits; hivemind's moshpit re-keying would only fight
@@ -442,8 +445,8 @@ class ShardAverager(DecentralizedAverager):
     def set_excluded(self, peers: Sequence[str]) -> None:
         self._call("_set_excluded", 30, peers=list(peers))
 
-    def set_target_group_size(self, size: int, min_size: int = 2) -> None:
-        self._call("_set_target_group_size", None, size=size, min_size=min_size)
+    def set_target_group_size(self, size: int, min_size: int = 2, wait: float | None = None) -> None:
+        self._call("_set_target_group_size", None, size=size, min_size=min_size, wait=wait)
 
 
 async def fetch_state(p2p, prefix: str, donor: str, chunk_timeout: float) -> tuple[Any, list[torch.Tensor]]:

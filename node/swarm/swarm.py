@@ -300,6 +300,12 @@ class Swarm:
         # retries at once, while the others learn of the lost part only when the reducer gives up on it (a
         # sender timeout, half the deadline, later): it waits that long plus one matchmaking window
         find = self.allreduce_timeout / 2 + self.matchmaking_time + 1.0 if exact_groups else max(self.find_group_timeout, patience)
+        # how long a leader waits for the whole group it expects before it runs with fewer: one matchmaking window;
+        # with patience, most of the search. A 3-node diloco swarm whose third node ended its inner steps 3 s after
+        # the other two was left out of every round (they ran as a pair after 1 s; it found nobody, resynced, and
+        # started each next round behind them); a full group still assembles the moment its last member arrives
+        wait = self.matchmaking_time if exact_groups or patience <= self.find_group_timeout else \
+            max(self.matchmaking_time, find - self.matchmaking_time - 2.0)
         controls = {}
         for k, x in contributions.items():
             avg = self.averagers[k]
@@ -307,9 +313,9 @@ class Swarm:
             with avg.get_tensors() as (values, _sums):
                 values.copy_(x)
             if exact_groups and k in exact_groups:
-                avg.set_target_group_size(exact_groups[k], min_size=exact_groups[k])
+                avg.set_target_group_size(exact_groups[k], min_size=exact_groups[k], wait=wait)
             else:
-                avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)))
+                avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)), wait=wait)
             avg.set_group_bits(group_key(round_, attempt))
             gather = dict(wire_claim, **{EXPONENTS_KEY: exps.numpy().tobytes()})
             controls[k] = avg.step(gather=gather, weight=1.0, timeout=find, wait=False, allow_retries=not exact_groups)
