@@ -266,7 +266,7 @@ def bench_modes(base: Path, work: Path, *, tasks: dict, rank: int, batch: int, p
 
 
 def bench_utilisation(work: Path, *, rates: list[int], node_counts: list[int], rounds: int, inner_steps: int,
-                      hidden: int, layers: int, rank: int) -> dict:
+                      hidden: int, layers: int, rank: int, modes: list[str]) -> dict:
     """B2: compute ÷ wall per node on shaped links, adapter >= 8 M values, over the steady rounds: from the end
     of round 0 (start-up, link probe, first matchmaking) to the end of the round before the last (with overlap
     the last round only sums the one before; a long run has one such round at its end)."""
@@ -280,7 +280,7 @@ def bench_utilisation(work: Path, *, rates: list[int], node_counts: list[int], r
     for nodes in node_counts:
         for rate in rates:
             sequential = None  # the sequential diloco run's inner-phase time: compute on a quiet CPU
-            for name in ("per-step int8", "diloco int8", "diloco int8 overlap"):
+            for name in modes:
                 sync = dict(MODES[name])
                 if sync["mode"] == "diloco":
                     sync.update(inner_steps=inner_steps)
@@ -357,6 +357,10 @@ def main() -> int:
     ap.add_argument("--out", default="bench_comm.json")
     ap.add_argument("--skip", nargs="*", default=[], choices=["codec", "modes", "utilisation", "scale"])
     ap.add_argument("--seeds", type=int, default=0, help="B5: runs per mode and task, paired by seed (default 2 quick, 3 full)")
+    ap.add_argument("--b2-nodes", type=int, nargs="+", help="B2's swarm sizes (default 2 quick, 2 3 full)")
+    ap.add_argument("--b2-rates", type=int, nargs="+", help="B2's link rates in Mbit/s (default 50 quick, 50 20 full)")
+    ap.add_argument("--b2-modes", nargs="+", choices=list(MODES), default=["per-step int8", "diloco int8", "diloco int8 overlap"],
+                    help="B2's modes (the sequential diloco run, when in, gives overlap its compute at quiet speed)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (node logs, rounds.jsonl) and print its path")
     args = ap.parse_args()
     if os.geteuid() != 0 and "utilisation" not in args.skip:
@@ -386,9 +390,10 @@ def main() -> int:
                                for m in report["B4_B5"]["modes"]]
             report["paper_llama3_8b_50mbit"] = paper_row(report["B4_B5"]["modes"], inner_steps=20)
         if "utilisation" not in args.skip:
-            b2 = bench_utilisation(work, rates=[50] if args.quick else [50, 20], node_counts=[2] if args.quick else [2, 3],
-                                   rounds=4 if args.quick else 5, inner_steps=20,
-                                   hidden=512, layers=8, rank=128)
+            b2 = bench_utilisation(work, rates=args.b2_rates or ([50] if args.quick else [50, 20]),
+                                   node_counts=args.b2_nodes or ([2] if args.quick else [2, 3]),
+                                   rounds=4 if args.quick else 5, inner_steps=20, hidden=512, layers=8, rank=128,
+                                   modes=args.b2_modes)
             report["B2"] = b2
             report["utilisation"] = [{k: r[k] for k in ("mode", "nodes", "link_mbit", "compute_over_wall")} for r in b2["runs"]]
         if "scale" not in args.skip:
