@@ -177,16 +177,18 @@ class RoundRunner:
                            indices=tuple(indices) if not self.trainer.diloco else (), sketches=local.sketches)
         return x, claim
 
-    def _exchange(self, r: int, x: dict, claim: RoundClaim, expected: dict, compute_s: float) -> tuple[dict, float]:
+    def _exchange(self, r: int, x: dict, claim: RoundClaim, expected: dict, patience: float) -> tuple[dict, float]:
         """Each trained shard's exact sum with its group (a group of one sums alone), a lost part retried within
-        the round; returns ({shard: Summed | Failed}, seconds). `compute_s`: how long a round's local work takes
-        here; groupmates on other machines finish theirs seconds apart (seen: 24 s and 33 s for 20 inner steps on
-        one box), so the group is looked for up to half of it (a per-step round's second changes nothing)."""
+        the round; returns ({shard: Summed | Failed}, seconds). `patience`: how long to look for the group, and to
+        wait for the whole of it, when longer than the usual window: groupmates on other machines end their inner
+        steps seconds apart (seen: 24 s and 33 s for 20 inner steps on one box; 42 s and 58 s with 3 nodes on 2
+        cores), so a sequential round waits up to half its compute time, and an overlapped one, whose exchange runs
+        alongside the next inner steps and costs nothing until they end, up to the whole of the last round's."""
         t1 = time.time()
         results = {k: self.swarm.local_sum(k, x[k], claim) for k in self.trained if expected[k] <= 1}
         to_average = {k: v for k, v in x.items() if k not in results}
         if to_average:
-            results.update(self.swarm.allreduce_sums(to_average, claim, expected, round_=r, patience=compute_s / 2))
+            results.update(self.swarm.allreduce_sums(to_average, claim, expected, round_=r, patience=patience))
         for attempt in range(1, RETRIES + 1):  # a lost part is retried within the round, by the whole group
             lost = {k: res.group for k, res in results.items() if isinstance(res, Failed) and res.retry}
             if any(not isinstance(res, Failed) for res in results.values()):
@@ -235,7 +237,7 @@ class RoundRunner:
             local, contribution, indices, start = self._local_work(r, members)
             x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
             t_compute = time.time() - t0
-            results, t_avg = self._exchange(r, x, claim, expected, t_compute)
+            results, t_avg = self._exchange(r, x, claim, expected, t_compute / 2)
 
         updates, groups, resync, failed, loss_num, loss_den, clipped = {}, {}, [], [], 0.0, 0, {}
         for k in self.trained:
