@@ -57,37 +57,65 @@ REFERENCE = "per-step int32"
 
 # ---------------------------------------------------------------------------------------------- codec
 
-def bench_codec(values: int, repeats: int = 5) -> dict:
-    """Each stage timed on its own, best of `repeats` (the machine's other work only ever adds time)."""
+def bench_codec(values: int, repeats: int = 5, device: str = "cpu") -> dict:
+    """Each stage timed on its own, best of `repeats` (the machine's other work only ever adds time).
+
+    On a CUDA device the grid stages (block exponents, quantize, dequantize) run on the GPU where the adapter
+    lives; what crosses the wire is bytes, so the part comes to the CPU (`to_host`, the grid's own dtype), the
+    reducer's reply format is packed and unpacked there, and the sum goes back (`to_device`). `same_bits_as_cpu`:
+    every stage's output equals the CPU's bit for bit (a GPU node and a CPU node in one group stay identical)."""
     import torch
 
     from node.swarm.exact import GRIDS, Layout, block_exponents, decode_sum, dequantize, encode_sum, quantize
 
     torch.set_num_threads(1)
+    cuda = device.startswith("cuda")
+    offload = device != "cpu"  # the grid runs on another device than the wire's bytes
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(values, generator=gen) * 1e-3
+    x_cpu = torch.randn(values, generator=gen) * 1e-3
+    x = x_cpu.to(device)
     layout = Layout([values])
 
     def best(fn, *args):
         times = []
         for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fn(*args)
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         return out, min(times)
 
     out = {}
     for name, grid in GRIDS.items():
         exps, t_exp = best(block_exponents, x, layout, grid)
-        (q, _sent), t_q = best(quantize, x, exps, layout, grid)
-        total = q.to(torch.int32) * 2  # a 2-peer sum, as a reducer sends it back
-        data, t_enc = best(encode_sum, total, grid, 2, values)
-        got, t_dec = best(decode_sum, data, grid, 2, values)
-        _, t_deq = best(dequantize, got, exps, layout)
-        stages = {"block_exponents": t_exp, "quantize": t_q, "encode_sum": t_enc, "decode_sum": t_dec, "dequantize": t_deq}
-        out[name] = {"us_per_value": round(sum(stages.values()) / values * 1e6, 4),
-                     "stages_us_per_value": {k: round(v / values * 1e6, 5) for k, v in stages.items()}}
-    return {"values": values, "grids": out}
+        (q, sent), t_q = best(quantize, x, exps, layout, grid)
+        stages = {"block_exponents": t_exp, "quantize": t_q}
+        if offload:
+            q_host, stages["to_host"] = best(lambda t: t.cpu(), q)
+        else:
+            q_host = q
+        total = q_host.to(torch.int32) * 2  # a 2-peer sum, as a reducer sends it back
+        data, stages["encode_sum"] = best(encode_sum, total, grid, 2, values)
+        got, stages["decode_sum"] = best(decode_sum, data, grid, 2, values)
+        if offload:
+            got, stages["to_device"] = best(lambda t: t.to(device), got)
+        update, stages["dequantize"] = best(dequantize, got, exps, layout)
+        row = {"us_per_value": round(sum(stages.values()) / values * 1e6, 4),
+               "stages_us_per_value": {k: round(v / values * 1e6, 5) for k, v in stages.items()}}
+        if offload:
+            exps_c = block_exponents(x_cpu, layout, grid)
+            q_c, sent_c = quantize(x_cpu, exps_c, layout, grid)
+            row["same_bits_as_cpu"] = bool(torch.equal(exps_c, exps) and torch.equal(q_c, q.cpu()) and torch.equal(sent_c, sent.cpu())
+                                           and torch.equal(dequantize(q_c.to(torch.int32) * 2, exps_c, layout), update.cpu()))
+        out[name] = row
+    res = {"values": values, "device": torch.cuda.get_device_name() if cuda else device, "grids": out}
+    if offload:  # what a GPU node does today: its gradient comes to the CPU as float32, the codec runs there
+        _, t = best(lambda t: t.cpu(), x)
+        res["fp32_to_host_us_per_value"] = round(t / values * 1e6, 5)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- nodes
@@ -358,6 +386,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and configurations (under 10 minutes on 2 cores)")
     ap.add_argument("--out", default="bench_comm.json")
     ap.add_argument("--skip", nargs="*", default=[], choices=["codec", "modes", "utilisation", "scale"])
+    ap.add_argument("--codec-device", default="cpu", help="also time the codec on this device (e.g. cuda)")
+    ap.add_argument("--codec-values", type=int, help="values the codec is timed on (default 2 M quick, 8 M full)")
     ap.add_argument("--seeds", type=int, default=0, help="B5: runs per mode and task, paired by seed (default 1 quick, 3 full)")
     ap.add_argument("--b2-nodes", type=int, nargs="+", help="B2's swarm sizes (default 2 quick, 2 3 full)")
     ap.add_argument("--b2-rates", type=int, nargs="+", help="B2's link rates in Mbit/s (default 50 quick, 50 20 full)")
@@ -377,7 +407,10 @@ def main() -> int:
     t0 = time.time()
     try:
         if "codec" not in args.skip:
-            report["codec"] = bench_codec(2_000_000 if args.quick else 8_000_000)
+            values = args.codec_values or (2_000_000 if args.quick else 8_000_000)
+            report["codec"] = bench_codec(values)
+            if args.codec_device != "cpu":
+                report["codec_" + args.codec_device.split(":")[0]] = bench_codec(values, device=args.codec_device)
         if "modes" not in args.skip:
             base = build_tiny_base(default_tiny_dir())
             tasks = {"builtin": ("builtin:task", builtin_data_path("eval"))}

@@ -50,10 +50,16 @@ def worker(spec: dict) -> dict:
 
         from transformers import BitsAndBytesConfig
 
-        with tempfile.TemporaryDirectory() as d:  # quantization happens on load, so save random weights first
-            LlamaForCausalLM(cfg).to(dtype).save_pretrained(d)
-            model = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device_map={"": device}, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+        # quantization happens on load, so random weights are saved first: built on the device (an 8B model's
+        # random init takes minutes on a CPU), once per shape and dtype for every run of this benchmark
+        d = Path(tempfile.gettempdir()) / f"swarmtune-bench-shards-{spec['shape']}-{spec['dtype']}"
+        if not (d / "done").exists():
+            with torch.device(device):
+                LlamaForCausalLM(cfg).to(dtype).save_pretrained(d)
+            (d / "done").write_text("")
+            torch.manual_seed(0)
+        model = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device_map={"": device}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
     else:
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(dtype)
@@ -140,6 +146,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", help="override the preset's device (e.g. run the gpu preset's shapes on cpu as a smoke test)")
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="override the preset's model shapes")
+    ap.add_argument("--quants", nargs="+", choices=["none", "nf4"], help="override the preset's quantizations")
     ap.add_argument("--seq", type=int, help="override the sequence length")
     ap.add_argument("--microbatch", type=int, help="override the microbatch size")
     ap.add_argument("--steps", type=int, help="override the number of timed steps")
@@ -159,8 +166,12 @@ def main() -> None:
         specs = [dict(device="cuda", shape=shape, dtype="bfloat16", quant=q, microbatch=4, seq=1024, steps=5, shards=s)
                  for shape in ("qwen2.5-0.5b", "llama-3-8b") for q in ("none", "nf4") for s in ("all", "upper")]
     overrides = {k: getattr(args, k) for k in ("device", "seq", "microbatch", "steps") if getattr(args, k) is not None}
-    specs = [dict(spec, **overrides) for spec in specs if not args.shapes or spec["shape"] in args.shapes]
-    results = [run(s) for s in specs]
+    specs = [dict(spec, **overrides) for spec in specs
+             if (not args.shapes or spec["shape"] in args.shapes) and (not args.quants or spec["quant"] in args.quants)]
+    results = []
+    for spec in specs:  # written after each run, so a run cut short keeps what it measured
+        results.append(run(spec))
+        Path(args.out).write_text(json.dumps({"results": results}, indent=2))
     pairs = {}
     for r in results:
         key = (r["shape"], r["quant"])
@@ -171,7 +182,8 @@ def main() -> None:
             ratios.append({
                 "shape": shape, "quant": quant,
                 "time_per_sample_upper_over_all": p["upper"]["seconds_per_sample"] / p["all"]["seconds_per_sample"],
-                "peak_training_memory_upper_over_all": p["upper"]["peak_training_bytes"] / p["all"]["peak_training_bytes"],
+                "peak_training_memory_upper_over_all": (p["upper"]["peak_training_bytes"] / p["all"]["peak_training_bytes"]
+                                                        if p["all"]["peak_training_bytes"] > 0 else None),  # CPU RSS can show none
                 "estimate_over_measured_all": p["all"]["estimate_bytes"] / p["all"]["peak_bytes"],
                 "estimate_over_measured_upper": p["upper"]["estimate_bytes"] / p["upper"]["peak_bytes"],
             })

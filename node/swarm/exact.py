@@ -83,7 +83,7 @@ def block_exponents(x: torch.Tensor, layout: Layout, grid: Grid) -> torch.Tensor
     """Per block, the least e with max|x| <= q_max * 2**e (int8 tensor, E_MIN for an all-zero block)."""
     if x.numel() != layout.numel:
         raise ValueError(f"vector of {x.numel()} values for a layout of {layout.numel}")
-    peaks = torch.empty(layout.num_blocks, dtype=torch.float64)
+    peaks = torch.empty(layout.num_blocks, dtype=torch.float64, device=x.device)
     for b, blocks in layout.blocks(x):
         peaks[b : b + blocks.shape[0]] = blocks.abs().amax(dim=1).double()
     if not torch.isfinite(peaks).all():
@@ -95,7 +95,7 @@ def block_exponents(x: torch.Tensor, layout: Layout, grid: Grid) -> torch.Tensor
     e = torch.where(peaks == 0, torch.full_like(e, E_MIN), e)
     if int(e.max()) > E_MAX:
         raise FloatingPointError("a contribution too large for the wire grid; lower [optim] lr")
-    return e.clamp_(E_MIN, E_MAX).to(torch.int8)
+    return e.clamp_(E_MIN, E_MAX).to(torch.int8).cpu()  # sent with the round metadata: bytes, on the CPU
 
 
 def group_exponents(per_peer: list, layout: Layout) -> torch.Tensor:
@@ -216,15 +216,16 @@ def robust_sum(parts: list[torch.Tensor], clip: float, trim: float = 0.0) -> tup
 
 
 def _scales(exps: torch.Tensor, b: int, count: int, sign: int) -> torch.Tensor:
-    """2**(sign * e) for blocks b .. b+count, as a (count, 1) float32 column."""
-    return torch.ldexp(torch.ones(count, 1), sign * exps[b : b + count].to(torch.int32).view(count, 1))
+    """2**(sign * e) for blocks b .. b+count, as a (count, 1) float32 column on exps' device (int32 exps)."""
+    return torch.ldexp(torch.ones(count, 1, device=exps.device), sign * exps[b : b + count].view(count, 1))
 
 
 def quantize(x: torch.Tensor, exps: torch.Tensor, layout: Layout, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """(q on the group's grid, q * 2**e as float32): what a peer sends, and what that is worth (its
     residual is x minus the second)."""
-    q = torch.empty(layout.numel, dtype=grid.dtype)
-    sent = torch.empty(layout.numel, dtype=torch.float32)
+    q = torch.empty(layout.numel, dtype=grid.dtype, device=x.device)
+    sent = torch.empty(layout.numel, dtype=torch.float32, device=x.device)
+    exps = exps.to(device=x.device, dtype=torch.int32)  # the grid works where x lives (CPU or GPU, the same bits)
     for (b, blocks), (_, q_blocks), (_, sent_blocks) in zip(layout.blocks(x), layout.blocks(q), layout.blocks(sent)):
         count = blocks.shape[0]
         torch.mul(blocks, _scales(exps, b, count, -1), out=sent_blocks)  # exact: a power of two
@@ -237,6 +238,7 @@ def quantize(x: torch.Tensor, exps: torch.Tensor, layout: Layout, grid: Grid) ->
 def dequantize(total: torch.Tensor, exps: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The group's sum as float32: S * 2**e per block (the same bits on every peer)."""
     out = total.to(torch.float32)
+    exps = exps.to(device=out.device, dtype=torch.int32)
     for b, blocks in layout.blocks(out):
         blocks.mul_(_scales(exps, b, blocks.shape[0], 1))
     return out
