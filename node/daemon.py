@@ -186,7 +186,7 @@ class Node:
                                   examples=self.stack.examples, data_digest=self.stack.data_digest, peer_id=self.peer_id,
                                   ledger=self.ledger, private_key=self.identity.private_key, on_record=self._on_record,
                                   receipts=self.receipts)
-        self.credit = CreditCache(ledger=self.ledger, read_dht_records=swarm.read_records, swarm_id=self.swarm_id,
+        self.credit = CreditCache(ledger=self.ledger, read_dht_bucket=swarm.read_record_bucket, swarm_id=self.swarm_id,
                                   max_samples_per_round=m.credit_cap, max_tokens_per_sample=m.token_cap,
                                   read_dht_round=lambda r: swarm.read_receipts(r) + swarm.read_checks(r),
                                   exclude_after=m.credit.exclude_after,

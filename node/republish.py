@@ -40,7 +40,7 @@ Where = Callable[[bytes], tuple[str, str]]  # a blob -> the (DHT key, subkey) it
 
 def record_entry(blob: bytes) -> tuple[str, str]:
     record = verify_signed(blob)
-    return records_key(record.swarm_id), owner_subkey(record.peer_id, record.seq)
+    return records_key(record.swarm_id, record.round), owner_subkey(record.peer_id, record.seq)
 
 
 def receipt_entry(blob: bytes) -> tuple[str, str]:

@@ -110,15 +110,22 @@ class CreditCache:
     Sources: this node's ledger and evidence files (receipts.jsonl: its receipts and checks, and its
     groupmates' receipts that name it), every record in the DHT, and the receipts and checks the DHT
     holds for the rounds those records name (read once per round, at most MAX_ROUNDS_PER_REFRESH rounds
-    per refresh; the last two rounds are read again, as their receipts may still be arriving)."""
+    per refresh; the last two rounds are read again, as their receipts may still be arriving).
+
+    Records live in buckets of RECORDS_BUCKET rounds (node/swarm/validator.py). The first refresh reads
+    them all; later ones read only from the oldest bucket not yet complete (the newest round seen is 2
+    rounds past its end) up to the empty buckets above the newest: what a refresh moves no longer grows
+    with the swarm's history."""
 
     MAX_ROUNDS_PER_REFRESH = 32
 
-    def __init__(self, *, ledger, read_dht_records, swarm_id: str, max_samples_per_round: int,
+    def __init__(self, *, ledger, read_dht_bucket, swarm_id: str, max_samples_per_round: int,
                  max_tokens_per_sample: int | None = None, read_dht_round=None, evidence_files=(),
                  exclude_after: int = 3):
         self.ledger = ledger
-        self.read_dht_records = read_dht_records
+        self.read_dht_bucket = read_dht_bucket  # bucket -> the records of that bucket in the DHT
+        self._buckets: dict[int, list[tuple[str, int, bytes]]] = {}  # bucket -> (peer, seq, record)
+        self._first_open = 0  # the oldest bucket that may still change
         self.read_dht_round = read_dht_round  # round -> receipts and checks of that round in the DHT
         self.evidence_files = [Path(p) for p in evidence_files]
         self.swarm_id = swarm_id
@@ -165,6 +172,29 @@ class CreditCache:
                     logger.warning("%s", e)
         return out
 
+    def _dht_records(self) -> list[bytes]:
+        """Every record of the swarm in the DHT, by (peer, seq): cached buckets, and the open ones read again."""
+        from node.swarm.validator import RECORDS_BUCKET, scan_record_buckets
+        from protocol.record import RecordError, verify_signed
+
+        def read(bucket: int) -> list[tuple[str, int, bytes]]:
+            out = []
+            for blob in self.read_dht_bucket(bucket):
+                try:
+                    r = verify_signed(blob)
+                except RecordError:
+                    continue
+                out.append((r.peer_id, r.seq, blob, r.round))
+            return out
+
+        for bucket, items in scan_record_buckets(read, first=self._first_open).items():
+            # merged, not replaced: a signed record stays evidence when a read misses it (a flaky or expired entry)
+            self._buckets[bucket] = sorted(set(self._buckets.get(bucket, [])) | {item[:3] for item in items})
+            newest = max((item[3] for item in items), default=-1)
+            while (self._first_open + 1) * RECORDS_BUCKET + 2 <= newest:
+                self._first_open += 1
+        return [blob for _, _, blob in sorted(item for items in self._buckets.values() for item in items)]
+
     def _dht_rounds(self, records: list[bytes]) -> list[bytes]:
         from protocol.record import RecordError, verify_signed
 
@@ -190,7 +220,7 @@ class CreditCache:
 
         blobs = {"local": self.ledger.blobs(), "evidence": self._evidence()}
         try:
-            records = self.read_dht_records()
+            records = self._dht_records()
             blobs["dht"] = records + self._dht_rounds(records)
         except Exception as e:  # a DHT read can fail many ways; local records still verify
             logger.warning("could not read records from the DHT: %s", e)

@@ -65,10 +65,11 @@ def pid(key) -> str:
     return peer_id_from_public_key(public_bytes(key))
 
 
-def record(key, seq, prev=ZERO_HASH, swarm=SWARM) -> bytes:
+def record(key, seq, prev=ZERO_HASH, swarm=SWARM, round_=None) -> bytes:
     return sign_record(
         ContributionRecord(
-            version=1, swarm_id=swarm, peer_id=pid(key), seq=seq, prev_hash=prev, round=seq, shards=(0,), samples=8,
+            version=1, swarm_id=swarm, peer_id=pid(key), seq=seq, prev_hash=prev, round=seq if round_ is None else round_,
+            shards=(0,), samples=8,
             tokens=800, loss_before=1_000_000, loss_after=900_000, adapter_hash="11" * 32, data_commitment="22" * 32,
             grad_commitment="33" * 32, start_ms=0, end_ms=1,
         ),
@@ -76,10 +77,10 @@ def record(key, seq, prev=ZERO_HASH, swarm=SWARM) -> bytes:
     )
 
 
-def chain(key, n) -> list[bytes]:
+def chain(key, n, rounds=None) -> list[bytes]:
     blobs, prev = [], ZERO_HASH
     for seq in range(n):
-        blobs.append(record(key, seq, prev))
+        blobs.append(record(key, seq, prev, round_=rounds[seq] if rounds else None))
         prev = record_hash(blobs[-1])
     return blobs
 
@@ -89,7 +90,7 @@ def signed_body(body: bytes, key=A) -> bytes:
 
 
 VALIDATOR = RecordsValidator(SWARM)
-KEY_ID = DHTID.generate(source=records_key(SWARM)).to_bytes()
+KEY_ID = DHTID.generate(source=records_key(SWARM, 0)).to_bytes()  # rounds 0..15
 
 
 def explain(value, subkey=None, key_id=KEY_ID, raw_value=False) -> str:
@@ -227,7 +228,12 @@ STATEMENTS = [
     (rotations_key(SWARM), rotation_subkey(pid(A)), rotation(A, B, swarm="cd" * 32), "rotation is for swarm"),
     (rotations_key(SWARM), rotation_subkey(pid(A)), A0, "value rejected"),
     (rotations_key(SWARM), rotation_subkey(pid(A)) + ":0", rotation(A, B), "is not of the form"),
-    (records_key(SWARM), owner_subkey(pid(A), 0), receipt(A), "value rejected"),  # a receipt is not a record
+    (records_key(SWARM, 0), owner_subkey(pid(A), 0), receipt(A), "value rejected"),  # a receipt is not a record
+    (records_key(SWARM, 0), owner_subkey(pid(A), 0), A0, ""),  # round 0: bucket 0
+    (records_key(SWARM, 16), owner_subkey(pid(A), 0), A0, "record of round 0 written to records bucket 1 (rounds 16..31)"),
+    (records_key(SWARM, 16), "plain subkey", b"anything", "is not of the form"),  # a bucket is ours, any subkey
+    (records_key(SWARM, 16 * 5000), "plain subkey", b"anything", ""),  # far past any record seen: not known yet
+    (records_key(SWARM, 16), owner_subkey(pid(A), 20), record(A, 20, "44" * 32), ""),  # round 20: bucket 1
     ("some/other/key", "plain subkey", b"anything", ""),  # not ours
 ]
 
@@ -287,14 +293,14 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
         attacker = hivemind.DHT(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         dhts.append(attacker)
 
-        a, b = chain(A, 3), chain(B, 2)
+        a, b = chain(A, 3, rounds=[0, 2, 40]), chain(B, 2)  # A: buckets 0 and 2 (1 empty, the scan goes on)
         expiration = get_dht_time() + 120
         assert all(publish_record(storer, SWARM, blob, expiration) for blob in a)
         assert all(publish_record(reader, SWARM, blob, expiration) for blob in b)
         assert collect_records(reader, SWARM) == sorted(a + b, key=lambda x: (json.loads(x)["signer"], json.loads(x)["body"]["seq"]))
         assert collect_records(storer, SWARM) == collect_records(reader, SWARM)
 
-        key = records_key(SWARM)
+        key = records_key(SWARM, 0)
         # B's validly signed record written into A's subkey: refused by the validating peers
         assert not reader.store(key, b[0], expiration, subkey=owner_subkey(pid(A), 0))
         attacker.store(key, b[1], expiration, subkey=owner_subkey(pid(A), 1))
@@ -328,7 +334,7 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
         for dht in (reader, storer):
             assert collect_receipts(dht, SWARM, 3) == [ra] and collect_receipts(dht, SWARM, 2) == [rb]
         assert collect_checks(reader, SWARM, 3) == [ca] and collect_rotations(storer, SWARM) == [rot]
-        everything = collect_all(reader, SWARM)  # records name rounds 0..2: receipts and checks of those
+        everything = collect_all(reader, SWARM)  # records name rounds 0, 1, 2, 40: receipts and checks of those
         assert {k: len(v) for k, v in everything.items()} == {"records": 5, "rotations": 1, "receipts": 1, "checks": 0}
         assert everything["receipts"] == [rb]
         more = collect_all(reader, SWARM, rounds=[2, 3])
@@ -341,3 +347,43 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
     finally:
         for dht in dhts:
             dht.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_the_credit_view_rereads_only_the_open_records_buckets(tmp_path, no_leaked_sockets):
+    """A node's credit view reads the whole history once; after that each refresh reads the oldest bucket not
+    yet complete and the empty ones above the newest, so what it moves no longer grows with the history."""
+    import hivemind
+
+    from node.ledger import Ledger
+    from node.status import CreditCache
+    from node.swarm.validator import collect_record_bucket
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RecordsValidator(SWARM)])
+    reads: list[int] = []
+
+    def read(bucket):
+        reads.append(bucket)
+        return collect_record_bucket(dht, SWARM, bucket)
+
+    cache = CreditCache(ledger=Ledger.open(tmp_path / "ledger.jsonl"), read_dht_bucket=read, swarm_id=SWARM,
+                        max_samples_per_round=8)
+    try:
+        cache.stop()
+        cache._thread.join(timeout=30)
+        a = chain(A, 46)  # rounds 0..45: buckets 0, 1, 2
+        expiration = get_dht_time() + 120
+        assert all(publish_record(dht, SWARM, blob, expiration) for blob in a[:40])
+        cache._buckets, cache._first_open = {}, 0
+        reads.clear()
+        cache.refresh()
+        assert reads == [0, 1, 2, 3, 4]  # everything once, up to two empty buckets
+        assert [r["claimed_rounds"] for r in cache.rows()] == [40]
+        assert all(publish_record(dht, SWARM, blob, expiration) for blob in a[40:])
+        reads.clear()
+        cache.refresh()
+        assert reads == [2, 3, 4]  # round 39 was seen: buckets 0 and 1 (rounds to 31) are complete
+        assert [r["claimed_rounds"] for r in cache.rows()] == [46]
+    finally:
+        cache.stop()
+        dht.shutdown()

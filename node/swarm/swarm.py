@@ -41,7 +41,7 @@ from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
 from node.swarm.reach import PUBLIC, Reachability, detect_reachability, serve_dialback
 from node.swarm.statements import collect_checks, collect_receipts, publish_check, publish_receipt
 from node.swarm.stores import PendingStores
-from node.swarm.validator import RecordsValidator, collect_records, publish_record
+from node.swarm.validator import RecordsValidator, collect_record_bucket, publish_record
 
 logger = logging.getLogger(__name__)
 
@@ -456,9 +456,9 @@ class Swarm:
                 done += [False] * len(batch)
         return done
 
-    def read_records(self) -> list[bytes]:
-        """Every valid record of this swarm found in the DHT."""
-        return collect_records(self.dht, self.swarm_id)
+    def read_record_bucket(self, bucket: int) -> list[bytes]:
+        """The valid records of this swarm's rounds bucket * RECORDS_BUCKET .. found in the DHT (node/swarm/validator.py)."""
+        return collect_record_bucket(self.dht, self.swarm_id, bucket)
 
     def publish_receipt(self, blob: bytes) -> None:
         """Store one of this node's signed round receipts in the DHT (a day, like records), in the background."""
