@@ -240,3 +240,35 @@ def test_late_joiners_do_not_take_corrupted_state_from_a_lying_donor(tmp_path, t
     logs = c.log.read_text() + d.log.read_text()
     if "does not match its advertised hash" in logs:
         assert "is not asked again" in logs and str(liar.peer_id)[:16] in logs
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(120)
+def test_a_state_stream_that_ends_early_is_not_loaded():
+    """A donor whose stream ends before its last tensor (it left, or its connection closed mid-transfer) is
+    not a state: the receiver says so and tries the next donor, rather than failing later on a shape."""
+    import torch
+
+    from node.swarm.averager import ShardAverager, state_incomplete
+    from node.swarm.exact import GRIDS
+
+    assert state_incomplete({"round": 1, "tensors": 3}, [torch.zeros(1)] * 2) == "the stream ended after 2 of 3 tensors"
+    assert state_incomplete({"round": 1, "tensors": 2}, [torch.zeros(1)] * 2) == ""
+    assert state_incomplete({"round": 1}, [torch.zeros(1)] * 2) == ""  # a donor that does not say: as before
+    first = start_test_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = start_test_dht(initial_peers=[str(m) for m in first.get_visible_maddrs()], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    donor, receiver = (ShardAverager([4], GRIDS["int8"], dht=d, prefix="early/shard-0", start=True, allow_state_sharing=True,
+                                     min_group_size=2) for d in (first, second))
+    try:
+        tensors = [torch.arange(4.0), torch.ones(3)]
+        donor.publish_state({"round": 7}, tensors)
+        got = receiver.download_state_from([str(first.peer_id)], timeout=20)
+        assert got is not None and got[1] == {"round": 7, "tensors": 2} and all(torch.equal(a, b) for a, b in zip(got[2], tensors))
+        with donor._published_lock:  # it announces three tensors and its stream ends after two
+            donor._published = ({"round": 7, "tensors": 3}, tensors)
+        assert receiver.download_state_from([str(first.peer_id)], timeout=20) is None
+    finally:
+        for avg in (donor, receiver):
+            avg.shutdown()
+        for d in (second, first):
+            d.shutdown()

@@ -387,8 +387,8 @@ class ShardAverager(DecentralizedAverager):
         return self._call("_download_state_from", timeout * max(1, len(donors)) + 5, donors=list(donors), chunk_timeout=timeout)
 
     def publish_state(self, metadata: dict, tensors: Sequence[torch.Tensor]) -> None:
-        with self._published_lock:
-            self._published = (metadata, [t.detach().cpu().clone() for t in tensors])
+        with self._published_lock:  # the count lets a receiver tell a stream that ended early (state_incomplete)
+            self._published = (dict(metadata, tensors=len(tensors)), [t.detach().cpu().clone() for t in tensors])
 
     def get_current_state(self):
         with self._published_lock:
@@ -476,11 +476,24 @@ async def fetch_state(p2p, prefix: str, donor: str, chunk_timeout: float) -> tup
     return metadata, tensors
 
 
+def state_incomplete(metadata: Any, tensors: Sequence[torch.Tensor]) -> str:
+    """Why a downloaded state is not whole ("" if it is): the donor says how many tensors it serves, and a
+    stream that ended early (the donor left or its connection closed mid-transfer) brings fewer."""
+    expected = metadata.get("tensors") if isinstance(metadata, dict) else None
+    if isinstance(expected, int) and expected != len(tensors):
+        return f"the stream ended after {len(tensors)} of {expected} tensors"
+    return ""
+
+
 async def first_state(p2p, prefix: str, donors: Sequence[str], chunk_timeout: float):
-    """(donor, metadata, tensors) from the first of `donors` that serves a state under `prefix`, or None."""
+    """(donor, metadata, tensors) from the first of `donors` that serves a whole state under `prefix`, or None."""
     for donor in donors:
         try:
             metadata, tensors = await fetch_state(p2p, prefix, donor, chunk_timeout)
+            why = state_incomplete(metadata, tensors)
+            if why:
+                logger.warning("state download from %s… incomplete (%s); trying the next donor", donor[:16], why)
+                continue
             if metadata is not None:
                 return donor, metadata, tensors
         except Exception as e:  # an unreachable or misbehaving donor (any p2p/proto error): try the next
