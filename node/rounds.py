@@ -210,12 +210,18 @@ class RoundRunner:
         start_hash = self.adapter.state_hash()
         shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
         peers = {p: c for p, c in quorum.others(view, self.peer_id).items() if p not in self.swarm.excluded}
-        members = quorum.round_members(peers, self.peer_id, r)
+        # a trainer resyncing at this round (its last attempt failed as ours did) trains it with us the moment its
+        # download ends: counted, or this node sums the round alone while it sums with the others. Seen: a home
+        # node SIGKILLed mid-round, both public nodes' retry failed, one resynced while the other ran the round
+        # alone, and the two public nodes held different round-4 states until the split guard healed it
+        resyncing = {p: c for p, c in view.items() if p != self.peer_id and c.syncing and c.shard_hashes
+                     and p not in self.swarm.excluded}
+        members = quorum.round_members({**peers, **resyncing}, self.peer_id, r)
         total = m.rounds.target_batch_size
 
         if _FREERIDE:
             return self._free_ride(r, t0, start_hash, shard_hashes)
-        expected = quorum.expected_group_sizes(peers, members, self.peer_id, self.trained)
+        expected = quorum.expected_group_sizes({**peers, **resyncing}, members, self.peer_id, self.trained)
         if self.overlap:
             # the last round's pseudo-gradient is summed now, while this round's inner steps run
             local, contribution, indices, sending = self._pending_work(r)

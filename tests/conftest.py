@@ -125,6 +125,7 @@ class NodeProc:
 
     def __init__(self, home: Path, popen: subprocess.Popen, log: Path):
         self.home, self.popen, self.log = home, popen, log
+        self.started = time.time()
 
     @property
     def workdir(self) -> Path | None:
@@ -132,10 +133,13 @@ class NodeProc:
         return found[0] if found else None
 
     def info(self) -> dict | None:
+        """This process's node.json: one a killed earlier process left in the same home does not count (it was
+        written before this one started)."""
         wd = self.workdir
         try:
-            return json.loads((wd / "node.json").read_text()) if wd else None
-        except (OSError, ValueError):
+            path = wd / "node.json"
+            return json.loads(path.read_text()) if path.stat().st_mtime >= self.started - 1.0 else None
+        except (OSError, ValueError, TypeError):
             return None
 
     def rounds(self) -> list[dict]:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from node.control import ControlClient
 from tests.conftest import REPO, evidence, verify_ledgers, write_test_manifest
 
 pytestmark = [pytest.mark.swarm, pytest.mark.netns, pytest.mark.nat]
@@ -151,8 +152,17 @@ def test_node_behind_nat_killed_mid_round_and_restarted(tmp_path, tiny_base, spa
     home.popen.wait(timeout=30)
     killed_at = time.time()
     before = {r["round"] for r in home.rounds() if r["applied"]}
+    deadline = killed_at + 60
+    while not any(r["time"] > killed_at for r in p0.applied().values()) and time.time() < deadline:
+        time.sleep(0.2)  # the public pair goes on without it ...
+    for n in (p0, p1):  # ... and then waits: its 0.3-s rounds would end all 40 before a restart on a busy box
+        with ControlClient(n.home / "node.sock") as client:  # (seen: 22 s from kill to the restarted node's dial)
+            client.pause()
     again = spawn_node(manifest, "home", *home_args, home=home.home, prefix=net.prefix(2), host=net.ip(2))
     assert again.wait_info()["reachability"] == "outbound-only"
+    for n in (p0, p1):
+        with ControlClient(n.home / "node.sock") as client:
+            client.resume()
     for n in (p0, p1, again):
         assert n.wait_exit(timeout=200) == 0, n.log.read_text()[-3000:]
     r0, r1 = (n.applied() for n in (p0, p1))
