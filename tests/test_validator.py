@@ -387,3 +387,31 @@ def test_the_credit_view_rereads_only_the_open_records_buckets(tmp_path, no_leak
     finally:
         cache.stop()
         dht.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_requests_from_many_threads_do_not_kill_the_dht_process(no_leaked_sockets):
+    """hivemind sends every DHT request over one pipe from whatever thread calls, unlocked; a node calls from
+    several at once (round loop, heartbeats, background stores, credit view). Requests over PIPE_BUF bytes from
+    two threads interleaved once the pipe was full and the DHT process died on a broken pickle (without the lock
+    this test killed it 2 times in 2: "invalid load key"); start_dht serialises them."""
+    import threading
+
+    from node.swarm.dht import start_dht
+
+    dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], retries=0)
+    try:
+        def hammer(i):
+            for j in range(300):  # 8 KB: over PIPE_BUF, under the 16 KiB of one write (store_many's batches)
+                dht.store(f"k{i}", b"x" * 8_000, get_dht_time() + 60, subkey=str(j), return_future=True)
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert dht.is_alive()
+        found = dht.get("k3", latest=True, return_future=True).result(timeout=30)  # a dead DHT process never answers
+        assert found is not None and len(found.value) == 300
+    finally:
+        dht.shutdown()

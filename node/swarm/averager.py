@@ -12,7 +12,9 @@ and nothing else does:
   (`_set_deadline`, `_set_target_group_size`, and moshpit re-keying switched off);
 - state downloads go to donors the node chose, in its order (`_download_state_from`, and
   `first_state_in_dht` for a process that follows a swarm without averaging: `serve --swarm`);
-- a peer lost in a partition is dialled again through the p2pd client (`dial_and_ping`).
+- a peer lost in a partition is dialled again through the p2pd client (`dial_and_ping`);
+- requests to the DHT process go over one pipe that hivemind writes from any thread unlocked
+  (`one_writer_at_a_time`).
 When hivemind changes, this is the file to read.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -532,3 +535,30 @@ async def dial_and_ping(peers: list[tuple[str, tuple[str, ...]]], timeout: float
 
     found = await asyncio.gather(*(one(pid, addrs) for pid, addrs in peers))
     return [pid for pid in found if pid]
+
+
+class _OneWriterPipe:
+    """A connection whose `send` holds a lock shared by every process forked after it was made."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._lock = multiprocessing.Lock()
+
+    def send(self, obj) -> None:
+        with self._lock:
+            self._conn.send(obj)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def one_writer_at_a_time(dht) -> None:
+    """Serialise the requests to a started hivemind.DHT's process. hivemind sends each request (a pickle)
+    over one pipe from whichever thread calls get/store/run_coroutine, unlocked; a node calls from several
+    (the round loop, heartbeats, background stores, the credit view) and its averager processes forked from
+    it. A request over PIPE_BUF bytes is more than one write, two of them interleave, and the DHT process
+    reads a broken pickle and dies (seen: "pickle data was truncated" in a node's DHT process while its
+    credit view read the DHT and its republisher stored a batch). The lock is a multiprocessing one, so the
+    averager processes take it too."""
+    if not isinstance(dht._outer_pipe, _OneWriterPipe):
+        dht._outer_pipe = _OneWriterPipe(dht._outer_pipe)

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import hivemind
 from hivemind.utils import get_dht_time
 
+from node.swarm.averager import one_writer_at_a_time
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,7 +63,7 @@ def start_dht(
     for attempt in range(retries + 1):
         before = set(multiprocessing.active_children())
         try:
-            return hivemind.DHT(**kwargs)
+            dht = hivemind.DHT(**kwargs)
         except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError, ValueError, ... for the same situations
             last = e
             _join_new_children(before)  # hivemind leaves a DHT process that failed to start to exit alone
@@ -73,6 +75,9 @@ def start_dht(
             delay = min(2.0 * 2**attempt, 10.0)
             logger.warning("no initial peer answered (attempt %d of %d); retrying in %.0f s", attempt + 1, retries + 1, delay)
             time.sleep(delay)
+            continue
+        one_writer_at_a_time(dht)
+        return dht
     raise SwarmError(_explain_dht_failure(last, initial_peers, host_maddrs)) from last
 
 
