@@ -393,8 +393,8 @@ def test_the_credit_view_rereads_only_the_open_records_buckets(tmp_path, no_leak
 def test_requests_from_many_threads_do_not_kill_the_dht_process(no_leaked_sockets):
     """hivemind sends every DHT request over one pipe from whatever thread calls, unlocked; a node calls from
     several at once (round loop, heartbeats, background stores, credit view). Requests over PIPE_BUF bytes from
-    two threads interleaved once the pipe was full and the DHT process died on a broken pickle (without the lock
-    this test killed it 2 times in 2: "invalid load key"); start_dht serialises them."""
+    two threads interleaved once the pipe was full, or its reader took half of one, and the DHT process died on
+    a broken pickle (unguarded, this test killed it 2 times in 2: "invalid load key"); start_dht guards the pipe."""
     import threading
 
     from node.swarm.dht import start_dht

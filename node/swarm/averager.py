@@ -13,8 +13,8 @@ and nothing else does:
 - state downloads go to donors the node chose, in its order (`_download_state_from`, and
   `first_state_in_dht` for a process that follows a swarm without averaging: `serve --swarm`);
 - a peer lost in a partition is dialled again through the p2pd client (`dial_and_ping`);
-- requests to the DHT process go over one pipe that hivemind writes from any thread unlocked
-  (`one_writer_at_a_time`).
+- requests to the DHT process go over one pipe that hivemind writes from any thread unlocked and
+  reads from a non-blocking fd (`guard_request_pipe`).
 When hivemind changes, this is the file to read.
 """
 
@@ -552,13 +552,34 @@ class _OneWriterPipe:
         return getattr(self._conn, name)
 
 
-def one_writer_at_a_time(dht) -> None:
-    """Serialise the requests to a started hivemind.DHT's process. hivemind sends each request (a pickle)
-    over one pipe from whichever thread calls get/store/run_coroutine, unlocked; a node calls from several
-    (the round loop, heartbeats, background stores, the credit view) and its averager processes forked from
-    it. A request over PIPE_BUF bytes is more than one write, two of them interleave, and the DHT process
-    reads a broken pickle and dies (seen: "pickle data was truncated" in a node's DHT process while its
-    credit view read the DHT and its republisher stored a batch). The lock is a multiprocessing one, so the
-    averager processes take it too."""
+class _WholeMessages:
+    """A connection whose `recv` waits for the whole message, whatever mode the event loop left the fd in."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def recv(self):
+        fd = self._conn.fileno()
+        was = os.get_blocking(fd)
+        os.set_blocking(fd, True)
+        try:
+            return self._conn.recv()
+        finally:
+            os.set_blocking(fd, was)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def guard_request_pipe(dht) -> None:
+    """Make a hivemind.DHT's request pipe safe for a node; call before `run_in_background`. hivemind sends each
+    request (a pickle) over one pipe from whichever thread calls get/store/run_coroutine, unlocked, and the DHT
+    process reads it from a non-blocking fd (its event loop's reader) as soon as some bytes arrived. A node calls
+    from several threads (the round loop, heartbeats, background stores, the credit view) and from its averager
+    processes. A request over PIPE_BUF bytes into a full pipe is written in pieces: two of them interleaved, or
+    the reader took half of one, and the DHT process died on a broken pickle (seen: "pickle data was truncated"
+    while a node's credit view read the DHT and its republisher stored batches). Writers take turns (a
+    multiprocessing lock, so forked averager processes take it too) and the reader waits for whole messages."""
     if not isinstance(dht._outer_pipe, _OneWriterPipe):
         dht._outer_pipe = _OneWriterPipe(dht._outer_pipe)
+        dht._inner_pipe = _WholeMessages(dht._inner_pipe)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import hivemind
 from hivemind.utils import get_dht_time
 
-from node.swarm.averager import one_writer_at_a_time
+from node.swarm.averager import guard_request_pipe
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def start_dht(
     """Start the DHT + p2pd, turning hivemind's opaque failures into a cause and a fix (SwarmError)."""
     kwargs: dict[str, Any] = dict(
         initial_peers=list(initial_peers),
-        start=True,
+        start=False,  # started below, once its request pipe is guarded
         record_validators=list(record_validators),
         startup_timeout=startup_timeout,
         client_mode=client_mode,
@@ -64,6 +64,8 @@ def start_dht(
         before = set(multiprocessing.active_children())
         try:
             dht = hivemind.DHT(**kwargs)
+            guard_request_pipe(dht)
+            dht.run_in_background(await_ready=True)
         except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError, ValueError, ... for the same situations
             last = e
             _join_new_children(before)  # hivemind leaves a DHT process that failed to start to exit alone
@@ -76,7 +78,6 @@ def start_dht(
             logger.warning("no initial peer answered (attempt %d of %d); retrying in %.0f s", attempt + 1, retries + 1, delay)
             time.sleep(delay)
             continue
-        one_writer_at_a_time(dht)
         return dht
     raise SwarmError(_explain_dht_failure(last, initial_peers, host_maddrs)) from last
 
