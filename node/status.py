@@ -177,7 +177,7 @@ class CreditCache:
         from node.swarm.validator import RECORDS_BUCKET, scan_record_buckets
         from protocol.record import RecordError, verify_signed
 
-        def read(bucket: int) -> list[tuple[str, int, bytes]]:
+        def read(bucket: int) -> list[tuple[str, int, bytes, int]]:  # (peer, seq, record, round)
             out = []
             for blob in self.read_dht_bucket(bucket):
                 try:
