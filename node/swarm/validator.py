@@ -111,27 +111,33 @@ def _owned(subkey: Any, value: Any, pattern: re.Pattern, form: str, verify) -> t
         return None, None, f"value rejected: {e}"
 
 
-def check_value(swarm_id: str, subkey: Any, value: Any) -> str:
-    """Why (subkey, value) may not be stored under this swarm's records key; "" if it may."""
+def _checked_record(swarm_id: str, subkey: Any, value: Any):
+    """(the verified record, "") if (subkey, value) may be stored under one of this swarm's records keys, else
+    (None, why not)."""
     match, record, why = _owned(subkey, value, _SUBKEY_RE, "[ed25519-owner:<peer id>]:<seq>", verify_signed)
     if why:
-        return why
+        return None, why
     owner, seq = match.group(1), int(match.group(2))
     if record.peer_id != owner:
-        return f"record signed by {record.peer_id} written to the subkey of {owner}"
+        return None, f"record signed by {record.peer_id} written to the subkey of {owner}"
     if record.seq != seq:
-        return f"record seq {record.seq} written to the subkey for seq {seq}"
+        return None, f"record seq {record.seq} written to the subkey for seq {seq}"
     if record.swarm_id != swarm_id:
-        return f"record is for swarm {record.swarm_id}, not {swarm_id}"
-    return ""
+        return None, f"record is for swarm {record.swarm_id}, not {swarm_id}"
+    return record, ""
+
+
+def check_value(swarm_id: str, subkey: Any, value: Any) -> str:
+    """Why (subkey, value) may not be stored under one of this swarm's records keys; "" if it may."""
+    return _checked_record(swarm_id, subkey, value)[1]
 
 
 def _check_bucket_value(bucket: int, swarm_id: str, subkey: Any, value: Any) -> str:
     """Why (subkey, value) may not be stored under this swarm's records key of `bucket`; "" if it may."""
-    why = check_value(swarm_id, subkey, value)
+    record, why = _checked_record(swarm_id, subkey, value)
     if why:
         return why
-    round_ = verify_signed(value).round
+    round_ = record.round
     if round_ // RECORDS_BUCKET != bucket:
         return (f"record of round {round_} written to records bucket {bucket} (rounds {bucket * RECORDS_BUCKET}.."
                 f"{(bucket + 1) * RECORDS_BUCKET - 1})")
@@ -192,11 +198,13 @@ class RecordsValidator(RecordValidatorBase):
     `check_owned_value` refuses under any `[ed25519-owner:` subkey (records, receipts, checks)."""
 
     BUCKETS_AHEAD = 1024  # records buckets known by key id beyond the highest one a valid record was seen in
+    EXTEND_WITHIN = 64  # ... extended again when a valid record lands this close to the last known bucket
 
     def __init__(self, swarm_id: str):
         self.swarm_id = swarm_id
+        # key id -> (key, value bound, check(swarm_id, subkey, value), records bucket or None)
         self._keys = {
-            _key_id(rotations_key(swarm_id)): (rotations_key(swarm_id), MAX_BLOB_BYTES, check_rotation_value),
+            _key_id(rotations_key(swarm_id)): (rotations_key(swarm_id), MAX_BLOB_BYTES, check_rotation_value, None),
         }
         # a records bucket's key is a hash too: the buckets from 0 to BUCKETS_AHEAD past the highest seen are
         # known by id, so junk under other subkeys cannot bloat the dictionary every reader downloads
@@ -206,7 +214,7 @@ class RecordsValidator(RecordValidatorBase):
     def _know_buckets(self, upto: int) -> None:
         for bucket in range(self._buckets_known, upto):
             name = records_bucket_key(self.swarm_id, bucket)
-            self._keys[_key_id(name)] = (name, MAX_BLOB_BYTES, partial(_check_bucket_value, bucket))
+            self._keys[_key_id(name)] = (name, MAX_BLOB_BYTES, partial(_check_bucket_value, bucket), bucket)
         self._buckets_known = max(self._buckets_known, upto)
 
     def explain(self, record: DHTRecord) -> str:
@@ -227,9 +235,10 @@ class RecordsValidator(RecordValidatorBase):
         except Exception as e:
             return f"badly encoded DHT value: {type(e).__name__}"
         if known is not None:
-            why = known[2](self.swarm_id, subkey, value)
-            if not why and isinstance(known[2], partial) and known[2].args[0] + 64 > self._buckets_known:
-                self._know_buckets(known[2].args[0] + self.BUCKETS_AHEAD)
+            _name, _bound, check, bucket = known
+            why = check(self.swarm_id, subkey, value)
+            if not why and bucket is not None and bucket + self.EXTEND_WITHIN > self._buckets_known:
+                self._know_buckets(bucket + self.BUCKETS_AHEAD)
             return why
         return check_owned_value(record.key, subkey, value)
 
