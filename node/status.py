@@ -124,7 +124,7 @@ class CreditCache:
                  exclude_after: int = 3):
         self.ledger = ledger
         self.read_dht_bucket = read_dht_bucket  # bucket -> the records of that bucket in the DHT
-        self._buckets: dict[int, list[tuple[str, int, bytes]]] = {}  # bucket -> (peer, seq, record)
+        self._buckets: dict[int, set[tuple[str, int, bytes, int]]] = {}  # bucket -> {(peer, seq, record, round)}
         self._first_open = 0  # the oldest bucket that may still change
         self.read_dht_round = read_dht_round  # round -> receipts and checks of that round in the DHT
         self.evidence_files = [Path(p) for p in evidence_files]
@@ -172,8 +172,9 @@ class CreditCache:
                     logger.warning("%s", e)
         return out
 
-    def _dht_records(self) -> list[bytes]:
-        """Every record of the swarm in the DHT, by (peer, seq): cached buckets, and the open ones read again."""
+    def _dht_records(self) -> tuple[list[bytes], set[int]]:
+        """Every record of the swarm in the DHT, by (peer, seq), and the rounds they name: cached buckets, and the
+        open ones read again."""
         from node.swarm.validator import RECORDS_BUCKET, scan_record_buckets
         from protocol.record import RecordError, verify_signed
 
@@ -189,21 +190,15 @@ class CreditCache:
 
         for bucket, items in scan_record_buckets(read, first=self._first_open).items():
             # merged, not replaced: a signed record stays evidence when a read misses it (a flaky or expired entry)
-            self._buckets[bucket] = sorted(set(self._buckets.get(bucket, [])) | {item[:3] for item in items})
+            self._buckets[bucket] = self._buckets.get(bucket, set()) | set(items)
             newest = max((item[3] for item in items), default=-1)
             while (self._first_open + 1) * RECORDS_BUCKET + 2 <= newest:
                 self._first_open += 1
-        return [blob for _, _, blob in sorted(item for items in self._buckets.values() for item in items)]
+        cached = sorted(item for items in self._buckets.values() for item in items)
+        return [blob for _, _, blob, _ in cached], {round_ for *_, round_ in cached}
 
-    def _dht_rounds(self, records: list[bytes]) -> list[bytes]:
-        from protocol.record import RecordError, verify_signed
-
-        rounds = set()
-        for blob in records:
-            try:
-                rounds.add(verify_signed(blob).round)
-            except RecordError:
-                continue
+    def _dht_rounds(self, rounds: set[int]) -> list[bytes]:
+        """The receipts and checks of these rounds in the DHT (rounds read before are cached)."""
         if not rounds or self.read_dht_round is None:
             return []
         newest = max(rounds)
@@ -220,8 +215,8 @@ class CreditCache:
 
         blobs = {"local": self.ledger.blobs(), "evidence": self._evidence()}
         try:
-            records = self._dht_records()
-            blobs["dht"] = records + self._dht_rounds(records)
+            records, rounds = self._dht_records()
+            blobs["dht"] = records + self._dht_rounds(rounds)
         except Exception as e:  # a DHT read can fail many ways; local records still verify
             logger.warning("could not read records from the DHT: %s", e)
         report = verify_logs(blobs, self.swarm_id, self.cap, max_tokens_per_sample=self.token_cap,
