@@ -216,12 +216,13 @@ class RoundRunner:
         # alone, and the two public nodes held different round-4 states until the split guard healed it
         resyncing = {p: c for p, c in view.items() if p != self.peer_id and c.syncing and c.shard_hashes
                      and p not in self.swarm.excluded}
-        members = quorum.round_members({**peers, **resyncing}, self.peer_id, r)
+        trainers = {**peers, **resyncing}
+        members = quorum.round_members(trainers, self.peer_id, r)
         total = m.rounds.target_batch_size
 
         if _FREERIDE:
             return self._free_ride(r, t0, start_hash, shard_hashes)
-        expected = quorum.expected_group_sizes({**peers, **resyncing}, members, self.peer_id, self.trained)
+        expected = quorum.expected_group_sizes(trainers, members, self.peer_id, self.trained)
         if self.overlap:
             # the last round's pseudo-gradient is summed now, while this round's inner steps run
             local, contribution, indices, sending = self._pending_work(r)
