@@ -5,7 +5,8 @@ and a metadata header (round, optimizer step, ledger head, swarm id, sha256 of t
 tensor payload). Written to a temp file, fsynced, renamed, and the folder fsynced, so a
 crash leaves either the old or the new checkpoint, never half of one. `load_latest`
 verifies the payload hash and falls back to the previous checkpoint when the newest is
-corrupt, naming the bad file.
+corrupt, naming the bad file. `Writer` writes them beside the next round: only the copy of the tensors
+holds the round loop up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def _payload_hash(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + str(tuple(t.shape)).encode() + b"\0")
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, not a copy of it
     return h.hexdigest()
 
 
@@ -84,8 +87,13 @@ def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_i
          shard_steps: dict[int, int] | None = None) -> Path:
     """`shard_steps`: each trained shard's own step count (a round that applied only some shards advanced
     only theirs); a checkpoint without them restores every shard at `opt_step`."""
+    return _write(directory, round=round, opt_step=opt_step, ledger_seq=ledger_seq, swarm_id=swarm_id,
+                  tensors={k: v.detach().cpu().contiguous() for k, v in tensors.items()}, shard_steps=shard_steps)
+
+
+def _write(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_id: str, tensors: dict[str, torch.Tensor],
+           shard_steps: dict[int, int] | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {
         "round": str(round), "opt_step": str(opt_step), "ledger_seq": str(ledger_seq),
         "swarm_id": swarm_id, "sha256": _payload_hash(tensors), "format": "swarmtune/checkpoint/v1",
@@ -111,6 +119,40 @@ def save(directory: Path, *, round: int, opt_step: int, ledger_seq: int, swarm_i
     for old in sorted(directory.glob("round-*.safetensors"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return final
+
+
+class Writer:
+    """Writes checkpoints one at a time beside the round loop. `submit` copies the tensors (the next round changes
+    them in place) and returns; hashing, serialising, writing and fsyncing run on a thread. Seen on a 3-node
+    diloco swarm (8.4 M values, 2 cores): a checkpoint every round held the loop up 2.0-3.3 s of each 24 s round,
+    the CPU and the link idle. A failed write (a full or read-only disk) is raised by the next `submit` or by
+    `wait`; its temp file is gone by then and the checkpoints before it are untouched."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last: Path | None = None  # the newest checkpoint this writer completed
+
+    def submit(self, directory: Path, *, tensors: dict[str, torch.Tensor], **meta) -> None:
+        self.wait()
+        copies = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        self._thread = threading.Thread(target=self._run, args=(directory, copies, meta), name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self, directory: Path, tensors: dict, meta: dict) -> None:
+        try:
+            self.last = _write(directory, tensors=tensors, shard_steps=meta.pop("shard_steps", None), **meta)
+        except BaseException as e:  # handed to the round loop's thread
+            self._error = e
+
+    def wait(self) -> None:
+        """Until the checkpoint in flight is on disk; raises what its write raised."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _read(path: Path) -> Checkpoint:

@@ -71,6 +71,7 @@ class Node:
         self._alone_since: float | None = None  # outbound-only, and no peer that can be dialled in sight
         self._key_lock = None
         self.storage_failed = False  # a write was refused (disk full, read-only): no final checkpoint
+        self._checkpoints = checkpoint.Writer()
 
     # ------------------------------------------------------------------ prepare (no side effects on failure)
 
@@ -251,13 +252,17 @@ class Node:
         if self.credit:
             self.credit.refresh_soon()
 
-    def save_checkpoint(self) -> None:
-        checkpoint.save(
-            self.workdir / "checkpoints", round=self.round, opt_step=self.trainer.opt_step,
-            ledger_seq=self.ledger.next_seq - 1, swarm_id=self.swarm_id,
-            tensors=checkpoint.training_tensors(self.trainer, self.adapter, self.trained),
-            shard_steps={k: self.trainer.shard_step(k) for k in self.trained},
-        )
+    def save_checkpoint(self, background: bool = False) -> None:
+        """A checkpoint of this round; `background`: written beside the next round (checkpoint.Writer), a failed
+        write raised by the next one or by the end of the run."""
+        args = dict(round=self.round, opt_step=self.trainer.opt_step, ledger_seq=self.ledger.next_seq - 1,
+                    swarm_id=self.swarm_id, tensors=checkpoint.training_tensors(self.trainer, self.adapter, self.trained),
+                    shard_steps={k: self.trainer.shard_step(k) for k in self.trained})
+        if background:
+            self._checkpoints.submit(self.workdir / "checkpoints", **args)
+            return
+        self._checkpoints.wait()
+        checkpoint.save(self.workdir / "checkpoints", **args)
 
     # ------------------------------------------------------------------ main loop
 
@@ -354,8 +359,9 @@ class Node:
                 if untrained and not sync.refresh_untrained(untrained, self.round, timeout=self._refresh_timeout(untrained)):
                     swarm.announce(complete=self.round)  # every shard is at this round: its trainers may stop now
                 if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
-                    self.save_checkpoint()
+                    self.save_checkpoint(background=True)
                 self._after_round(res, view, progress)
+        self._checkpoints.wait()  # a failed write stops the node here as any refused write does
         if not self.storage_failed:
             # the groupmates' receipts of the last rounds; a drain (SIGTERM) does not wait on a cut link for them
             self.receipts.collect(self.round, budget_s=5.0 if self._drain.is_set() else 30.0)
@@ -484,6 +490,11 @@ class Node:
                 self.save_checkpoint()
             except (OSError, RuntimeError) as e:  # disk full or read-only; the previous checkpoint stays good
                 logger.error("final checkpoint failed: %s", e)
+        else:
+            try:  # the write in flight ends (or removes its temp file) before the process does
+                self._checkpoints.wait()
+            except (OSError, RuntimeError):
+                pass
         if self.credit is not None:
             self.credit.stop()
         if self.control is not None:

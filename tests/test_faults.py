@@ -196,6 +196,30 @@ def test_disk_full_mid_run_stops_cleanly_and_a_restart_resumes(tmp_path, tiny_ba
     verify_ledgers(manifest, again)
 
 
+def test_a_checkpoint_written_in_the_background_holds_the_round_it_was_taken_at_and_a_full_disk_is_raised_after(tmp_path, small_disk):
+    """checkpoint.Writer: the next round changes the tensors while the write runs; the file holds them as they were
+    at submit. A write the disk refuses is raised by the next submit, with no temp file and the older ones intact."""
+    import torch
+    from node import checkpoint
+    from node.durable import StorageError
+
+    disk = small_disk("3m")
+    writer = checkpoint.Writer()
+    x = torch.arange(2**18, dtype=torch.float32)  # 1 MiB
+    writer.submit(disk / "ck", round=1, opt_step=1, ledger_seq=0, swarm_id="s", tensors={"param/x": x})
+    x.add_(1.0)  # what the next round does to the live tensor
+    writer.wait()
+    got = checkpoint.load_latest(disk / "ck", "s")
+    assert got.round == 1 and torch.equal(got.tensors["param/x"], torch.arange(2**18, dtype=torch.float32))
+    big = torch.zeros(2**19)  # 2 MiB: does not fit beside the first
+    writer.submit(disk / "ck", round=2, opt_step=2, ledger_seq=1, swarm_id="s", tensors={"param/x": big})
+    with pytest.raises(StorageError, match="No space left"):
+        writer.submit(disk / "ck", round=3, opt_step=3, ledger_seq=2, swarm_id="s", tensors={"param/x": x})
+    writer.wait()  # nothing in flight: the refused submit started nothing
+    assert [p.name for p in (disk / "ck").iterdir()] == ["round-00000001.safetensors"]
+    assert checkpoint.load_latest(disk / "ck", "s").round == 1
+
+
 # ---------------------------------------------------------------- ledger verify on a torn tail
 
 
