@@ -43,6 +43,11 @@ from protocol.record import to_fixed
 logger = logging.getLogger(__name__)
 
 RETRIES = 1  # all-reduce retries within a round after a lost part (a retry costs one matchmaking window at most)
+# overlap: how long a node's first exchange (no round's compute measured yet) looks for its group. Nodes that start
+# together reach round 0 seconds apart (model load, state sync); seen: one 6 s ahead of two others gave up after the
+# usual 8 s window, the two paired, and it resynced until round 3. The exchange runs beside the inner steps, so the
+# wait costs nothing until they end; a groupmate that never comes costs this once
+FIRST_PATIENCE = 60.0
 # Fault injection for tests (a poisoner, as a modified client would be): SWARMTUNE_FAULT_POISON=F sends, instead of
 # this node's contribution, seeded noise F times its norm.
 _POISON = float(os.environ.get("SWARMTUNE_FAULT_POISON", "0") or 0)
@@ -229,7 +234,7 @@ class RoundRunner:
             x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
             with ThreadPoolExecutor(1, thread_name_prefix="exchange") as pool:
                 # the groupmates' rounds began as their last ones ended, up to about a round's compute apart
-                exchange = pool.submit(self._exchange, r, x, claim, expected, self._compute_s)
+                exchange = pool.submit(self._exchange, r, x, claim, expected, self._compute_s or FIRST_PATIENCE)
                 try:
                     if m.rounds.max_rounds and r >= m.rounds.max_rounds - 1:  # nothing would sum this round's steps
                         fresh, start = None, {k: self.trainer.flat_shard(k) for k in self.trained}
