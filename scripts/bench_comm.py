@@ -389,6 +389,7 @@ def main() -> int:
     ap.add_argument("--codec-device", default="cpu", help="also time the codec on this device (e.g. cuda)")
     ap.add_argument("--codec-values", type=int, help="values the codec is timed on (default 2 M quick, 8 M full)")
     ap.add_argument("--seeds", type=int, default=0, help="B5: runs per mode and task, paired by seed (default 1 quick, 3 full)")
+    ap.add_argument("--tasks", nargs="+", choices=["builtin", "addition"], help="B4/B5's tasks (default builtin quick, both full)")
     ap.add_argument("--b2-nodes", type=int, nargs="+", help="B2's swarm sizes (default 2 quick, 2 3 full)")
     ap.add_argument("--b2-rates", type=int, nargs="+", help="B2's link rates in Mbit/s (default 50 quick, 50 20 full)")
     ap.add_argument("--b2-modes", nargs="+", choices=list(MODES), default=["per-step int8", "diloco int8", "diloco int8 overlap"],
@@ -413,10 +414,9 @@ def main() -> int:
                 report["codec_" + args.codec_device.split(":")[0]] = bench_codec(values, device=args.codec_device)
         if "modes" not in args.skip:
             base = build_tiny_base(default_tiny_dir())
-            tasks = {"builtin": ("builtin:task", builtin_data_path("eval"))}
-            if not args.quick:
-                train, evals = addition_task(work / "addition")
-                tasks["addition"] = (train, evals)
+            tasks = {}
+            for task in args.tasks or (["builtin"] if args.quick else ["builtin", "addition"]):
+                tasks[task] = ("builtin:task", builtin_data_path("eval")) if task == "builtin" else addition_task(work / "addition")
             report["B4_B5"] = bench_modes(base, work / "modes", tasks=tasks, rank=64, batch=24,
                                           per_step_rounds=20 if args.quick else 60, inner_steps=10 if args.quick else 20,
                                           seeds=args.seeds or (1 if args.quick else 3))
