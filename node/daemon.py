@@ -304,8 +304,7 @@ class Node:
             self.round = sync.catch_up(self.round)
         except SyncError as e:
             raise NodeError(str(e)) from None
-        sync.publish(self.round)
-        swarm.announce(round=self.round, shards=list(self.trained), hashes=sync.shard_hashes())
+        swarm.announce(round=self.round, shards=list(self.trained), hashes=sync.publish(self.round))
         untrained = [k for k in range(self.adapter.num_shards) if k not in self.trained]
         repair_lines(self.workdir / "rounds.jsonl")  # a full disk may have cut its last line
         with open(self.workdir / "rounds.jsonl", "a", buffering=1) as progress:
@@ -353,9 +352,9 @@ class Node:
                     got = sync.resync(self.round, required=False)
                     self.round = self.round if got is None else got
                 # publish and announce first: nodes that do not train our shards wait for exactly this state
-                sync.publish(self.round)
+                published = sync.publish(self.round)
                 swarm.announce(round=self.round, shards=list(self.trained), sps=res.samples / max(res.seconds, 1e-9),
-                               hashes=sync.shard_hashes(), **({} if untrained else {"complete": self.round}))
+                               hashes=published, **({} if untrained else {"complete": self.round}))
                 if untrained and not sync.refresh_untrained(untrained, self.round, timeout=self._refresh_timeout(untrained)):
                     swarm.announce(complete=self.round)  # every shard is at this round: its trainers may stop now
                 if self.cfg.checkpoint_every and self.round % self.cfg.checkpoint_every == 0 and res.applied:
@@ -448,11 +447,12 @@ class Node:
                            "Ask a node with spare memory to run with --shards %s", uncovered, ",".join(map(str, uncovered)))
         deadline = self.swarm.deadline
         sent, received = self.traffic.sample()
+        hashes = {k: self.adapter.shard_hash(k) for k in range(self.adapter.num_shards)}
         entry = {
             "round": res.round, "next_round": self.round, "start_hash": res.start_hash, "loss": res.loss, "local_loss": res.local_loss,
             "samples": res.samples, "tokens": res.tokens, "groups": {str(k): v for k, v in res.groups.items()},
-            "applied": res.applied, "resync": res.resync, "hash": self.adapter.state_hash(),
-            "shard_hashes": {str(k): self.adapter.shard_hash(k) for k in range(self.adapter.num_shards)},
+            "applied": res.applied, "resync": res.resync, "hash": self.adapter.state_hash(hashes),
+            "shard_hashes": {str(k): h for k, h in hashes.items()},
             "coverage": {str(k): v for k, v in coverage.items()}, "seconds": round(res.seconds, 4), "compute_s": round(res.compute_seconds, 4),
             "averaging_s": round(res.averaging_seconds, 4), "peers": len(view), "time": time.time(),
             "deadline_s": round(self.swarm.allreduce_timeout, 2),

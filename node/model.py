@@ -506,7 +506,8 @@ def tensors_hash(names, tensors) -> str:
     for tensors downloaded before they are loaded (`serve --swarm` checks state before it uses it)."""
     h = hashlib.sha256()
     for n, t in zip(names, tensors):
-        h.update(n.encode() + b"\0" + t.detach().to("cpu").contiguous().numpy().tobytes())
+        h.update(n.encode() + b"\0")
+        h.update(t.detach().to("cpu").contiguous().numpy())  # the buffer itself, not a copy of it
     return h.hexdigest()
 
 
@@ -562,11 +563,12 @@ class Adapter:
     def shard_hash(self, k: int) -> str:
         return tensors_hash(self.shard_names(k), self.shard_params(k))
 
-    def state_hash(self) -> str:
-        """Hash of the whole adapter: peers holding the same bits report the same value."""
+    def state_hash(self, shard_hashes: dict[int, str] | None = None) -> str:
+        """Hash of the whole adapter: peers holding the same bits report the same value. `shard_hashes`: every
+        shard's hash, as `shard_hash` just gave it (the adapter is not read again)."""
         h = hashlib.sha256()
         for k in range(self.num_shards):
-            h.update(bytes.fromhex(self.shard_hash(k)))
+            h.update(bytes.fromhex(shard_hashes[k] if shard_hashes is not None else self.shard_hash(k)))
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -212,8 +212,9 @@ class RoundRunner:
     def run(self, r: int, view: dict) -> RoundResult:
         m = self.m
         t0 = time.time()
-        start_hash = self.adapter.state_hash()
-        shard_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
+        every = {k: self.adapter.shard_hash(k) for k in range(self.adapter.num_shards)}
+        start_hash = self.adapter.state_hash(every)
+        shard_hashes = {k: every[k] for k in self.trained}
         peers = {p: c for p, c in quorum.others(view, self.peer_id).items() if p not in self.swarm.excluded}
         # a trainer resyncing at this round (its last attempt failed as ours did) trains it with us the moment its
         # download ends: counted, or this node sums the round alone while it sums with the others. Seen: a home

@@ -51,13 +51,17 @@ class StateSync:
         """Our trained shards' hashes, as the heartbeat carries them."""
         return {str(k): self.adapter.shard_hash(k) for k in self.trained}
 
-    def publish(self, round_: int) -> None:
-        """Serve our trained shards' state at the start of `round_` to peers that download it."""
+    def publish(self, round_: int) -> dict[str, str]:
+        """Serve our trained shards' state at the start of `round_` to peers that download it; returns their hashes
+        (`shard_hashes`)."""
+        hashes = {}
         for k in self.trained:
             # the shard's own step count: after a round that applied only some shards, opt_step is ahead of the others'
             # AdamW count, and a node loading it would take another bias correction (its shard diverges every round)
-            meta = StateMeta(round=round_, hash=self.adapter.shard_hash(k), step=self.trainer.shard_step(k), swarm=self.swarm_id)
+            hashes[str(k)] = self.adapter.shard_hash(k)
+            meta = StateMeta(round=round_, hash=hashes[str(k)], step=self.trainer.shard_step(k), swarm=self.swarm_id)
             self.swarm.publish_state(k, meta, self.trainer.shard_state(k))
+        return hashes
 
     def distrust(self, donor: str) -> None:
         self._distrusted[donor] = time.monotonic() + DISTRUST_S
