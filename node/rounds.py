@@ -57,6 +57,9 @@ _JUNK = os.environ.get("SWARMTUNE_FAULT_JUNK", "")
 # SWARMTUNE_FAULT_FREERIDE=1: a free-rider, which never trains nor averages: it waits for the first other node to finish
 # each round, signs a record claiming the round's whole batch, and takes the state (what receipts stop)
 _FREERIDE = os.environ.get("SWARMTUNE_FAULT_FREERIDE", "") == "1"
+# SWARMTUNE_FAULT_LATE=R:S: this node comes S seconds late to round R's exchange (a stalled machine), after its
+# groupmates gave up waiting for it
+_LATE = tuple(float(v) for v in os.environ["SWARMTUNE_FAULT_LATE"].split(":")) if os.environ.get("SWARMTUNE_FAULT_LATE") else None
 
 
 @dataclass
@@ -190,6 +193,8 @@ class RoundRunner:
         cores), so a sequential round waits up to half its compute time, and an overlapped one, whose exchange runs
         alongside the next inner steps and costs nothing until they end, up to the whole of the last round's."""
         t1 = time.time()
+        if _LATE and r == int(_LATE[0]):
+            time.sleep(_LATE[1])
         results = {k: self.swarm.local_sum(k, x[k], claim) for k in self.trained if expected[k] <= 1}
         to_average = {k: v for k, v in x.items() if k not in results}
         if to_average:

@@ -6,7 +6,9 @@
   every round every trainer holds the same outer state (hashes), the killed node's partial work is in
   nobody's update, the joiner starts from the swarm's exact state, and every ledger verifies; the same
   with [sync] overlap, where each round sums the round before's pseudo-gradients while its own inner
-  steps run (the exchange runs alongside the compute, and a round credits the samples it summed).
+  steps run (the exchange runs alongside the compute, and a round credits the samples it summed);
+- an overlapped swarm's node that comes late to the last round, after the other two summed it as a pair, takes
+  their final state (nothing later would heal it): every trainer ends with the same adapter.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from node.control import ControlClient
 
@@ -123,3 +126,43 @@ def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path
     losses = [runs["a"][r]["loss"] for r in sorted(runs["a"]) if runs["a"][r]["loss"] is not None]
     assert losses[-1] < 0.8 * losses[0], losses
     verify_ledgers(manifest, a, b, c, late)
+
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("late", [5, 32], ids=["donors-serving", "donors-gone"])
+def test_a_node_left_out_of_the_last_overlapped_round_takes_the_swarms_end_or_stops_saying_so(tmp_path, tiny_base, spawn_node, late):
+    """c comes `late` seconds to the last round's exchange; a and b sum it as a pair. While they serve the final
+    state c takes it; once they have left it stops with exit 2 and says why, and never sums that round alone."""
+    from node import checkpoint
+    from node.manifest import load_manifest
+
+    rounds, steps = 4, 4
+    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
+                                   sync={"mode": "diloco", "inner_steps": steps, "wire": "int8", "overlap": True})
+    a = spawn_node(manifest, "a", "--min-peers", "3")
+    peers = a.wait_info()["maddrs"]
+    b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)
+    c = spawn_node(manifest, "c", "--min-peers", "3", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_LATE": f"{rounds - 1}:{late}"})
+    for node in (a, b):
+        assert node.wait_exit(timeout=240) == 0, node.log.read_text()[-3000:]
+    code = c.wait_exit(timeout=120)
+    last = rounds - 1
+    runs = {"a": a.applied(), "b": b.applied(), "c": c.applied()}
+    assert runs["a"][last]["groups"] == {"0": 2, "1": 2}, runs["a"][last]  # a and b summed the last round as a pair
+    assert last not in runs["c"], runs["c"]  # c summed it neither with them nor alone
+    assert a.rounds()[-1]["hash"] == b.rounds()[-1]["hash"]
+    swarm_id = load_manifest(manifest).swarm_id
+    final = {n: checkpoint.load_latest(node.workdir / "checkpoints", swarm_id) for n, node in (("a", a), ("b", b), ("c", c))}
+    params = {n: {k: v for k, v in f.tensors.items() if k.startswith("param/")} for n, f in final.items()}
+    same = all(torch.equal(params["a"][k], params["c"][k]) for k in params["a"])
+    log = c.log.read_text()
+    if late == 5:
+        assert code == 0, log[-3000:]
+        assert f"synced adapter and optimizer state from peers: round {rounds}" in log, log[-3000:]
+        assert final["c"].round == rounds and same, "c ends with another adapter"
+    else:
+        assert code == 2, log[-3000:]
+        assert "finished its last round (3) without this node" in log and "swarmtune export" in log and "Traceback" not in log, log[-3000:]
+        assert final["c"].round == last and not same  # round 3's state, kept as it was
+    verify_ledgers(manifest, a, b, c)
