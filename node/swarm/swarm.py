@@ -296,10 +296,14 @@ class Swarm:
         planned = self.allreduce_bytes({k: expected.get(k, 2) for k in contributions})
         self._apply_deadline(self.deadline.seconds_for(planned))
         wire_claim = claim.to_wire()
-        # a retry's group is known and assembles the moment all are back; but a member whose own stream broke
-        # retries at once, while the others learn of the lost part only when the reducer gives up on it (a
-        # sender timeout, half the deadline, later): it waits that long plus one matchmaking window
-        find = self.allreduce_timeout / 2 + self.matchmaking_time + 1.0 if exact_groups else max(self.find_group_timeout, patience)
+        # a retry's group is known and assembles the moment all are back; but a member whose own stream broke, or
+        # whose group search timed out as the leader assembled it, retries at once, while the others learn of the
+        # lost part only when their senders give up on it (half the deadline they started with) and the parts in
+        # flight end: it waits a whole deadline plus one matchmaking window. Seen (3 nodes, 50 Mbit/s): a node
+        # retried for 6.0 s from its timeout, with half of the deadline it had just lowered to 8 s; the other two
+        # retried 6.4 s after it, with half of their 9.8 s, and all three resynced apart. A retry nobody comes to
+        # ends as soon as the others announce a later round (_await_retry)
+        find = self.allreduce_timeout + self.matchmaking_time + 1.0 if exact_groups else max(self.find_group_timeout, patience)
         # how long a leader waits for the whole group it expects before it runs with fewer: one matchmaking window;
         # with patience, most of the search. A 3-node diloco swarm whose third node ended its inner steps 3 s after
         # the other two was left out of every round (they ran as a pair after 1 s; it found nobody, resynced, and
