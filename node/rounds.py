@@ -43,10 +43,12 @@ from protocol.record import to_fixed
 logger = logging.getLogger(__name__)
 
 RETRIES = 1  # all-reduce retries within a round after a lost part (a retry costs one matchmaking window at most)
-# overlap: how long a node's first exchange (no round's compute measured yet) looks for its group. Nodes that start
-# together reach round 0 seconds apart (model load, state sync); seen: one 6 s ahead of two others gave up after the
-# usual 8 s window, the two paired, and it resynced until round 3. The exchange runs beside the inner steps, so the
-# wait costs nothing until they end; a groupmate that never comes costs this once
+# How long a node's first exchange looks for its group (no round of its own measured yet). Nodes that start
+# together reach round 0 seconds apart (model load, link probe, state sync); seen: an overlap node 6 s ahead of two
+# others gave up after the usual 8 s window, the two paired, and it resynced until round 3; a per-step node at
+# 20 Mbit/s that came after the other two had paired spent the swarm downloading state. A full group starts the
+# moment its last member comes (overlap's exchange also runs beside the inner steps); a groupmate that never
+# comes costs this once
 FIRST_PATIENCE = 60.0
 # Fault injection for tests (a poisoner, as a modified client would be): SWARMTUNE_FAULT_POISON=F sends, instead of
 # this node's contribution, seeded noise F times its norm.
@@ -102,6 +104,8 @@ class RoundRunner:
         # per-step contributions carry microbatch sketches for spot-checks (node.spotcheck), unless checks are off
         checked = spotcheck.applies(manifest) and manifest.credit.spot_check_rate > 0
         self._compute_s = 0.0  # overlap: the last round's inner steps (seconds)
+        self._exchange_s = 0.0  # the last whole exchange (seconds)
+        self._exchanged = False  # this process ran an exchange (the first one waits FIRST_PATIENCE for its group)
         self._unsummed = None  # overlap: the pending pseudo-gradient a failed round did not sum
         self.sketch = spotcheck.Sketch(self.swarm_id, {k: adapter.shard_numel(k) for k in self.trained}) if checked else None
 
@@ -255,7 +259,14 @@ class RoundRunner:
             local, contribution, indices, start = self._local_work(r, members)
             x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
             t_compute = time.time() - t0
-            results, t_avg = self._exchange(r, x, claim, expected, t_compute / 2)
+            # groupmates end a round as their all-reduce ends, seconds apart on a slow link (seen: 1.3-1.6 s of
+            # 6-7 s at 20 Mbit/s, 3 nodes; the late one came after the other two had run as a pair): the wait
+            # grows with the last whole exchange too (one that failed measured its search, not the link)
+            patience = max(t_compute / 2, self._exchange_s) if self._exchanged else FIRST_PATIENCE
+            results, t_avg = self._exchange(r, x, claim, expected, patience)
+            self._exchanged = True
+            if results and not any(isinstance(res, Failed) for res in results.values()):
+                self._exchange_s = t_avg
 
         updates, groups, resync, failed, loss_num, loss_den, clipped = {}, {}, [], [], 0.0, 0, {}
         for k in self.trained:

@@ -303,13 +303,15 @@ class Swarm:
         # retried for 6.0 s from its timeout, with half of the deadline it had just lowered to 8 s; the other two
         # retried 6.4 s after it, with half of their 9.8 s, and all three resynced apart. A retry nobody comes to
         # ends as soon as the others announce a later round (_await_retry)
-        find = self.allreduce_timeout + self.matchmaking_time + 1.0 if exact_groups else max(self.find_group_timeout, patience)
-        # how long a leader waits for the whole group it expects before it runs with fewer: one matchmaking window;
-        # with patience, most of the search. A 3-node diloco swarm whose third node ended its inner steps 3 s after
-        # the other two was left out of every round (they ran as a pair after 1 s; it found nobody, resynced, and
-        # started each next round behind them); a full group still assembles the moment its last member arrives
-        wait = self.matchmaking_time if exact_groups or patience <= self.find_group_timeout else \
-            max(self.matchmaking_time, find - self.matchmaking_time - 2.0)
+        mm = self.matchmaking_time
+        find = self.allreduce_timeout + mm + 1.0 if exact_groups else max(self.find_group_timeout, patience + mm + 2.0)
+        # how long a leader waits for the whole group it expects before it runs with fewer: one matchmaking window,
+        # or the patience when longer (the search is that plus a window and 2 s). A 3-node diloco swarm whose third
+        # node ended its inner steps 3 s after the other two was left out of every round (they ran as a pair after
+        # 1 s; it found nobody, resynced, and started each next round behind them); per-step groupmates whose
+        # rounds ended 1.5 s apart at 50 Mbit/s lost the last one the same way. A full group still assembles the
+        # moment its last member arrives
+        wait = mm if exact_groups else max(mm, find - mm - 2.0)
         controls = {}
         for k, x in contributions.items():
             avg = self.averagers[k]
