@@ -47,9 +47,10 @@ RETRIES = 1  # all-reduce retries within a round after a lost part (a retry cost
 # together reach round 0 seconds apart (model load, link probe, state sync); seen: an overlap node 6 s ahead of two
 # others gave up after the usual 8 s window, the two paired, and it resynced until round 3; a per-step node at
 # 20 Mbit/s that came after the other two had paired spent the swarm downloading state. A full group starts the
-# moment its last member comes (overlap's exchange also runs beside the inner steps); a groupmate that never
-# comes costs this once
-FIRST_PATIENCE = 60.0
+# moment its last member comes; a groupmate that never comes (a peer that only watches, a stuck one) costs this
+# once. Overlap's exchange runs beside the inner steps, where waiting costs nothing until they end
+FIRST_PATIENCE = 60.0  # overlap
+START_PATIENCE = 15.0  # per-step and sequential diloco (at least)
 # Fault injection for tests (a poisoner, as a modified client would be): SWARMTUNE_FAULT_POISON=F sends, instead of
 # this node's contribution, seeded noise F times its norm.
 _POISON = float(os.environ.get("SWARMTUNE_FAULT_POISON", "0") or 0)
@@ -104,8 +105,8 @@ class RoundRunner:
         # per-step contributions carry microbatch sketches for spot-checks (node.spotcheck), unless checks are off
         checked = spotcheck.applies(manifest) and manifest.credit.spot_check_rate > 0
         self._compute_s = 0.0  # overlap: the last round's inner steps (seconds)
-        self._exchange_s = 0.0  # the last whole exchange (seconds)
-        self._exchanged = False  # this process ran an exchange (the first one waits FIRST_PATIENCE for its group)
+        self._allreduce_s = 0.0  # the last whole exchange's all-reduce, matchmaking excluded (seconds)
+        self._exchanged = False  # this process ran an exchange (the first one waits longer for its group)
         self._unsummed = None  # overlap: the pending pseudo-gradient a failed round did not sum
         self.sketch = spotcheck.Sketch(self.swarm_id, {k: adapter.shard_numel(k) for k in self.trained}) if checked else None
 
@@ -261,12 +262,13 @@ class RoundRunner:
             t_compute = time.time() - t0
             # groupmates end a round as their all-reduce ends, seconds apart on a slow link (seen: 1.3-1.6 s of
             # 6-7 s at 20 Mbit/s, 3 nodes; the late one came after the other two had run as a pair): the wait
-            # grows with the last whole exchange too (one that failed measured its search, not the link)
-            patience = max(t_compute / 2, self._exchange_s) if self._exchanged else FIRST_PATIENCE
+            # grows with the last whole exchange's all-reduce too: its own time (a wait for the group in it would
+            # feed itself round after round: seen, 60 s rounds), and not one that failed (that timed a search)
+            patience = max(t_compute / 2, self._allreduce_s if self._exchanged else START_PATIENCE)
             results, t_avg = self._exchange(r, x, claim, expected, patience)
             self._exchanged = True
             if results and not any(isinstance(res, Failed) for res in results.values()):
-                self._exchange_s = t_avg
+                self._allreduce_s = max(res.seconds for res in results.values())
 
         updates, groups, resync, failed, loss_num, loss_den, clipped = {}, {}, [], [], 0.0, 0, {}
         for k in self.trained:
