@@ -475,7 +475,10 @@ async def fetch_state(p2p, prefix: str, donor: str, chunk_timeout: float) -> tup
             parts = []
         parts.append(message.tensor_part)
     if parts:
-        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        try:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        except (RuntimeError, ValueError):  # cut mid-tensor (seen: a donor stopping); the count says it is short
+            pass
     return metadata, tensors
 
 
