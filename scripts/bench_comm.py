@@ -427,7 +427,7 @@ def main() -> int:
                                           per_step_rounds=20 if args.quick else 60, inner_steps=10 if args.quick else 20,
                                           seeds=args.seeds or (1 if args.quick else 3))
             report["modes"] = [{k: m[k] for k in ("name", "bytes_over_fp32_bound", "bytes_per_sample_vs_limbs")}
-                               | {"codec_us_per_value": report.get("codec", {}).get("grids", {}).get(m["name"].split()[-1], {}).get("us_per_value")}
+                               | {"codec_us_per_value": report.get("codec", {}).get("grids", {}).get(MODES[m["name"]]["wire"], {}).get("us_per_value")}
                                for m in report["B4_B5"]["modes"]]
             report["paper_llama3_8b_50mbit"] = paper_row(report["B4_B5"]["modes"], inner_steps=20)
         if "utilisation" not in args.skip:
