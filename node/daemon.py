@@ -35,7 +35,7 @@ from node.receipts import ReceiptBook
 from node.republish import for_node as republisher_for
 from node.rotation import RotationError, plan_ledger, retire_ledger
 from node.rounds import RoundResult, RoundRunner
-from node.splitguard import SplitGuard
+from node.splitguard import LeftBehind, SplitGuard
 from node.stack import StackError, load_stack
 from node.statesync import StateSync, SyncError
 from node.status import CreditCache, NodeControlView, StallWatch, StatusBoard, memory_bytes
@@ -72,7 +72,6 @@ class Node:
         self._key_lock = None
         self.storage_failed = False  # a write was refused (disk full, read-only): no final checkpoint
         self._checkpoints = checkpoint.Writer()
-        self._finished_by: set[str] = set()  # trainers of our shards seen past the swarm's last round (_finished_elsewhere)
 
     # ------------------------------------------------------------------ prepare (no side effects on failure)
 
@@ -180,7 +179,8 @@ class Node:
             self._feed_metrics(self.board.snapshot())
             self._metrics_server = start_metrics_server(self.metrics.registry, port=cfg.metrics_port)
         self.guard = SplitGuard(swarm=swarm, statesync=self.statesync, peer_id=self.peer_id, on_split=m.averaging.on_split,
-                                peer_ttl=m.averaging.peer_ttl, stop=self._drain, metrics=self.metrics, set_state=set_state)
+                                peer_ttl=m.averaging.peer_ttl, stop=self._drain, metrics=self.metrics, set_state=set_state,
+                                last_round=m.rounds.max_rounds)
         self.receipts = ReceiptBook(self.workdir / "receipts.jsonl", swarm=swarm, swarm_id=self.swarm_id,
                                     private_key=self.identity.private_key, rate=self._spot_check_rate(),
                                     tolerance=m.credit.spot_check_tolerance, exclude_after=m.credit.exclude_after)
@@ -292,47 +292,6 @@ class Node:
             return True
         return False
 
-    def _finished_elsewhere(self, view) -> bool:
-        """Whether a trainer of our shards holds the swarm's last state while this node is behind it (it came late
-        to a round near the end, and its groupmates summed the rest of the swarm's rounds without it; seen: a 3-node
-        per-step swarm at 50 Mbit/s where one node lost round 3, its download failed as the other two finished,
-        and it summed rounds 3 and 4 alone). Their state is the swarm's end: a round this
-        node summed again, alone or with others as late, would end it with an adapter nobody else holds. Raises
-        NodeError once every such trainer has left: nothing can bring this node that state any more."""
-        last = self.manifest.rounds.max_rounds
-        if not last or self.round >= last:
-            return False
-        others = {p: i for p, i in quorum.others(view, self.peer_id).items() if set(i.shards) & set(self.trained)}
-        # most of them (the lower median of their claims, as the split guard reads the swarm's round): one peer
-        # claiming a round far ahead moves nobody
-        done = set(others) if others and quorum.swarm_round(others) >= last else set()
-        if not others and not self._finished_by:
-            # alone: they may have finished and left while this node was busy (a peer that leaves is gone from the
-            # view at once); their signed records of the last round say whether they summed it
-            self._finished_by |= self._recorded_last_round()
-        self._finished_by |= done
-        if done or not self._finished_by:
-            return bool(done)
-        raise NodeError(
-            f"the swarm finished its last round ({last - 1}) without this node, which is still at round {self.round}, "
-            f"and the {len(self._finished_by)} peer(s) that hold the final adapter have stopped before it could be "
-            "downloaded. This node keeps round %d's state (its checkpoint); the swarm's final adapter is what those "
-            "peers exported (`swarmtune export` on one of them)" % self.round)
-
-    def _recorded_last_round(self) -> set[str]:
-        """The other trainers of our shards whose record of the swarm's last round is in the DHT."""
-        from node.swarm.validator import RECORDS_BUCKET
-        from protocol.record import body_of, decode_record
-
-        last = self.manifest.rounds.max_rounds - 1
-        try:
-            blobs = self.swarm.read_record_bucket(last // RECORDS_BUCKET)
-        except Exception as e:  # hivemind raises whatever the lookup raised; the next pass looks again
-            logger.info("could not read the last round's records: %s", e)
-            return set()
-        records = [decode_record(body_of(blob)) for blob in blobs]  # verified by the bucket's reader
-        return {r.peer_id for r in records if r.round == last and r.peer_id != self.peer_id and set(r.shards) & set(self.trained)}
-
     def run(self) -> int:
         self.install_signals()
         swarm, sync = self.swarm, self.statesync
@@ -363,15 +322,13 @@ class Node:
                 if swarm.deadline.throughput is None and time.monotonic() - self._probed_at > 60:
                     self._probe_link()
                 my_hashes = {k: self.adapter.shard_hash(k) for k in self.trained}
-                proceed, self.round = self.guard.before_round(self.round, my_hashes, self._prev_hashes)
+                try:
+                    proceed, self.round = self.guard.before_round(self.round, my_hashes, self._prev_hashes)
+                except LeftBehind as e:  # never sum the swarm's last rounds again, alone or with others as late
+                    raise NodeError(str(e)) from None
                 if not proceed:
                     continue
                 view = swarm.last_view()  # the one the split guard just read
-                if self._finished_elsewhere(view):  # the swarm's end is theirs: take it, never sum that round again
-                    got = sync.resync(self.round, required=False)
-                    self.round = self.round if got is None else got
-                    time.sleep(0.5 if got is None else 0.0)
-                    continue
                 # groupmates' receipts and checks of the rounds before the last one: they store them in the background
                 # as their next round starts (node/swarm/stores.py), so one round of slack
                 self.receipts.collect(self.round - 1)
