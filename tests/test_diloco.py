@@ -68,16 +68,22 @@ def test_one_inner_step_with_plain_outer_sgd_equals_per_step(tmp_path, tiny_base
     assert rows[rounds - 1]["loss"] < rows[0]["loss"]
 
 
-@pytest.mark.timeout(480)
-@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
-def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path, tiny_base, spawn_node, overlap):
-    rounds, steps = 8, 8
+def _three_nodes(tmp_path, tiny_base, spawn_node, *, rounds: int, steps: int, overlap: bool, c_env=None):
+    """A 3-node diloco swarm on the int8 grid: (manifest, a's addresses, (a, b, c)); `c_env`: c's environment."""
     manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
                                    sync={"mode": "diloco", "inner_steps": steps, "wire": "int8", "overlap": overlap})
     a = spawn_node(manifest, "a", "--min-peers", "3")
     peers = a.wait_info()["maddrs"]
     b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)
-    c = spawn_node(manifest, "c", "--min-peers", "3", "--initial-peers", *peers)
+    c = spawn_node(manifest, "c", "--min-peers", "3", "--initial-peers", *peers, **({"env": c_env} if c_env else {}))
+    return manifest, peers, (a, b, c)
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_diloco_swarm_survives_a_kill_mid_inner_phase_and_a_late_joiner(tmp_path, tiny_base, spawn_node, overlap):
+    rounds, steps = 8, 8
+    manifest, peers, (a, b, c) = _three_nodes(tmp_path, tiny_base, spawn_node, rounds=rounds, steps=steps, overlap=overlap)
     c.wait_round(3, timeout=240)
     # c just finished round 2 and is computing round 3's inner steps (8 of them): kill it there
     time.sleep(0.3)
@@ -138,12 +144,8 @@ def test_a_node_left_out_of_the_last_overlapped_round_takes_the_swarms_end_or_st
     from node.manifest import load_manifest
 
     rounds, steps = 4, 4
-    manifest = write_test_manifest(tmp_path / "swarm.toml", tiny_base, rounds={"max_rounds": rounds},
-                                   sync={"mode": "diloco", "inner_steps": steps, "wire": "int8", "overlap": True})
-    a = spawn_node(manifest, "a", "--min-peers", "3")
-    peers = a.wait_info()["maddrs"]
-    b = spawn_node(manifest, "b", "--min-peers", "3", "--initial-peers", *peers)
-    c = spawn_node(manifest, "c", "--min-peers", "3", "--initial-peers", *peers, env={"SWARMTUNE_FAULT_LATE": f"{rounds - 1}:{late}"})
+    manifest, _, (a, b, c) = _three_nodes(tmp_path, tiny_base, spawn_node, rounds=rounds, steps=steps, overlap=True,
+                                          c_env={"SWARMTUNE_FAULT_LATE": f"{rounds - 1}:{late}"})
     for node in (a, b):
         assert node.wait_exit(timeout=240) == 0, node.log.read_text()[-3000:]
     code = c.wait_exit(timeout=120)
