@@ -131,7 +131,6 @@ class Writer:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.last: Path | None = None  # the newest checkpoint this writer completed
 
     def submit(self, directory: Path, *, tensors: dict[str, torch.Tensor], **meta) -> None:
         self.wait()
@@ -141,7 +140,7 @@ class Writer:
 
     def _run(self, directory: Path, tensors: dict, meta: dict) -> None:
         try:
-            self.last = _write(directory, tensors=tensors, shard_steps=meta.pop("shard_steps", None), **meta)
+            _write(directory, tensors=tensors, shard_steps=meta.pop("shard_steps", None), **meta)
         except BaseException as e:  # handed to the round loop's thread
             self._error = e
 
