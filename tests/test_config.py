@@ -111,6 +111,18 @@ def test_swarm_init_diloco_takes_its_own_inner_steps_default(tmp_path, st_cache)
     assert load_manifest(out).sync.inner_steps == 5
 
 
+def test_swarm_init_decays_the_learning_rate_of_a_run_with_an_end(tmp_path, st_cache) -> None:
+    from node.cli import main
+
+    out = tmp_path / "swarm.toml"
+    assert main(["swarm", "init", "--out", str(out), "--max-rounds", "200"]) == 0
+    assert (load_manifest(out).optim.schedule, load_manifest(out).rounds.max_rounds) == ("cosine", 200)
+    assert main(["swarm", "init", "--out", str(out), "--force", "--max-rounds", "200", "--schedule", "constant"]) == 0
+    assert load_manifest(out).optim.schedule == "constant"
+    assert main(["swarm", "init", "--out", str(out), "--force"]) == 0  # no end: a cosine has nothing to decay to
+    assert load_manifest(out).optim.schedule == "constant"
+
+
 def test_group_commands_alone_print_their_own_help(capsys) -> None:
     from node.cli import main
 

@@ -124,7 +124,7 @@ def cmd_swarm_init(args) -> int:
         lora=LoraSection(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
                          target_modules=tuple(lora["target_modules"])),
         shards=ShardSection(plan=plan),
-        optim=OptimSection(lr=args.lr, schedule=args.schedule, warmup_rounds=args.warmup_rounds),
+        optim=OptimSection(lr=args.lr, schedule=args.schedule or ("cosine" if args.max_rounds else "constant"), warmup_rounds=args.warmup_rounds),
         rounds=RoundSection(target_batch_size=args.target_batch_size, microbatch_size=args.microbatch_size, max_rounds=args.max_rounds),
         averaging=AveragingSection(matchmaking_time=args.matchmaking_time, timeout=args.averaging_timeout,
                                    peer_ttl=args.peer_ttl, on_split=args.on_split),
@@ -247,7 +247,9 @@ def register(sub) -> None:
     add_field_flag(i, DataSection, "max_length")
     add_field_flag(i, DataSection, "packing", help=field_help(DataSection, "packing") + " (default: --no-packing)")
     add_field_flag(i, OptimSection, "lr")
-    add_field_flag(i, OptimSection, "schedule", choices=["constant", "cosine"])
+    add_field_flag(i, OptimSection, "schedule", choices=["constant", "cosine"], default=None,
+                   help=field_help(OptimSection, "schedule", show_default=False) + " (default: cosine with --max-rounds, "
+                   "so the run ends on a decayed rate, not on a random point of a noisy curve; else constant)")
     add_field_flag(i, OptimSection, "warmup_rounds")
     for name in ("target_batch_size", "microbatch_size", "max_rounds"):
         add_field_flag(i, RoundSection, name)
