@@ -282,6 +282,25 @@ class Trainer:
             p.copy_(flat[offset : offset + n].view_as(p).to(p.device, p.dtype))
             offset += n
 
+    @torch.no_grad()
+    def outer_step_of(self, k: int, g: torch.Tensor) -> torch.Tensor:
+        """diloco: how far (weights before - after, flat, float32) one outer Nesterov SGD step along `g` would move
+        shard k from the outer momentum as it is now, without taking it (torch SGD's update: buf = mu * buf + g,
+        or g at the first step; step = lr * (g + mu * buf), or lr * g without momentum)."""
+        lr, mu = self.sync.outer_lr, self.sync.outer_momentum
+        out, offset = [], 0
+        for p in self.adapter.shard_params(k):
+            n = p.numel()
+            gk = g[offset : offset + n].float()
+            offset += n
+            if mu == 0:
+                out.append(lr * gk)
+                continue
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            buf = gk if buf is None else mu * buf.detach().reshape(-1).float().cpu() + gk
+            out.append(lr * (gk + mu * buf))
+        return torch.cat(out)
+
     def outer_apply(self, start: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor]) -> None:
         """diloco: from the round's start weights, one outer Nesterov SGD step along the group's mean
         pseudo-gradient (start - end). Same start, same sum, same kernels: the same bits on every trainer."""

@@ -121,3 +121,33 @@ def test_the_space_checked_at_start_covers_what_a_diloco_overlap_checkpoint_hold
     assert checkpoint.size_of(at_start) + later >= written.stat().st_size > checkpoint.size_of(at_start) + later * 0.9
     assert checkpoint.space_needed(tmp_path / "none", at_start, later=later) == (checkpoint.KEEP + 1) * (
         checkpoint.size_of(at_start) + later)
+
+
+def test_overlap_guesses_the_outer_step_the_outer_optimizer_takes(tmp_path, tiny_base):
+    """An overlapped round starts its inner steps where the outer step of this node's own last pseudo-gradient
+    would land: `outer_step_of` is the step `outer_apply` then takes, from the momentum as it is (none yet,
+    then some), with Nesterov momentum and without."""
+    from transformers import AutoTokenizer
+
+    from node.manifest import load_manifest
+    from node.model import build_lora_model
+    from node.trainer import Trainer
+
+    for momentum in (0.5, 0.0):
+        m = load_manifest(write_test_manifest(tmp_path / f"m{momentum}.toml", tiny_base, sync={
+            "mode": "diloco", "inner_steps": 2, "overlap": True, "outer_lr": 0.7, "outer_momentum": momentum}))
+        torch.manual_seed(0)
+        model, adapter = build_lora_model(m, tiny_base, device="cpu")
+        tok = AutoTokenizer.from_pretrained(str(tiny_base))
+        t = Trainer(model, adapter, range(adapter.num_shards), m.optim, microbatch_size=4, device="cpu",
+                    pad_id=tok.pad_token_id, sync=m.sync)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):  # the first step (no momentum yet), then with what the earlier ones left
+            g = {k: torch.randn(t.flat_shard(k).numel(), generator=gen) * 1e-2 for k in range(adapter.num_shards)}
+            start = {k: t.flat_shard(k) for k in g}
+            guess = {k: t.outer_step_of(k, g[k]) for k in g}
+            t.outer_apply(start, g)
+            for k in g:
+                taken = start[k] - t.flat_shard(k)
+                assert torch.allclose(guess[k], taken, rtol=1e-4, atol=1e-7), (momentum, k)
+                assert guess[k].norm() > 0.7 * g[k].norm() * 0.99
