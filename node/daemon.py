@@ -62,7 +62,7 @@ class Node:
         self.metrics = None
         self.board = StatusBoard(on_change=self._feed_metrics)
         self.swarm = self._dht = self.ledger = self.control = self._metrics_server = self.credit = None
-        self._dashboard = self._live_line = None
+        self._dashboard = self._live_line = self.republisher = None
         self.round = 0
         self.traffic = Traffic()  # bytes on this node's p2pd sockets
         self._prev_hashes: dict[int, str] = {}  # trained shards' hashes at the start of the previous round
@@ -149,6 +149,7 @@ class Node:
         )
         # this node's records and rotation statements are stored again before the DHT forgets them
         self.republisher = republisher_for(swarm, self.workdir, self.ledger, ttl_s=record_ttl_s())
+        self.republisher.start()  # on its own thread: a long round must not outlast a record's half-life
         if swarm.peer_id != self.peer_id:
             logger.warning("p2p peer id %s differs from the identity key's %s", swarm.peer_id, self.peer_id)
         maddrs = swarm.visible_maddrs()
@@ -311,7 +312,6 @@ class Node:
         with open(self.workdir / "rounds.jsonl", "a", buffering=1) as progress:
             trained_here = 0
             while not self._drain.is_set() and not self._should_stop(trained_here):
-                self.republisher.tick()  # returns at once unless a check is due
                 if self._paused.is_set():
                     self._set_state("paused")
                     time.sleep(0.2)
@@ -508,6 +508,8 @@ class Node:
         for view in (self._live_line, self._dashboard):
             if view is not None:
                 view.stop()
+        if self.republisher is not None:
+            self.republisher.stop()
         if self.swarm is not None:
             self.swarm.shutdown()
         elif self._dht is not None:

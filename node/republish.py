@@ -11,17 +11,29 @@ statements, and whatever else is handed in as (kind, blob) pairs (receipts, late
     rep.add([("rotation", blob)])              # due now
     rep.add([("record", blob)], stored=True)   # was just stored: due in ttl/2
     rep.follow("record", ledger.blobs)         # new entries of a growing list: stored when they were appended
-    rep.tick()                                 # in the node's loop: cheap unless a check is due
+    rep.tick()                                 # cheap unless a check is due
+    rep.start(); ...; rep.stop()               # or: tick every `check_every` seconds on a thread of its own
 
-Work per `tick()` is bounded: it looks at the queue at most every `check_every` seconds and stores
-at most `batch` entries, all in one DHT batch (one traversal per DHT key). An entry the DHT did not
-take is tried again at the next check. `for_node` builds the node's republisher.
+A `tick()` looks at the queue at most every `check_every` seconds and stores every entry that is due,
+`batch` entries per DHT call (one traversal per DHT key). It once stored at most one batch per
+check: 64 entries every 1.9 s with a 15 s TTL, while a node of 0.2 s rounds tracks a record and two
+receipts or more a round, each due every 7.5 s; the queue fell behind and a record expired before
+its turn (a flaky test). At a 24 h TTL the same cap (64 a minute) falls behind after about a week
+of 10 s rounds. An entry the DHT did not take is tried again at the next check. `for_node` builds
+the node's republisher.
+
+A node runs it on its own thread, not in the round loop: a round can hold the loop longer than half
+a TTL (a lost part's retry waits a whole averaging deadline; a state download takes minutes on a
+slow link), and a record stored before such a wait would expire before its next store (seen with a
+15 s TTL in a test). The DHT calls are safe from any thread (node/swarm/averager.py
+`guard_request_pipe`).
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -74,6 +86,9 @@ class Republisher:
         self._next_check = float("-inf")
         self._followed: list[tuple[str, Callable[[], Sequence[bytes]], int]] = []
         self.stored = 0  # entries stored again so far (tests and the log read it)
+        self._lock = threading.Lock()  # one tick at a time (the thread's, or a caller's)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -108,8 +123,31 @@ class Republisher:
     def next_due(self) -> float | None:
         return self._queue[0][0] if self._queue else None
 
+    def start(self) -> None:
+        """Tick every `check_every` seconds on a daemon thread until `stop()`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="republisher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # a failed check is tried again at the next one; the thread must not die
+                logger.exception("re-publishing failed; trying again in %.0f s", self.check_every)
+            self._stop.wait(self.check_every)
+
     def tick(self) -> int:
         """Store again what is due, at most `batch` entries; returns how many the DHT took."""
+        with self._lock:
+            return self._tick()
+
+    def _tick(self) -> int:
         now = self._clock()
         if now < self._next_check:
             return 0
@@ -120,20 +158,25 @@ class Republisher:
                 self.add([(kind, b) for b in blobs[seen:]], stored=True)
                 self._followed[i] = (kind, source, len(blobs))
         due: list[tuple[str, str]] = []
-        while self._queue and self._queue[0][0] <= now and len(due) < self.batch:
+        while self._queue and self._queue[0][0] <= now:
             due.append(heapq.heappop(self._queue)[2])
-        if not due:
-            return 0
-        results = self._store_many([(key, subkey, self._blobs[(key, subkey)]) for key, subkey in due])
         ok = 0
-        for entry, accepted in zip(due, results):
-            if accepted:
-                ok += 1
-                self._push(now + self.interval, entry)
-            else:  # tried again at the next check
-                self._push(now + self.check_every, entry)
+        for i in range(0, len(due), self.batch):
+            chunk = due[i : i + self.batch]
+            try:
+                results = self._store_many([(key, subkey, self._blobs[(key, subkey)]) for key, subkey in chunk])
+            except Exception as e:  # nothing is known stored: all of them are tried again at the next check
+                logger.warning("re-publishing %d DHT entries failed: %s", len(chunk), e)
+                results = [False] * len(chunk)
+            for entry, accepted in zip(chunk, results):
+                if accepted:
+                    ok += 1
+                    self._push(now + self.interval, entry)
+                else:  # tried again at the next check
+                    self._push(now + self.check_every, entry)
         self.stored += ok
-        logger.debug("re-published %d of %d due DHT entries (%d tracked)", ok, len(due), len(self._blobs))
+        if due:
+            logger.debug("re-published %d of %d due DHT entries (%d tracked)", ok, len(due), len(self._blobs))
         if ok < len(due):
             # also when the DHT holds a copy that expires later: groupmates' receipts are stored by their signers too
             logger.warning("the DHT did not take %d of %d re-published entries (no peer reachable, or a copy there "

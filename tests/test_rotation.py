@@ -100,7 +100,7 @@ def test_chain_of_two_rotations_continues_the_ledger(tmp_path, monkeypatch, caps
     assert key_c.peer_id in text and stranger.peer_id in text and "swarmtune keygen" in text and "--rotate" in text
 
 
-def test_republisher_is_bounded_and_restores_before_expiry(tmp_path):
+def test_republisher_restores_everything_due_before_expiry(tmp_path):
     key = generate_identity(tmp_path / "k.key")
     with Ledger.open(tmp_path / "ledger.jsonl") as ledger:
         blobs = [ledger.append_new(key.private_key, round=r, **FIELDS) for r in range(4)]
@@ -116,17 +116,71 @@ def test_republisher_is_bounded_and_restores_before_expiry(tmp_path):
         rep.add([("record", blobs[0])])  # the same DHT entry: not doubled
         rep.follow("record", ledger.blobs, start=4)
         assert len(rep) == 4
-        assert rep.tick() == 3 and rep.tick() == 0  # bounded per call; the second call is too soon to look
+        assert rep.tick() == 4 and rep.tick() == 0  # all that is due, 3 per DHT call; the second call is too soon
         blobs.append(ledger.append_new(key.private_key, round=4, **FIELDS))  # a round's record (rounds.py stored it)
-        now[0] = 2.5  # the next check (ttl/8): the rest, and the followed ledger's 5th record counts as just stored
-        assert rep.tick() == 1 and len(rep) == 5
+        now[0] = 2.5  # the next check (ttl/8): the followed ledger's 5th record counts as just stored
+        assert rep.tick() == 0 and len(rep) == 5
         now[0] = 9.0
         assert rep.tick() == 0  # nothing is half-way to expiry yet
-        now[0] = 11.5  # the first three are (due at 10 s, ttl/2); the others not before 12.5 s
-        assert rep.tick() == 3
-        assert [len(b) for b in batches] == [3, 1, 3]
-        assert {e[2] for b in batches for e in b} == set(blobs[:4])
+        now[0] = 11.5  # the first four are (due at 10 s, ttl/2); the 5th not before 12.5 s
+        assert rep.tick() == 4
+        now[0] = 14.0
+        assert rep.tick() == 1
+        assert [len(b) for b in batches] == [3, 1, 3, 1, 1]
+        assert {e[2] for b in batches for e in b} == set(blobs)
         assert batches[0][0][:2] == record_entry(blobs[0])
+
+
+def test_republisher_keeps_up_with_more_entries_than_one_batch_per_check(tmp_path):
+    """A node of fast rounds tracks a record and receipts per round: more than one DHT batch can be due at a
+    check (seen: 64 a check, 1.9 s apart, fell behind a 15 s TTL and a record expired). Every entry is stored
+    again before its expiry, however many are due."""
+    key = generate_identity(tmp_path / "k.key")
+    with Ledger.open(tmp_path / "ledger.jsonl") as ledger:
+        blobs = [ledger.append_new(key.private_key, round=r, **FIELDS) for r in range(300)]
+    now = [0.0]
+    last: dict[bytes, float] = {}
+    worst = [0.0]
+
+    def store_many(entries):
+        for _, _, blob in entries:
+            worst[0] = max(worst[0], now[0] - last.get(blob, 0.0))
+            last[blob] = now[0]
+        return [True] * len(entries)
+
+    rep = Republisher(store_many, ttl_s=20, where={"record": record_entry}, batch=64, clock=lambda: now[0])
+    rep.add([("record", b) for b in blobs], stored=True)  # all stored at 0 s: all expire at 20 s
+    while now[0] < 60:
+        now[0] += 0.5
+        rep.tick()
+    assert len(last) == 300 and worst[0] < 20, f"an entry waited {worst[0]:.1f} s for a TTL of 20 s"
+
+
+def test_republisher_thread_stores_while_the_caller_is_busy(tmp_path):
+    """A node's round can hold its loop longer than half a TTL: the republisher's own thread stores meanwhile,
+    survives a store that raises, and stops when asked."""
+    key = generate_identity(tmp_path / "k.key")
+    with Ledger.open(tmp_path / "ledger.jsonl") as ledger:
+        blob = ledger.append_new(key.private_key, round=0, **FIELDS)
+        calls: list[float] = []
+
+        def store_many(entries):
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise ConnectionError("the DHT process is busy")  # logged; tried again at the next check
+            return [True] * len(entries)
+
+        rep = Republisher(store_many, ttl_s=0.4, where={"record": record_entry}, check_every=0.05)
+        rep.add([("record", blob)])
+        rep.start()
+        time.sleep(1.0)  # the caller is busy (a long round): nobody calls tick()
+        rep.stop()
+        n = len(calls)
+        assert n >= 4, f"the thread stored {n} times in 1 s (due every 0.2 s)"
+        assert rep.stored == n - 1  # the first call raised and counted nothing
+        assert max(b - a for a, b in zip(calls[1:], calls[2:])) < 0.4, "a stored entry waited past its expiry"
+        time.sleep(0.3)
+        assert len(calls) == n, "the thread stopped"
 
 
 # ---------------------------------------------------------------- real nodes
