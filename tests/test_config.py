@@ -105,10 +105,10 @@ def test_swarm_init_diloco_takes_its_own_inner_steps_default(tmp_path, st_cache)
     out = tmp_path / "swarm.toml"
     assert main(["swarm", "init", "--out", str(out), "--sync", "diloco"]) == 0
     m = load_manifest(out)
-    assert (m.sync.mode, m.sync.inner_steps, m.sync.wire) == ("diloco", DILOCO_INNER_STEPS, "int8")
+    assert (m.sync.mode, m.sync.inner_steps, m.sync.wire, m.sync.overlap) == ("diloco", DILOCO_INNER_STEPS, "int8", True)
     assert m.credit_cap == m.rounds.target_batch_size * DILOCO_INNER_STEPS
-    assert main(["swarm", "init", "--out", str(out), "--force", "--sync", "diloco", "--inner-steps", "5"]) == 0
-    assert load_manifest(out).sync.inner_steps == 5
+    assert main(["swarm", "init", "--out", str(out), "--force", "--sync", "diloco", "--inner-steps", "5", "--no-overlap"]) == 0
+    assert (load_manifest(out).sync.inner_steps, load_manifest(out).sync.overlap) == (5, False)
 
 
 def test_swarm_init_decays_the_learning_rate_of_a_run_with_an_end(tmp_path, st_cache) -> None:

@@ -129,7 +129,7 @@ def cmd_swarm_init(args) -> int:
         averaging=AveragingSection(matchmaking_time=args.matchmaking_time, timeout=args.averaging_timeout,
                                    peer_ttl=args.peer_ttl, on_split=args.on_split),
         sync=SyncSection(mode=args.sync, wire=args.wire, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                         overlap=args.overlap,
+                         overlap=args.overlap if args.overlap is not None else args.sync == "diloco",
                          inner_steps=args.inner_steps or (DILOCO_INNER_STEPS if args.sync == "diloco" else 1)),
         credit=CreditSection(max_samples_per_round=args.max_samples_per_round),
     )
@@ -264,8 +264,8 @@ def register(sub) -> None:
                         f"{DILOCO_INNER_STEPS} with --sync diloco)")
     for name in ("outer_lr", "outer_momentum"):
         add_field_flag(i, SyncSection, name)
-    add_field_flag(i, SyncSection, "overlap", help=field_help(SyncSection, "overlap") + " (default: --no-overlap; see README "
-                   "'Which mode')")
+    add_field_flag(i, SyncSection, "overlap", default=None, help=field_help(SyncSection, "overlap") + " (default: on with "
+                   "--sync diloco, the mode for home uplinks; see README 'Which mode')")
     add_field_flag(i, CreditSection, "max_samples_per_round")
     i.set_defaults(func=cmd_swarm_init)
     from node.cli.swarm_status import add_parser as add_swarm_status
