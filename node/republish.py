@@ -19,8 +19,8 @@ A `tick()` looks at the queue at most every `check_every` seconds and stores eve
 check: 64 entries every 1.9 s with a 15 s TTL, while a node of 0.2 s rounds tracks a record and two
 receipts or more a round, each due every 7.5 s; the queue fell behind and a record expired before
 its turn (a flaky test). At a 24 h TTL the same cap (64 a minute: 46 K entries every 12 h) falls
-behind within two days of 10 s rounds that add three entries each. An entry the DHT did not take is tried again at the next check. `for_node` builds
-the node's republisher.
+behind within two days of 10 s rounds that add three entries each. An entry the DHT did not take is
+tried again at the next check. `for_node` builds the node's republisher.
 
 A node runs it on its own thread, not in the round loop: a round can hold the loop longer than half
 a TTL (a lost part's retry waits a whole averaging deadline; a state download takes minutes on a

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import write_test_manifest
 
 
-def _trainer(manifest, tiny_base):
+def _trainer(manifest, tiny_base, sync=None):
     from transformers import AutoTokenizer
 
     from node.model import build_lora_model
@@ -18,7 +18,7 @@ def _trainer(manifest, tiny_base):
     model, adapter = build_lora_model(manifest, tiny_base, device="cpu")
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     return Trainer(model, adapter, range(adapter.num_shards), manifest.optim, microbatch_size=4, device="cpu",
-                   pad_id=tok.pad_token_id)
+                   pad_id=tok.pad_token_id, sync=sync)
 
 
 def test_state_loaded_after_a_partial_round_steps_like_its_donor(tmp_path, tiny_base):
@@ -127,23 +127,15 @@ def test_overlap_guesses_the_outer_step_the_outer_optimizer_takes(tmp_path, tiny
     """An overlapped round starts its inner steps where the outer step of this node's own last pseudo-gradient
     would land: `outer_step_of` is the step `outer_apply` then takes, from the momentum as it is (none yet,
     then some), with Nesterov momentum and without."""
-    from transformers import AutoTokenizer
-
     from node.manifest import load_manifest
-    from node.model import build_lora_model
-    from node.trainer import Trainer
 
     for momentum in (0.5, 0.0):
         m = load_manifest(write_test_manifest(tmp_path / f"m{momentum}.toml", tiny_base, sync={
             "mode": "diloco", "inner_steps": 2, "overlap": True, "outer_lr": 0.7, "outer_momentum": momentum}))
-        torch.manual_seed(0)
-        model, adapter = build_lora_model(m, tiny_base, device="cpu")
-        tok = AutoTokenizer.from_pretrained(str(tiny_base))
-        t = Trainer(model, adapter, range(adapter.num_shards), m.optim, microbatch_size=4, device="cpu",
-                    pad_id=tok.pad_token_id, sync=m.sync)
+        t = _trainer(m, tiny_base, sync=m.sync)
         gen = torch.Generator().manual_seed(4)
         for _ in range(3):  # the first step (no momentum yet), then with what the earlier ones left
-            g = {k: torch.randn(t.flat_shard(k).numel(), generator=gen) * 1e-2 for k in range(adapter.num_shards)}
+            g = {k: torch.randn(t.flat_shard(k).numel(), generator=gen) * 1e-2 for k in range(t.adapter.num_shards)}
             start = {k: t.flat_shard(k) for k in g}
             guess = {k: t.outer_step_of(k, g[k]) for k in g}
             t.outer_apply(start, g)
