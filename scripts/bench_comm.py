@@ -423,7 +423,8 @@ def main() -> int:
     from node.data import builtin_data_path
     from node.tiny import build_tiny_base, default_tiny_dir
 
-    inner = args.inner_steps or (10 if args.quick else 20)
+    inner = args.inner_steps or 20  # B2 and the paper row
+    inner_b5 = args.inner_steps or (10 if args.quick else 20)  # quick B4/B5 has 20 per-step rounds: 2 outer rounds
     report: dict = {"quick": args.quick, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.time()
     try:
@@ -438,16 +439,16 @@ def main() -> int:
             for task in args.tasks or (["builtin"] if args.quick else ["builtin", "addition"]):
                 tasks[task] = ("builtin:task", builtin_data_path("eval")) if task == "builtin" else addition_task(work / "addition")
             report["B4_B5"] = bench_modes(base, work / "modes", tasks=tasks, rank=64, batch=24,
-                                          per_step_rounds=20 if args.quick else 60, inner_steps=inner,
+                                          per_step_rounds=20 if args.quick else 60, inner_steps=inner_b5,
                                           seeds=args.seeds or (1 if args.quick else 3))
             report["modes"] = [{k: m[k] for k in ("name", "bytes_over_fp32_bound", "bytes_per_sample_vs_limbs")}
                                | {"codec_us_per_value": report.get("codec", {}).get("grids", {}).get(MODES[m["name"]]["wire"], {}).get("us_per_value")}
                                for m in report["B4_B5"]["modes"]]
-            report["paper_llama3_8b_50mbit"] = paper_row(report["B4_B5"]["modes"], inner_steps=args.inner_steps or 20)
+            report["paper_llama3_8b_50mbit"] = paper_row(report["B4_B5"]["modes"], inner_steps=inner)
         if "utilisation" not in args.skip:
             b2 = bench_utilisation(work, rates=args.b2_rates or ([50] if args.quick else [50, 20]),
                                    node_counts=args.b2_nodes or ([2] if args.quick else [2, 3]),
-                                   rounds=args.b2_rounds or (4 if args.quick else 5), inner_steps=args.inner_steps or 20, hidden=512, layers=8, rank=128,
+                                   rounds=args.b2_rounds or (4 if args.quick else 5), inner_steps=inner, hidden=512, layers=8, rank=128,
                                    modes=args.b2_modes)
             report["B2"] = b2
             report["utilisation"] = [{k: r[k] for k in ("mode", "nodes", "link_mbit", "compute_over_wall")} for r in b2["runs"]]
