@@ -242,7 +242,17 @@ class _Servicer(control_pb2_grpc.ControlServicer):
         self._view = view
         self._stopping = stopping
         self._followers = threading.BoundedSemaphore(max_followers)
+        self._max_followers = max_followers
         self._poll_s = poll_s
+
+    def followers_ended(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every open follow stream to return (once `stopping` is set)."""
+        deadline, taken = time.monotonic() + timeout, 0
+        while taken < self._max_followers and self._followers.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            taken += 1
+        for _ in range(taken):
+            self._followers.release()
+        return taken == self._max_followers
 
     def _checked(self, context, build):
         try:
@@ -334,6 +344,7 @@ class ControlServer:
         self._poll_s = follow_poll_s
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
+        self._servicer: _Servicer | None = None
         self._lock_fd: int | None = None
         self._inode: int | None = None
 
@@ -359,9 +370,8 @@ class ControlServer:
             server = grpc.server(
                 ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="swarmtune-control"),
             )
-            control_pb2_grpc.add_ControlServicer_to_server(
-                _Servicer(self._view, self._stopping, self._max_followers, self._poll_s), server
-            )
+            self._servicer = _Servicer(self._view, self._stopping, self._max_followers, self._poll_s)
+            control_pb2_grpc.add_ControlServicer_to_server(self._servicer, server)
             # bind() creates the socket with the umask's mode; keep it private from the
             # first instant (the umask is process-wide, but only tightened, and briefly).
             old_umask = os.umask(0o177)
@@ -382,6 +392,8 @@ class ControlServer:
         """Stop serving: open follow streams end, in-flight calls get `grace` seconds."""
         self._stopping.set()
         if self._server is not None:
+            # follow streams end within a poll; stopping the server first cut one off under load (UNAVAILABLE)
+            self._servicer.followers_ended(grace)
             self._server.stop(grace).wait()
             self._server = None
         try:  # grpc unlinks its socket on shutdown; make sure, but only if it is still ours
