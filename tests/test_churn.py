@@ -15,7 +15,7 @@ import time
 import pytest
 
 from node.cli import main
-from node.control import ControlClient
+from node.control_client import ControlClient
 from tests.conftest import REPO, evidence, start_test_dht, verify_ledgers, write_test_manifest
 
 

@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.cli import main
 from node.control import (
-    ControlClient,
     ControlError,
     ControlServer,
     DaemonNotRunning,
     SocketInUse,
     record_summary,
 )
+from node.control_client import ControlClient
 from protocol.peerid import peer_id_from_public_key
 from protocol.record import (
     RECORD_VERSION,

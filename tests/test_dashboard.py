@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from node.control import ControlClient
+from node.control_client import ControlClient
 from node.dashboard import ProgressTail, WarningLog, _finite
 from tests.browser import Browser, chromium
 from tests.conftest import write_test_manifest

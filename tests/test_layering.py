@@ -50,7 +50,7 @@ LAYERS = [
     ["node.swarm.quorum"],
     ["node.swarm.swarm", "node.swarm.follow"],
     ["node.spotcheck", "node.receipts"],
-    ["node.stack", "node.rounds", "node.statesync", "node.splitguard", "node.status", "node.control", "node.republish"],
+    ["node.stack", "node.rounds", "node.statesync", "node.splitguard", "node.status", "node.control", "node.control_client", "node.republish"],
     ["node.dashboard", "node.console"],
     ["node.daemon", "node.export", "node.doctor", "node.demo", "node.serve", "node.serve_api", "node.swarmview"],
     ["node.cli", "node.cli.*", "node.__main__"],

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from node.control import ControlClient
+from node.control_client import ControlClient
 from tests.conftest import verify_ledgers, write_test_manifest
 
 pytestmark = pytest.mark.swarm

@@ -483,7 +483,7 @@ def _wait_served_round(srv: Server, name: str, at_least: int, timeout: float = 9
 
 
 def _pause_all(nodes) -> None:
-    from node.control import ControlClient
+    from node.control_client import ControlClient
 
     for node in nodes:
         with ControlClient(node.home / "node.sock") as client:
@@ -499,7 +499,7 @@ def _pause_all(nodes) -> None:
 
 
 def _resume_all(nodes) -> None:
-    from node.control import ControlClient
+    from node.control_client import ControlClient
 
     for node in nodes:
         with ControlClient(node.home / "node.sock") as client:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from node.control import ControlClient
+from node.control_client import ControlClient
 
 from tests.conftest import verify_ledgers, write_test_manifest
 

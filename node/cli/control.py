@@ -61,7 +61,7 @@ def register(sub) -> None:
 
 
 def _client(args):
-    from node.control import ControlClient
+    from node.control_client import ControlClient
 
     return ControlClient(args.socket)
 
