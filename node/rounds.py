@@ -172,7 +172,7 @@ class RoundRunner:
         found = [p for p in (self.trainer.pending, self._unsummed) if p is not None and p.round == r - 1]
         self.trainer.pending = self._unsummed = None
         if not found:
-            zeros = {k: torch.zeros(self.adapter.shard_numel(k)) for k in self.trained}
+            zeros = {k: self.trainer.zeros(k) for k in self.trained}
             return LocalResult({}, 0, 0, 0.0), zeros, (), None
         pend = found[0]
         local = LocalResult({}, pend.samples, pend.tokens, pend.loss_sum)
@@ -186,7 +186,7 @@ class RoundRunner:
             scale = _POISON or 1.0
             for k, v in x.items():
                 noise = torch.randn(v.numel(), generator=g) if _JUNK != "zeros" else torch.zeros(v.numel())
-                x[k] = noise * (scale * float(contribution[k].norm()) / max(float(noise.norm()), 1e-30))
+                x[k] = (noise * (scale * float(contribution[k].norm()) / max(float(noise.norm()), 1e-30))).to(v.device)
         claim = RoundClaim(round=r, hashes=shard_hashes, samples=local.samples, tokens=local.tokens, loss_sum=local.loss_sum,
                            indices=tuple(indices) if not self.trainer.diloco else (), sketches=local.sketches)
         return x, claim
@@ -387,7 +387,7 @@ class RoundRunner:
         return dataclasses.replace(res, applied=[], resync=sorted(self.trained))
 
     def _empty_local(self) -> LocalResult:
-        return LocalResult({k: torch.zeros(self.adapter.shard_numel(k)) for k in self.trained}, 0, 0, 0.0)
+        return LocalResult({k: self.trainer.zeros(k) for k in self.trained}, 0, 0, 0.0)
 
     def _record(self, res: RoundResult, indices, sent, t0: float, t1: float) -> None:
         """Sign, append and publish this node's contribution record for a completed round."""

@@ -118,9 +118,17 @@ class Trainer:
         self._shared_keys = ("momentum_buffer",) if self.diloco else ("exp_avg", "exp_avg_sq")
         self.opt_step = 0  # steps of the shared optimizer (the swarm's rounds this state has seen)
         self.inner_steps_done = 0
+        # where a round's contribution lives, and with it the codec (node/swarm/exact.py: the same bits on any
+        # device): a per-step gradient stays on the model's device; a diloco pseudo-gradient is taken once a
+        # round from the CPU copies of the weights (flat_shard), and its round-sized buffers stay off the GPU
+        self.contribution_device = torch.device("cpu") if self.diloco else torch.device(device)
         # error feedback: per trained shard, what the wire grid could not carry yet
-        self.residual = {k: torch.zeros(adapter.shard_numel(k)) for k in self.trained}
+        self.residual = {k: self.zeros(k) for k in self.trained}
         self.pending: Pending | None = None  # diloco with overlap: the last inner steps' pseudo-gradient, not yet summed
+
+    def zeros(self, k: int) -> torch.Tensor:
+        """A contribution of nothing to shard k (float32, where contributions live)."""
+        return torch.zeros(self.adapter.shard_numel(k), device=self.contribution_device)
 
     # ------------------------------------------------------------------ local work
 
@@ -161,7 +169,8 @@ class Trainer:
             sums = {k: self._flat_grad(k) for k in self.trained}
         for p in self.params:
             p.grad = None
-        grads = {k: (sums[k].cpu() if k in sums else torch.zeros(self.adapter.shard_numel(k))) for k in self.trained}
+        grads = {k: (sums[k] if k in sums else torch.zeros(self.adapter.shard_numel(k), device=self.device))
+                 for k in self.trained}  # on the model's device
         sketched = {k: torch.stack(v).cpu() for k, v in sketches.items() if v}
         return LocalResult(grads, len(examples), tokens, loss_sum, sketched)
 
@@ -361,7 +370,7 @@ class Trainer:
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """What only this node holds: residuals per trained shard, and (diloco) the inner AdamW moments."""
-        out = {f"residual/{k}": r.clone() for k, r in self.residual.items()}
+        out = {f"residual/{k}": r.cpu().clone() for k, r in self.residual.items()}
         if self.pending is not None:
             pend = self.pending
             out |= {f"pending/{k}": v.clone() for k, v in pend.delta.items()}
@@ -380,7 +389,7 @@ class Trainer:
         for k in self.trained:
             r = tensors.get(f"residual/{k}")
             if r is not None and r.numel() == self.residual[k].numel():
-                self.residual[k] = r.float().clone()
+                self.residual[k] = r.to(self.contribution_device, torch.float32).clone()
         meta = tensors.get("pending/meta")
         parts = {k: tensors.get(f"pending/{k}") for k in self.trained}
         if meta is not None and all(v is not None and v.numel() == self.residual[k].numel() for k, v in parts.items()):
@@ -403,5 +412,5 @@ def grad_commitment(sent: dict[int, torch.Tensor]) -> str:
     """sha256 over the contribution a node sent (on the group's grid), shard by shard."""
     h = hashlib.sha256(b"swarmtune/grad/v1\0")
     for k in sorted(sent):
-        h.update(k.to_bytes(4, "big") + sent[k].numpy().tobytes())
+        h.update(k.to_bytes(4, "big") + sent[k].cpu().numpy().tobytes())
     return h.hexdigest()

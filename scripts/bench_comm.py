@@ -114,7 +114,7 @@ def bench_codec(values: int, repeats: int = 5, device: str = "cpu") -> dict:
                                            and torch.equal(dequantize(q_c.to(torch.int32) * 2, exps_c, layout), update.cpu()))
         out[name] = row
     res = {"values": values, "device": torch.cuda.get_device_name() if cuda else device, "grids": out}
-    if offload:  # what a GPU node does today: its gradient comes to the CPU as float32, the codec runs there
+    if offload:  # what a GPU node did before the codec ran on the device: its gradient came to the CPU as float32
         _, t = best(lambda t: t.cpu(), x)
         res["fp32_to_host_us_per_value"] = round(t / values * 1e6, 5)
     return res

@@ -7,7 +7,8 @@ and nothing else does:
   over the grid and wire format of node/swarm/exact.py); a part summed without every sender comes
   back INCOMPLETE to every sender, so the whole group retries and nobody applies a partial sum;
 - the all-reduce must report the values it gave up on and how long it took
-  (`_run_allreduce_inplace_`, `_aggregate_with_group`);
+  (`_run_allreduce_inplace_`, `_aggregate_with_group`), and get its parts from the node's process once
+  the group's grid is known, so the codec runs where the contribution lives (`put_parts`, `_parts_on`);
 - the deadline and the group size change per round, inside the running averager process
   (`_set_deadline`, `_set_target_group_size`, and moshpit re-keying switched off);
 - state downloads go to donors the node chose, in its order (`_download_state_from`, and
@@ -41,7 +42,9 @@ from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
 
 from protocol.receipt import spot_checks
 
-from node.swarm.exact import Grid, Layout, check_part, decode_sum, encode_sum, group_exponents, quantize, robust_sum
+from node.swarm.exact import (
+    Grid, Layout, ReducerView, check_part, decode_sum, encode_sum, group_exponents, quantize, robust_sum,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ ELAPSED_KEY = "__swarmtune_allreduce_seconds__"
 CLIPPED_KEY = "__swarmtune_clipped__"  # {peer id: its part's norm / the median} for parts this node's reducer clipped
 RECEIPT_KEY = "__swarmtune_receipt__"  # what this node's reducer saw: ReducerView.to_wire()
 EXPONENTS_KEY = "e"  # in each member's gathered metadata: its block exponents for this shard
+STEP_KEY = "n"  # and the node's count of its steps on this averager (ties an ask for parts to its step)
 SUM_DTYPE = "swarmtune-sum"  # marks a reducer's reply (node.swarm.exact.encode_sum) on the wire
+PARTS_TIMEOUT_S = 10.0  # the node answers an ask for parts within milliseconds; this bounds a node that stopped
 CONNECT_TIMEOUT_S = 5.0  # opening a connection or a stream to a peer (latency-bound, not size-bound)
 KEY_BITS = 16  # matchmaking key bits: the round's low ROUND_BITS, then the attempt within the round
 ATTEMPT_BITS = 2
@@ -143,24 +148,6 @@ class _ExactPartReducer(TensorPartReducer):
                     self.clipped[senders[pos]] = max(ratio, self.clipped.get(senders[pos], 0.0))
             self.current_part_future.set_result(total)
             self.reset_accumulators()
-
-
-class ReducerView:
-    """What one member learnt from a completed all-reduce, beyond the sum: the group (sorted peer ids), the
-    sha256 of the exact integer sum, the members that reduced a part (`reducers`: the possible checkers), and,
-    when this node reduced a part, each sender's part hash (`commitments`) and the parts of the members it
-    must spot-check (`check_parts`, values from `offset` of the flat shard on)."""
-
-    def __init__(self, members, result_hash, commitments, offset, check_parts, reducers):
-        self.members, self.result_hash, self.commitments = list(members), str(result_hash), dict(commitments)
-        self.offset, self.check_parts, self.reducers = int(offset), dict(check_parts), list(reducers)
-
-    def to_wire(self):
-        return (self.members, self.result_hash, self.commitments, self.offset, self.check_parts, self.reducers)
-
-    @classmethod
-    def from_wire(cls, value) -> "ReducerView":
-        return cls(*value)
 
 
 class _ExactSumRunner(AllReduceRunner):
@@ -290,24 +277,61 @@ class _ExactSumRunner(AllReduceRunner):
 class ShardAverager(DecentralizedAverager):
     """A hivemind averager that sums one shard's contributions exactly on the group's grid.
 
-    Two shared buffers: `values`, where the node puts its float32 contribution before a step (and
-    finds, after a successful one, what it actually sent: q * 2**e), and `sums`, the group's exact
-    integer sum. Its state-sharing RPC serves whatever the node last published for this shard
+    The codec runs in the node's process, where the contribution lives (on the GPU when the adapter does):
+    once matchmaking has gathered the members' block exponents, this process puts the group's grid in
+    `grid` and asks for the parts; the node quantizes its contribution on that grid (`put_parts`) and
+    leaves the integers in `parts`; this process sums them with the group and leaves the exact integer
+    sum in `sums`. Its state-sharing RPC serves whatever the node last published for this shard
     (adapter tensors + optimizer state + round), captured at a round boundary.
     """
 
     def __init__(self, sizes: Sequence[int], grid: Grid, clip: float = 0.0, trim: float = 0.0,
                  spot_check_rate: float = 0.0, **kwargs):
         self.layout = Layout(sizes)
-        self.grid = grid
+        self.wire = grid
         self.clip = clip
         self.trim = trim  # > 0: reducers sum each value as a trimmed mean ([sync] robust = "trimmed")
         self.spot_check_rate = spot_check_rate  # members drawn for a spot-check keep their parts (ReducerView)
-        self.values = torch.zeros(self.layout.numel, dtype=torch.float32)
+        # shared with the node's process (made before this one forks): the grid this process asks for parts
+        # on, numbered by `_asked`, and `_given`, the number of the ask whose parts the node put in `parts`
+        self.grid = torch.zeros(self.layout.num_blocks, dtype=torch.int8).share_memory_()
+        self._asked = multiprocessing.Value("q", 0)
+        self._asked_step = multiprocessing.Value("q", -1)  # the STEP_KEY the node gathered in the step that asked
+        self._given = multiprocessing.Value("q", 0)
+        self.parts = torch.zeros(self.layout.numel, dtype=grid.dtype)
         self.sums = torch.zeros(self.layout.numel, dtype=torch.int32)
         self._published: tuple[Any, list[torch.Tensor]] | None = None
         self._published_lock = threading.Lock()
-        super().__init__([self.values, self.sums], **kwargs)
+        super().__init__([self.parts, self.sums], **kwargs)
+
+    def put_parts(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Node process: if the group of `step` (the STEP_KEY gathered) asked for parts, quantize `x` on its grid
+        where `x` lives and hand them over; returns (the grid, q * 2**e on x's device), else None. An earlier
+        step's ask is never answered: its all-reduce times out rather than sum this step's parts."""
+        with self._asked.get_lock():
+            asked = self._asked.value
+            if asked == self._given.value or self._asked_step.value != step:
+                return None
+            exps = self.grid.clone()
+        q, sent = quantize(x, exps, self.layout, self.wire)
+        self.parts.copy_(q)
+        with self._given.get_lock():
+            self._given.value = asked
+        return exps, sent
+
+    async def _parts_on(self, exps: torch.Tensor, step: int, timeout: float) -> torch.Tensor:
+        """Averager process: ask for the node's parts of `step` on the group's grid; AllreduceException if late."""
+        with self._asked.get_lock():
+            self.grid.copy_(exps)
+            self._asked_step.value = step
+            self._asked.value += 1
+            ticket = self._asked.value
+        deadline = time.monotonic() + timeout
+        while self._given.value != ticket:
+            if time.monotonic() > deadline:
+                raise AllreduceException(f"the node put no parts on the group's grid within {timeout:.1f} s")
+            await asyncio.sleep(0.001)
+        return self.parts.clone()
 
     async def _declare_for_download_periodically(self):
         """Runs in the averager process; hivemind stores `<prefix>.all_averagers` here every declare period for
@@ -323,21 +347,23 @@ class ShardAverager(DecentralizedAverager):
         return future.result(timeout=timeout)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        """Runs in the averager process: quantize on the group's grid, sum exactly, leave the sums."""
-        values, sums = tensors
+        """Runs in the averager process: get the node's parts on the group's grid, sum exactly, leave the sums."""
+        _parts, sums = tensors
         group_id = group_info.group_id if group_id is None else group_id
         claims = [self.serializer.loads(self.serializer.loads(raw)[2]) for raw in group_info.gathered]
         exps = group_exponents([c.get(EXPONENTS_KEY) if isinstance(c, dict) else None for c in claims], self.layout)
-        q, sent = quantize(values, exps, self.layout, self.grid)
+        mine = claims[group_info.peer_ids.index(self.peer_id)]
+        mine = mine if isinstance(mine, dict) else {}
+        q = await self._parts_on(exps, int(mine.get(STEP_KEY, -1)),
+                                 timeout=min(PARTS_TIMEOUT_S, self._allreduce_timeout or PARTS_TIMEOUT_S))
         cut = _CUT_STREAM_ROUND >= 0 and self._matchmaking.group_key_manager.group_bits == group_key(_CUT_STREAM_ROUND, 0)
-        runner = _ExactSumRunner(grid=self.grid, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
+        runner = _ExactSumRunner(grid=self.wire, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
                                  tensors=[q], group_id=group_id, ordered_peer_ids=group_info.peer_ids,
                                  clip=self.clip, trim=self.trim, cut_first_stream=cut, **kwargs)
         assert group_id in self._running_groups, "the group was not registered"
         self._running_groups[group_id].set_result(runner)
         async for total in runner:
             sums.copy_(total.view(-1))
-            values.copy_(sent)
         self._failed_values = int(runner.tensor_part_container.failed_size)
         self._incomplete_values = runner.incomplete_values
         self._clipped = runner.clipped_senders()

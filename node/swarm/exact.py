@@ -18,7 +18,11 @@ a header (status, group size, count) and the bits the sum needs.
 
 The reducer's sum is robust (`robust_sum`): a part far above the median norm is scaled down first
 (`[sync] clip`), and with `[sync] robust = "trimmed"` each value of the sum drops the senders' most extreme
-values at both ends (a trimmed mean, scaled back to a sum of n), all in integers.
+values at both ends (a trimmed mean, scaled back to a sum of n), all in integers. `ReducerView` is what a
+member keeps of a completed sum besides the sum (the group, the sum's hash, the parts it must spot-check).
+
+Every function here gives the same bits on the CPU and on a GPU (powers of two, round, clamp, integer adds):
+the node runs the codec where its contribution lives (node/swarm/averager.py: ShardAverager.put_parts).
 """
 
 from __future__ import annotations
@@ -252,6 +256,24 @@ def check_part(part: torch.Tensor, grid: Grid, numel: int) -> None:
         raise WireError("part value outside the grid")
     if grid.dtype == torch.int8 and numel and bool((part == -128).any()):
         raise WireError("part value outside the grid")
+
+
+class ReducerView:
+    """What one member learnt from a completed all-reduce, beyond the sum: the group (sorted peer ids), the
+    sha256 of the exact integer sum, the members that reduced a part (`reducers`: the possible checkers), and,
+    when this node reduced a part, each sender's part hash (`commitments`) and the parts of the members it
+    must spot-check (`check_parts`, values from `offset` of the flat shard on)."""
+
+    def __init__(self, members, result_hash, commitments, offset, check_parts, reducers):
+        self.members, self.result_hash, self.commitments = list(members), str(result_hash), dict(commitments)
+        self.offset, self.check_parts, self.reducers = int(offset), dict(check_parts), list(reducers)
+
+    def to_wire(self):
+        return (self.members, self.result_hash, self.commitments, self.offset, self.check_parts, self.reducers)
+
+    @classmethod
+    def from_wire(cls, value) -> "ReducerView":
+        return cls(*value)
 
 
 # ---------------------------------------------------------------- the reducer's reply: a part's sum

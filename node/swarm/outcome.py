@@ -1,7 +1,7 @@
 """What one shard's all-reduce gives a node: every member's claim about its part (`RoundClaim`, sent as the
 part's metadata), and the outcome, an exact sum (`Summed`) or a failure the round loop acts on (`Failed`).
 
-    outcome = read_outcome(shard, gathered, averager, layout, exact_group=None)
+    outcome = read_outcome(shard, gathered, averager, layout, served, exact_group=None)
 
 `read_outcome` reads what hivemind's step returned: the members' metadata (claims and block exponents) plus
 the keys the exact-sum runner adds (node/swarm/averager.py): values never sent back (only this peer may miss
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from node.swarm.averager import (
-    CLIPPED_KEY, ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, RECEIPT_KEY, ReducerView,
+    CLIPPED_KEY, ELAPSED_KEY, EXPONENTS_KEY, FAILED_KEY, INCOMPLETE_KEY, RECEIPT_KEY,
 )
-from node.swarm.exact import Layout, WireError, dequantize, group_exponents
+from node.swarm.exact import Layout, ReducerView, WireError, dequantize, group_exponents
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,12 @@ class Failed:
     group: int = 0  # the group that lost the part: a retry must gather exactly these many peers
 
 
-def read_outcome(shard: int, gathered, averager, layout: Layout, exact_group: int | None = None) -> Summed | Failed:
-    """The outcome of `shard`'s step from what it gathered (None: nothing). `exact_group`: this step retried a
-    round that lost a part, and counts only when exactly that many peers took part again."""
+def read_outcome(shard: int, gathered, averager, layout: Layout, served: tuple | None,
+                 exact_group: int | None = None) -> Summed | Failed:
+    """The outcome of `shard`'s step from what it gathered (None: nothing) and the parts this node put on the
+    group's grid (`served`: the grid and what the parts were worth, from ShardAverager.put_parts; the sum comes
+    back on their device). `exact_group`: this step retried a round that lost a part, and counts only when
+    exactly that many peers took part again."""
     k = shard
     gathered = dict(gathered or {})
     took = float(gathered.pop(ELAPSED_KEY, 0.0))
@@ -132,6 +135,11 @@ def read_outcome(shard: int, gathered, averager, layout: Layout, exact_group: in
     except (WireError, TypeError, KeyError, ValueError, AttributeError) as e:
         logger.warning("shard %d: a groupmate sent malformed round metadata (%s); round discarded", k, e)
         return Failed("no group", retry=False)
-    with averager.get_tensors() as (values, sums):
-        return Summed(sums.clone(), exps, values.clone(), claims, layout, took,
-                      dict(clipped) if isinstance(clipped, dict) else {}, view)
+    if served is None or not torch.equal(served[0], exps):
+        # the averager sums only after this node put its parts on the grid every member derives from the
+        # gathered exponents: a missing or different grid is a bug, never applied
+        logger.error("shard %d: the sum came back without this node's parts on the group's grid; round discarded", k)
+        return Failed("no group", retry=False)
+    sent = served[1]
+    return Summed(averager.sums.to(sent.device, copy=True), exps, sent, claims, layout, took,
+                  dict(clipped) if isinstance(clipped, dict) else {}, view)

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from node.swarm.averager import EXPONENTS_KEY, KEY_BITS, ShardAverager, group_key
+from node.swarm.averager import EXPONENTS_KEY, KEY_BITS, STEP_KEY, ShardAverager, group_key
 from node.swarm.deadline import AveragingDeadline
 from node.swarm.dht import SwarmError, dht_time, peer_id_of, start_dht
 from node.swarm.exact import GRIDS, MAX_GROUP, Layout, block_exponents, quantize, wire_bytes_per_value
@@ -49,6 +49,7 @@ STATE_BYTES_PER_VALUE = 12  # a state download, at most: the adapter and two opt
 PROBE_BYTES = 2 << 20  # a link probe before the first all-reduce: this many bytes ...
 PROBE_S = 5.0  # ... or this many seconds, whichever comes first
 MAX_DONORS = 4  # donors tried per state download
+PARTS_POLL_S = 0.002  # how often a node waiting on its steps looks for an averager asking for parts
 STORE_BATCH_BYTES = 8192  # values per DHT call in store_many (see there: the pipe to the DHT process)
 RECORD_TTL_S = 24 * 3600  # how long a published record stays in the DHT (the node re-stores its own: node/republish.py)
 
@@ -207,6 +208,7 @@ class Swarm:
         self.find_group_timeout = 2 * matchmaking_time + 2.0
         self.peer_ttl = peer_ttl
         self.averagers: dict[int, ShardAverager] = {}
+        self._steps = 0  # averager steps started (STEP_KEY: ties an averager's ask for parts to its step)
         if trim > 0:
             logger.info("robust sum: clip %g x the median part norm, then per value a trimmed mean (%g of the senders "
                         "off each end, at least 1 of 3)", clip, trim)
@@ -312,37 +314,42 @@ class Swarm:
         # rounds ended 1.5 s apart at 50 Mbit/s lost the last one the same way. A full group still assembles the
         # moment its last member arrives
         wait = mm if exact_groups else max(mm, find - mm - 2.0)
-        controls = {}
+        controls, steps, served = {}, {}, {}
+
+        def put_parts() -> None:  # a shard whose group formed asks for its parts on the group's grid
+            for j, step in steps.items():
+                got = self.averagers[j].put_parts(contributions[j], step)
+                if got is not None:
+                    served[j] = got
+
         for k, x in contributions.items():
             avg = self.averagers[k]
             exps = block_exponents(x, self.layouts[k], self.grid)
-            with avg.get_tensors() as (values, _sums):
-                values.copy_(x)
+            self._steps += 1
+            steps[k] = self._steps
             if exact_groups and k in exact_groups:
                 avg.set_target_group_size(exact_groups[k], min_size=exact_groups[k], wait=wait)
             else:
                 avg.set_target_group_size(max(2, min(expected.get(k, 2), MAX_GROUP)), wait=wait)
             avg.set_group_bits(group_key(round_, attempt))
-            gather = dict(wire_claim, **{EXPONENTS_KEY: exps.numpy().tobytes()})
+            gather = dict(wire_claim, **{EXPONENTS_KEY: exps.numpy().tobytes(), STEP_KEY: steps[k]})
             controls[k] = avg.step(gather=gather, weight=1.0, timeout=find, wait=False, allow_retries=not exact_groups)
         results: dict = {}
         moved, elapsed, slow = 0, 0.0, False
         for k, control in controls.items():
             results[k] = Failed("no group", retry=False)
             try:
-                if exact_groups and k in exact_groups:
-                    gathered = self._await_retry(control, k, round_, timeout=find + self.allreduce_timeout + 5)
-                    if gathered is None:
-                        logger.warning("shard %d: the group completed round %d without this node (its sums did not reach "
-                                       "us); taking its state instead of waiting for a retry", k, round_)
-                        continue
-                else:
-                    gathered = control.result(timeout=find + self.allreduce_timeout + 5)
+                gathered = self._await(control, k, round_, timeout=find + self.allreduce_timeout + 5, serve=put_parts,
+                                       retry=bool(exact_groups and k in exact_groups))
+                if gathered is None:
+                    logger.warning("shard %d: the group completed round %d without this node (its sums did not reach "
+                                   "us); taking its state instead of waiting for a retry", k, round_)
+                    continue
             except Exception as e:  # hivemind's step raises whatever matchmaking or the all-reduce raised
                 logger.warning("shard %d: averaging failed (%s: %s)", k, type(e).__name__, e)
                 slow = slow or isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "timeout" in type(e).__name__.lower()
                 continue
-            results[k] = outcome = read_outcome(k, gathered, self.averagers[k], self.layouts[k],
+            results[k] = outcome = read_outcome(k, gathered, self.averagers[k], self.layouts[k], served.get(k),
                                                 exact_groups.get(k) if exact_groups else None)
             if isinstance(outcome, Failed):
                 slow = slow or outcome.retry  # parts given up on: a deadline too short for the link, or a peer gone
@@ -357,21 +364,24 @@ class Swarm:
             self.deadline.observe(moved, elapsed)
         return results
 
-    def _await_retry(self, control, shard: int, round_: int, *, timeout: float):
-        """The result of a retry's step, or None as soon as every other trainer of `shard` announced a round
-        past `round_`: they completed it (only this node lost the sums), and nobody is coming to the retry."""
+    def _await(self, control, shard: int, round_: int, *, timeout: float, serve, retry: bool):
+        """The result of `shard`'s step, answering every shard's ask for parts (`serve`) while it runs (a step
+        whose group formed waits for them; the steps of all shards run at once). A `retry` returns None as soon
+        as every other trainer of `shard` announced a round past `round_`: they completed it (only this node lost
+        the sums), and nobody is coming to the retry."""
         deadline = time.monotonic() + timeout
         next_look = time.monotonic() + 0.5
         while True:
+            serve()
             try:
-                return control.result(timeout=0.2)
+                return control.result(timeout=PARTS_POLL_S)
             except TimeoutError:
                 pass
             now = time.monotonic()
             if now > deadline:
                 control.cancel()
-                raise TimeoutError(f"the retry of shard {shard} found no group in {timeout:.0f} s")
-            if now >= next_look:
+                raise TimeoutError(f"the {'retry' if retry else 'step'} of shard {shard} did not end in {timeout:.0f} s")
+            if retry and now >= next_look:
                 next_look = now + 0.5
                 others = [i for p, i in self.view().items() if p != self.peer_id and shard in i.shards]
                 if others and all(i.round > round_ for i in others):
