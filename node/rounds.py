@@ -264,6 +264,8 @@ class RoundRunner:
         else:
             local, contribution, indices, start = self._local_work(r, members)
             x, claim = self._wire_input(r, local, contribution, indices, shard_hashes)
+            local.grad_sums.clear()  # two adapter-sized buffers (on the GPU, per-step) that x now stands for
+            del contribution
             t_compute = time.time() - t0
             # groupmates end a round as their all-reduce ends, seconds apart on a slow link (seen: 1.3-1.6 s of
             # 6-7 s at 20 Mbit/s, 3 nodes; the late one came after the other two had run as a pair): the wait
@@ -311,9 +313,9 @@ class RoundRunner:
                 self.trainer.outer_apply(start, updates)
             else:
                 self.trainer.apply(updates, lr_at(r, m.optim, m.rounds.max_rounds))
-            sent = {k: results[k].sent for k in updates}
+            sent = {k: (results[k].exps, results[k].part) for k in updates}
             for k in updates:  # what the grid did not carry joins the next contribution
-                self.trainer.residual[k] = x[k] - sent[k] if not (_POISON or _JUNK) else torch.zeros_like(x[k])
+                self.trainer.residual[k] = x[k] - results[k].sent if not (_POISON or _JUNK) else torch.zeros_like(x[k])
         else:
             resync = sorted(self.trained)
             updates, sent, checks = {}, {}, []
@@ -383,7 +385,8 @@ class RoundRunner:
         res = RoundResult(round=r, start_hash=start_hash, shard_hashes=shard_hashes, loss=None, local_loss=None,
                           samples=samples, tokens=samples * 32, groups={}, applied=sorted(self.trained), resync=[],
                           seconds=time.time() - t0, compute_seconds=0.0, averaging_seconds=0.0)
-        self._record(res, list(range(samples)), {k: torch.zeros(1) for k in self.trained}, t0, time.time())
+        self._record(res, list(range(samples)), {k: (torch.zeros(0, dtype=torch.int8),) * 2 for k in self.trained}, t0,
+                     time.time())
         return dataclasses.replace(res, applied=[], resync=sorted(self.trained))
 
     def _empty_local(self) -> LocalResult:

@@ -66,7 +66,9 @@ def estimate(model, adapter, shards, *, microbatch: int, seq_len: int, dtype_byt
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     heads, vocab = cfg.num_attention_heads, cfg.vocab_size
     shards = tuple(sorted(shards))
-    lora = sum(adapter.shard_numel(k) for k in shards) * 4 * 4
+    # float32 per trained value: weights, gradient and three more (per-step: AdamW's two moments and the
+    # error-feedback residual, kept on the model's device; diloco: the inner moments and the outer momentum)
+    lora = sum(adapter.shard_numel(k) for k in shards) * 4 * 5
     lowest = min(adapter.plan[k][0] for k in shards)
     n_layers = adapter.plan[-1][1] - lowest
     tokens = microbatch * seq_len

@@ -408,9 +408,13 @@ class Trainer:
                 }
 
 
-def grad_commitment(sent: dict[int, torch.Tensor]) -> str:
-    """sha256 over the contribution a node sent (on the group's grid), shard by shard."""
-    h = hashlib.sha256(b"swarmtune/grad/v1\0")
+def grad_commitment(sent: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """sha256 over the contribution a node sent, shard by shard: {shard: (the group's grid, int8 per block; this
+    node's integer parts on it)}, both on the host. The parts are the bytes that crossed the wire, and with the
+    grid they fix what was sent (q * 2**e) exactly, without bringing float32 values off a GPU to hash them."""
+    h = hashlib.sha256(b"swarmtune/grad/v2\0")
     for k in sorted(sent):
-        h.update(k.to_bytes(4, "big") + sent[k].cpu().numpy().tobytes())
+        exps, part = sent[k]
+        h.update(k.to_bytes(4, "big") + exps.numel().to_bytes(4, "big") + exps.numpy().tobytes()
+                 + str(part.dtype).encode() + b"\0" + part.numpy().tobytes())
     return h.hexdigest()

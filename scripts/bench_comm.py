@@ -74,7 +74,12 @@ def bench_codec(values: int, repeats: int = 5, device: str = "cpu") -> dict:
     cuda = device.startswith("cuda")
     offload = device != "cpu"  # the grid runs on another device than the wire's bytes
     gen = torch.Generator().manual_seed(0)
-    x_cpu = torch.randn(values, generator=gen) * 1e-3
+    # blocks of every size from 2**-80 to 2**80 (x 1e-3), some all zero, and signed zeros: the grid's exponents
+    # span their range, so `same_bits_as_cpu` checks the powers of two the codec builds, not one or two of them
+    block = torch.arange(values) // 4096
+    x_cpu = torch.randn(values, generator=gen) * 1e-3 * torch.pow(2.0, (block % 161 - 80).float())
+    x_cpu[(block % 97) == 5] = 0.0
+    x_cpu[::1001] = -0.0
     x = x_cpu.to(device)
     layout = Layout([values])
 
@@ -110,8 +115,12 @@ def bench_codec(values: int, repeats: int = 5, device: str = "cpu") -> dict:
         if offload:
             exps_c = block_exponents(x_cpu, layout, grid)
             q_c, sent_c = quantize(x_cpu, exps_c, layout, grid)
-            row["same_bits_as_cpu"] = bool(torch.equal(exps_c, exps) and torch.equal(q_c, q.cpu()) and torch.equal(sent_c, sent.cpu())
-                                           and torch.equal(dequantize(q_c.to(torch.int32) * 2, exps_c, layout), update.cpu()))
+            def same(a, b):  # byte for byte (torch.equal calls -0.0 and 0.0 equal)
+                a, b = a.cpu().contiguous(), b.cpu().contiguous()
+                return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+
+            row["same_bits_as_cpu"] = bool(same(exps_c, exps) and same(q_c, q) and same(sent_c, sent)
+                                           and same(dequantize(q_c.to(torch.int32) * 2, exps_c, layout), update))
         out[name] = row
     res = {"values": values, "device": torch.cuda.get_device_name() if cuda else device, "grids": out}
     if offload:  # what a GPU node did before the codec ran on the device: its gradient came to the CPU as float32

@@ -353,3 +353,33 @@ def test_a_part_missing_a_sender_comes_back_incomplete_not_summed():
     # hivemind's reducer would return the mean of what arrived (with two peers: one peer's own part);
     # this one returns nothing to apply, to every sender alike
     assert _reduce([a, a, a], failed=(1,)) is None
+
+
+def test_powers_of_two_are_built_exactly_across_the_grids_range():
+    """The codec's 2**e comes from its bits (the same on a GPU, whose pow may differ from the CPU's): equal to
+    ldexp on the CPU over every exponent a grid uses, and block exponents stay exact for blocks from subnormal
+    to huge values."""
+    from node.swarm.exact import E_MAX, E_MIN, _pow2
+
+    e = torch.arange(2 * E_MIN, 2 * E_MAX + 1)
+    assert torch.equal(_pow2(e.clamp(-126, 127), torch.float32), torch.ldexp(torch.ones(len(e)), e.clamp(-126, 127)))
+    assert torch.equal(_pow2(e, torch.float64), torch.ldexp(torch.ones(len(e), dtype=torch.float64), e.double()))
+    x = torch.cat([torch.full((16,), v) for v in (1e-44, 3e-39, 1e-20, 1.0, 1e20, 1e30)])
+    for grid in GRIDS.values():
+        exps = block_exponents(x, Layout([96], block=16), grid).long()
+        peaks = x.view(6, 16).abs().amax(dim=1).double()
+        bound = grid.q_max * torch.pow(torch.tensor(2.0, dtype=torch.float64), exps.double())
+        ok = (peaks <= bound) & (peaks > bound / 2)
+        assert bool(ok[(exps > E_MIN) & (exps < E_MAX)].all()) and int((exps > E_MIN).sum()) >= 4, (grid.name, exps)
+
+
+def test_the_grad_commitment_fixes_the_grid_and_the_parts():
+    from node.trainer import grad_commitment
+
+    exps, part = torch.tensor([3, -2], dtype=torch.int8), torch.tensor([1, -5, 0, 7], dtype=torch.int8)
+    base = grad_commitment({0: (exps, part)})
+    assert base == grad_commitment({0: (exps.clone(), part.clone())})
+    assert base != grad_commitment({0: (exps + 1, part)})  # the same integers on another grid: other values sent
+    assert base != grad_commitment({0: (exps, part.to(torch.int32))})  # another wire grid
+    assert base != grad_commitment({1: (exps, part)})
+    assert base != grad_commitment({0: (exps, part), 1: (exps, part)})

@@ -41,7 +41,7 @@ def _summed(x: torch.Tensor, grid: str = "int32"):
     layout = Layout([x.numel()])
     exps = block_exponents(x, layout, GRIDS[grid])
     q, sent = quantize(x, exps, layout, GRIDS[grid])
-    return q, Summed(total=q.to(torch.int32), exps=exps, sent=sent, claims={}, layout=layout)
+    return q, Summed(total=q.to(torch.int32), exps=exps, sent=sent, part=q, claims={}, layout=layout)
 
 
 def test_a_microbatch_recomputed_alone_has_the_announced_sketch_bit_for_bit(setup):

@@ -306,7 +306,7 @@ class ShardAverager(DecentralizedAverager):
 
     def put_parts(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Node process: if the group of `step` (the STEP_KEY gathered) asked for parts, quantize `x` on its grid
-        where `x` lives and hand them over; returns (the grid, q * 2**e on x's device), else None. An earlier
+        where `x` lives and hand them over; returns (the grid, q * 2**e on x's device, q on the host), else None. An earlier
         step's ask is never answered: its all-reduce times out rather than sum this step's parts."""
         with self._asked.get_lock():
             asked = self._asked.value
@@ -314,10 +314,11 @@ class ShardAverager(DecentralizedAverager):
                 return None
             exps = self.grid.clone()
         q, sent = quantize(x, exps, self.layout, self.wire)
+        q = q.cpu()  # the parts' bytes, on the host (one byte per value on the int8 grid): what crosses the wire
         self.parts.copy_(q)
         with self._given.get_lock():
             self._given.value = asked
-        return exps, sent
+        return exps, sent, q
 
     async def _parts_on(self, exps: torch.Tensor, step: int, timeout: float) -> torch.Tensor:
         """Averager process: ask for the node's parts of `step` on the group's grid; AllreduceException if late."""

@@ -95,7 +95,7 @@ def block_exponents(x: torch.Tensor, layout: Layout, grid: Grid) -> torch.Tensor
     mantissa, exp = torch.frexp(peaks / grid.q_max)  # peak/q_max = mantissa * 2**exp, mantissa in [0.5, 1)
     e = exp.to(torch.int64) - (mantissa == 0.5).to(torch.int64)  # ceil(log2) of that quotient
     # the quotient was rounded; settle it exactly: peak <= q_max * 2**e (both sides exact in float64)
-    e += (peaks > torch.ldexp(torch.full_like(peaks, grid.q_max), e.double())).to(torch.int64)
+    e += (peaks > grid.q_max * _pow2(e, torch.float64)).to(torch.int64)
     e = torch.where(peaks == 0, torch.full_like(e, E_MIN), e)
     if int(e.max()) > E_MAX:
         raise FloatingPointError("a contribution too large for the wire grid; lower [optim] lr")
@@ -219,9 +219,17 @@ def robust_sum(parts: list[torch.Tensor], clip: float, trim: float = 0.0) -> tup
     return (trimmed_sum(out, t) if t else total), clipped
 
 
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**e exactly, as float32 or float64 (e: integers within the dtype's normal exponents), built from its
+    bits: the same on every device, where ldexp computes x * pow(2, e) with the device's own pow."""
+    if dtype == torch.float64:
+        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
 def _scales(exps: torch.Tensor, b: int, count: int, sign: int) -> torch.Tensor:
     """2**(sign * e) for blocks b .. b+count, as a (count, 1) float32 column on exps' device (int32 exps)."""
-    return torch.ldexp(torch.ones(count, 1, device=exps.device), sign * exps[b : b + count].view(count, 1))
+    return _pow2(sign * exps[b : b + count].view(count, 1), torch.float32)
 
 
 def quantize(x: torch.Tensor, exps: torch.Tensor, layout: Layout, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,7 +69,8 @@ class Summed:
 
     total: torch.Tensor  # int32: the sum of every member's q
     exps: torch.Tensor  # int8 per block: the group's grid
-    sent: torch.Tensor  # float32: q * 2**e of this node's contribution
+    sent: torch.Tensor  # float32: q * 2**e of this node's contribution (where the contribution lives)
+    part: torch.Tensor  # q itself, on the host (the grid's dtype): what this node sent
     claims: dict  # {peer_id: RoundClaim}
     layout: Layout
     seconds: float = 0.0  # the all-reduce itself (matchmaking excluded)
@@ -98,8 +99,8 @@ class Failed:
 def read_outcome(shard: int, gathered, averager, layout: Layout, served: tuple | None,
                  exact_group: int | None = None) -> Summed | Failed:
     """The outcome of `shard`'s step from what it gathered (None: nothing) and the parts this node put on the
-    group's grid (`served`: the grid and what the parts were worth, from ShardAverager.put_parts; the sum comes
-    back on their device). `exact_group`: this step retried a round that lost a part, and counts only when
+    group's grid (`served`: the grid, what the parts were worth and the parts, from ShardAverager.put_parts; the
+    sum comes back on the contribution's device). `exact_group`: this step retried a round that lost a part, and counts only when
     exactly that many peers took part again."""
     k = shard
     gathered = dict(gathered or {})
@@ -140,6 +141,6 @@ def read_outcome(shard: int, gathered, averager, layout: Layout, served: tuple |
         # gathered exponents: a missing or different grid is a bug, never applied
         logger.error("shard %d: the sum came back without this node's parts on the group's grid; round discarded", k)
         return Failed("no group", retry=False)
-    sent = served[1]
-    return Summed(averager.sums.to(sent.device, copy=True), exps, sent, claims, layout, took,
+    _, sent, part = served
+    return Summed(averager.sums.to(sent.device, copy=True), exps, sent, part, claims, layout, took,
                   dict(clipped) if isinstance(clipped, dict) else {}, view)

@@ -279,7 +279,7 @@ class Swarm:
         layout = self.layouts[shard]
         exps = block_exponents(x, layout, self.grid)
         q, sent = quantize(x, exps, layout, self.grid)
-        return Summed(q.to(torch.int32), exps, sent, {self.peer_id: claim}, layout)
+        return Summed(q.to(torch.int32), exps, sent, q.cpu(), {self.peer_id: claim}, layout)
 
     def allreduce_sums(
         self, contributions: dict[int, torch.Tensor], claim: RoundClaim, expected: dict[int, int], *, round_: int,
