@@ -191,7 +191,7 @@ class Node:
                                   receipts=self.receipts)
         self.credit = CreditCache(ledger=self.ledger, read_dht_bucket=swarm.read_record_bucket, swarm_id=self.swarm_id,
                                   max_samples_per_round=m.credit_cap, max_tokens_per_sample=m.token_cap,
-                                  read_dht_round=lambda r: swarm.read_receipts(r) + swarm.read_checks(r),
+                                  read_dht_rounds=swarm.read_rounds,
                                   exclude_after=m.credit.exclude_after,
                                   evidence_files=[self.workdir / "receipts.jsonl", self.workdir / "rotations.jsonl",
                                                   *sorted(self.workdir.glob("ledger-*.jsonl"))])  # retired keys' ledgers

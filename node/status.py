@@ -120,13 +120,13 @@ class CreditCache:
     MAX_ROUNDS_PER_REFRESH = 32
 
     def __init__(self, *, ledger, read_dht_bucket, swarm_id: str, max_samples_per_round: int,
-                 max_tokens_per_sample: int | None = None, read_dht_round=None, evidence_files=(),
+                 max_tokens_per_sample: int | None = None, read_dht_rounds=None, evidence_files=(),
                  exclude_after: int = 3):
         self.ledger = ledger
         self.read_dht_bucket = read_dht_bucket  # bucket -> the records of that bucket in the DHT
         self._buckets: dict[int, set[tuple[str, int, bytes, int]]] = {}  # bucket -> {(peer, seq, record, round)}
         self._first_open = 0  # the oldest bucket that may still change
-        self.read_dht_round = read_dht_round  # round -> receipts and checks of that round in the DHT
+        self.read_dht_rounds = read_dht_rounds  # rounds -> {round: its receipts and checks in the DHT}
         self.evidence_files = [Path(p) for p in evidence_files]
         self.swarm_id = swarm_id
         self.cap = max_samples_per_round
@@ -199,15 +199,16 @@ class CreditCache:
 
     def _dht_rounds(self, rounds: set[int]) -> list[bytes]:
         """The receipts and checks of these rounds in the DHT (rounds read before are cached)."""
-        if not rounds or self.read_dht_round is None:
+        if not rounds or self.read_dht_rounds is None:
             return []
         newest = max(rounds)
         todo = [r for r in sorted(rounds, reverse=True) if r not in self._round_blobs or r >= newest - 1]
-        for r in todo[: self.MAX_ROUNDS_PER_REFRESH]:
+        batch = todo[: self.MAX_ROUNDS_PER_REFRESH]
+        if batch:
             try:
-                self._round_blobs[r] = list(self.read_dht_round(r))
-            except Exception as e:  # a DHT read can fail many ways; try the round again next refresh
-                logger.info("could not read round %d's receipts from the DHT: %s", r, e)
+                self._round_blobs.update(self.read_dht_rounds(batch))
+            except Exception as e:  # a DHT read can fail many ways; try those rounds again next refresh
+                logger.info("could not read the receipts of rounds %d..%d from the DHT: %s", min(batch), max(batch), e)
         return [blob for r in sorted(self._round_blobs) for blob in self._round_blobs[r]]
 
     def refresh(self) -> None:

@@ -339,6 +339,12 @@ def test_publish_collect_and_forgery_across_real_dhts(no_leaked_sockets):
         assert everything["receipts"] == [rb]
         more = collect_all(reader, SWARM, rounds=[2, 3])
         assert (more["receipts"], more["checks"]) == ([rb, ra], [ca])
+        from node.swarm.statements import READS_IN_FLIGHT, collect_rounds
+
+        many = range(0, READS_IN_FLIGHT + 9)  # reads in several batches: the same statements, in round order
+        by_round = collect_rounds(reader, SWARM, many)
+        assert list(by_round) == list(many) and by_round[2] == ([rb], []) and by_round[3] == ([ra], [ca])
+        assert not any(by_round[r] != ([], []) for r in many if r not in (2, 3))
 
         from node.swarm.dht import read_swarm_records, read_swarm_statements
 
@@ -384,6 +390,23 @@ def test_the_credit_view_rereads_only_the_open_records_buckets(tmp_path, no_leak
         cache.refresh()
         assert reads == [2, 3, 4]  # round 39 was seen: buckets 0 and 1 (rounds to 31) are complete
         assert [r["claimed_rounds"] for r in cache.rows()] == [46]
+
+        # the receipts and checks of the records' rounds: MAX_ROUNDS_PER_REFRESH rounds a refresh, newest first,
+        # read in one go (node.swarm.statements.collect_rounds); a round read once is read again only while new
+        from node.swarm.statements import collect_rounds, publish_receipt
+
+        late, early = receipt(A, round_=44), receipt(A, round_=3)
+        assert publish_receipt(dht, SWARM, late, expiration) and publish_receipt(dht, SWARM, early, expiration)
+        asked: list[list[int]] = []
+
+        def read_rounds(rounds):
+            asked.append(sorted(rounds))
+            return {r: rc + ck for r, (rc, ck) in collect_rounds(dht, SWARM, rounds).items()}
+
+        cache.read_dht_rounds = read_rounds
+        assert cache._dht_rounds(set(range(46))) == [late]
+        assert cache._dht_rounds(set(range(46))) == [early, late]
+        assert asked == [list(range(14, 46)), list(range(0, 14)) + [44, 45]]
     finally:
         cache.stop()
         dht.shutdown()

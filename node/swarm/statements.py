@@ -64,7 +64,11 @@ def publish_check(dht: DHT, swarm_id: str, blob: bytes, expiration: float, retur
 
 
 def _collect(dht: DHT, key: str, subkey_of, verify) -> list[bytes]:
-    found = dht.get(key, latest=True)
+    return _kept(key, dht.get(key, latest=True), subkey_of, verify)
+
+
+def _kept(key: str, found, subkey_of, verify) -> list[bytes]:
+    """The valid statements of what a DHT read of `key` found, sorted by subkey."""
     if found is None or not isinstance(found.value, dict):
         return []
     kept = []
@@ -80,13 +84,38 @@ def _collect(dht: DHT, key: str, subkey_of, verify) -> list[bytes]:
     return [blob for _, blob in sorted(kept)]
 
 
+def _receipt_subkey(swarm_id: str, round_: int):
+    return lambda r: r.round == round_ and r.swarm_id == swarm_id and receipt_subkey(r.peer_id, r.shard)
+
+
+def _check_subkey(swarm_id: str, round_: int):
+    return lambda c: c.round == round_ and c.swarm_id == swarm_id and check_subkey(c.peer_id, c.shard, c.target)
+
+
 def collect_receipts(dht: DHT, swarm_id: str, round_: int) -> list[bytes]:
     """The valid receipts of one round, each under its signer's subkey."""
-    return _collect(dht, receipts_key(swarm_id, round_), lambda r: r.round == round_ and r.swarm_id == swarm_id
-                    and receipt_subkey(r.peer_id, r.shard), verify_receipt)
+    return _collect(dht, receipts_key(swarm_id, round_), _receipt_subkey(swarm_id, round_), verify_receipt)
 
 
 def collect_checks(dht: DHT, swarm_id: str, round_: int) -> list[bytes]:
     """The valid spot-check statements of one round, each under its checker's subkey."""
-    return _collect(dht, checks_key(swarm_id, round_), lambda c: c.round == round_ and c.swarm_id == swarm_id
-                    and check_subkey(c.peer_id, c.shard, c.target), verify_check)
+    return _collect(dht, checks_key(swarm_id, round_), _check_subkey(swarm_id, round_), verify_check)
+
+
+READS_IN_FLIGHT = 32  # DHT reads collect_rounds keeps going at once
+
+
+def collect_rounds(dht: DHT, swarm_id: str, rounds) -> dict[int, tuple[list[bytes], list[bytes]]]:
+    """{round: (its valid receipts, its valid checks)} for these rounds. Two keys a round, read READS_IN_FLIGHT at
+    a time: one at a time, each read waits out its own network round trips, and a day of 10 s rounds is 17 k."""
+    wanted = [(kind, r) for r in sorted(set(rounds)) for kind in ("receipts", "checks")]
+    found = {}
+    for i in range(0, len(wanted), READS_IN_FLIGHT):
+        batch = wanted[i : i + READS_IN_FLIGHT]
+        futures = [dht.get((receipts_key if kind == "receipts" else checks_key)(swarm_id, r), latest=True,
+                           return_future=True) for kind, r in batch]
+        for item, future in zip(batch, futures):
+            found[item] = future.result()
+    return {r: (_kept(receipts_key(swarm_id, r), found["receipts", r], _receipt_subkey(swarm_id, r), verify_receipt),
+                _kept(checks_key(swarm_id, r), found["checks", r], _check_subkey(swarm_id, r), verify_check))
+            for r in sorted(set(rounds))}

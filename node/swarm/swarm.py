@@ -39,7 +39,7 @@ from node.swarm.membership import Membership, PeerInfo, check_membership, check_
 from node.swarm.outcome import Failed, RoundClaim, Summed, read_outcome
 from node.swarm.probe import measure_bandwidth, serve_bandwidth_probe
 from node.swarm.reach import PUBLIC, Reachability, detect_reachability, serve_dialback
-from node.swarm.statements import collect_checks, collect_receipts, publish_check, publish_receipt
+from node.swarm.statements import collect_checks, collect_receipts, collect_rounds, publish_check, publish_receipt
 from node.swarm.stores import PendingStores
 from node.swarm.validator import RecordsValidator, collect_record_bucket, publish_record
 
@@ -489,6 +489,10 @@ class Swarm:
 
     def read_checks(self, round_: int) -> list[bytes]:
         return collect_checks(self.dht, self.swarm_id, round_)
+
+    def read_rounds(self, rounds) -> dict[int, list[bytes]]:
+        """{round: its valid receipts and checks in the DHT}, the reads of many rounds going at once."""
+        return {r: receipts + checks for r, (receipts, checks) in collect_rounds(self.dht, self.swarm_id, rounds).items()}
 
     def exclude(self, peers) -> None:
         """Leave these peers out of every group this node leads or joins (spot-checks failed them)."""

@@ -55,8 +55,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from node.swarm.statements import (
     check_subkey,
     checks_key,
-    collect_checks,
-    collect_receipts,
+    collect_rounds,
     receipt_subkey,
     receipts_key,
 )
@@ -349,10 +348,7 @@ def collect_all(dht: DHT, swarm_id: str, rounds: Iterable[int] | None = None) ->
     records = collect_records(dht, swarm_id)
     if rounds is None:
         rounds = {verify_signed(blob).round for blob in records}
-    rounds = sorted(set(rounds))
-    return {
-        "records": records,
-        "rotations": collect_rotations(dht, swarm_id),
-        "receipts": [blob for r in rounds for blob in collect_receipts(dht, swarm_id, r)],
-        "checks": [blob for r in rounds for blob in collect_checks(dht, swarm_id, r)],
-    }
+    by_round = collect_rounds(dht, swarm_id, rounds)
+    return {"records": records, "rotations": collect_rotations(dht, swarm_id),
+            "receipts": [blob for receipts, _ in by_round.values() for blob in receipts],
+            "checks": [blob for _, checks in by_round.values() for blob in checks]}
