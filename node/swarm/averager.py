@@ -7,8 +7,7 @@ and nothing else does:
   over the grid and wire format of node/swarm/exact.py); a part summed without every sender comes
   back INCOMPLETE to every sender, so the whole group retries and nobody applies a partial sum;
 - the all-reduce must report the values it gave up on and how long it took
-  (`_run_allreduce_inplace_`, `_aggregate_with_group`), and get its parts from the node's process once
-  the group's grid is known, so the codec runs where the contribution lives (`put_parts`, `_parts_on`);
+  (`_run_allreduce_inplace_`, `_aggregate_with_group`), and take its parts from the node's codec (`put_parts`);
 - the deadline and the group size change per round, inside the running averager process
   (`_set_deadline`, `_set_target_group_size`, and moshpit re-keying switched off);
 - state downloads go to donors the node chose, in its order (`_download_state_from`, and
@@ -36,9 +35,13 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.streaming import combine_from_streaming
 
 from protocol.receipt import spot_checks
 
@@ -278,11 +281,10 @@ class ShardAverager(DecentralizedAverager):
     """A hivemind averager that sums one shard's contributions exactly on the group's grid.
 
     The codec runs in the node's process, where the contribution lives (on the GPU when the adapter does):
-    once matchmaking has gathered the members' block exponents, this process puts the group's grid in
-    `grid` and asks for the parts; the node quantizes its contribution on that grid (`put_parts`) and
-    leaves the integers in `parts`; this process sums them with the group and leaves the exact integer
-    sum in `sums`. Its state-sharing RPC serves whatever the node last published for this shard
-    (adapter tensors + optimizer state + round), captured at a round boundary.
+    once matchmaking has gathered the members' block exponents, this process puts the group's grid in `grid`
+    and asks; the node quantizes on it and leaves the integers in `parts` (`put_parts`); this process sums
+    them with the group into `sums`. Its state-sharing RPC serves whatever the node last published for this
+    shard (adapter tensors + optimizer state + round), captured at a round boundary.
     """
 
     def __init__(self, sizes: Sequence[int], grid: Grid, clip: float = 0.0, trim: float = 0.0,
@@ -292,22 +294,20 @@ class ShardAverager(DecentralizedAverager):
         self.clip = clip
         self.trim = trim  # > 0: reducers sum each value as a trimmed mean ([sync] robust = "trimmed")
         self.spot_check_rate = spot_check_rate  # members drawn for a spot-check keep their parts (ReducerView)
-        # shared with the node's process (made before this one forks): the grid this process asks for parts
-        # on, numbered by `_asked`, and `_given`, the number of the ask whose parts the node put in `parts`
-        self.grid = torch.zeros(self.layout.num_blocks, dtype=torch.int8).share_memory_()
-        self._asked = multiprocessing.Value("q", 0)
-        self._asked_step = multiprocessing.Value("q", -1)  # the STEP_KEY the node gathered in the step that asked
-        self._given = multiprocessing.Value("q", 0)
+        self.grid = torch.zeros(self.layout.num_blocks, dtype=torch.int8).share_memory_()  # made before the fork
+        self._asked = multiprocessing.Value("q", 0)  # asks for parts made: the node answers the last one ...
+        self._asked_step = multiprocessing.Value("q", -1)  # ... if it came from this step (its STEP_KEY)
+        self._given = multiprocessing.Value("q", 0)  # the ask whose parts the node put in `parts`
         self.parts = torch.zeros(self.layout.numel, dtype=grid.dtype)
         self.sums = torch.zeros(self.layout.numel, dtype=torch.int32)
         self._published: tuple[Any, list[torch.Tensor]] | None = None
         self._published_lock = threading.Lock()
         super().__init__([self.parts, self.sums], **kwargs)
 
-    def put_parts(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Node process: if the group of `step` (the STEP_KEY gathered) asked for parts, quantize `x` on its grid
-        where `x` lives and hand them over; returns (the grid, q * 2**e on x's device, q on the host), else None. An earlier
-        step's ask is never answered: its all-reduce times out rather than sum this step's parts."""
+    def put_parts(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Node process: if the group of `step` (its STEP_KEY) asked, quantize `x` on its grid where `x` lives and
+        hand over the parts: (grid, q * 2**e on x's device, q on the host), else None. An earlier step's ask is
+        never answered: its all-reduce times out rather than sum this step's parts."""
         with self._asked.get_lock():
             asked = self._asked.value
             if asked == self._given.value or self._asked_step.value != step:
@@ -316,8 +316,7 @@ class ShardAverager(DecentralizedAverager):
         q, sent = quantize(x, exps, self.layout, self.wire)
         q = q.cpu()  # the parts' bytes, on the host (one byte per value on the int8 grid): what crosses the wire
         self.parts.copy_(q)
-        with self._given.get_lock():
-            self._given.value = asked
+        self._given.value = asked  # after the parts are in place: the averager process reads them once it sees this
         return exps, sent, q
 
     async def _parts_on(self, exps: torch.Tensor, step: int, timeout: float) -> torch.Tensor:
@@ -325,8 +324,7 @@ class ShardAverager(DecentralizedAverager):
         with self._asked.get_lock():
             self.grid.copy_(exps)
             self._asked_step.value = step
-            self._asked.value += 1
-            ticket = self._asked.value
+            ticket = self._asked.value = self._asked.value + 1
         deadline = time.monotonic() + timeout
         while self._given.value != ticket:
             if time.monotonic() > deadline:
@@ -339,7 +337,6 @@ class ShardAverager(DecentralizedAverager):
         its own load_state_from_peers. Donors come from the swarm's peer view instead (statesync, quorum), so
         nothing reads that key: it was a DHT store per shard every few seconds for nothing, and one still on its
         way to the DHT process when this process stopped made the DHT process log a traceback at every exit."""
-        return
 
     def _call(self, method: str, timeout: float | None, **kwargs):
         """Run `method` in the averager process (through hivemind's pipe) and wait for its result."""
@@ -353,10 +350,8 @@ class ShardAverager(DecentralizedAverager):
         group_id = group_info.group_id if group_id is None else group_id
         claims = [self.serializer.loads(self.serializer.loads(raw)[2]) for raw in group_info.gathered]
         exps = group_exponents([c.get(EXPONENTS_KEY) if isinstance(c, dict) else None for c in claims], self.layout)
-        mine = claims[group_info.peer_ids.index(self.peer_id)]
-        mine = mine if isinstance(mine, dict) else {}
-        q = await self._parts_on(exps, int(mine.get(STEP_KEY, -1)),
-                                 timeout=min(PARTS_TIMEOUT_S, self._allreduce_timeout or PARTS_TIMEOUT_S))
+        step = int(claims[group_info.peer_ids.index(self.peer_id)].get(STEP_KEY, -1))  # our own: a dict we gathered
+        q = await self._parts_on(exps, step, timeout=min(PARTS_TIMEOUT_S, self._allreduce_timeout or PARTS_TIMEOUT_S))
         cut = _CUT_STREAM_ROUND >= 0 and self._matchmaking.group_key_manager.group_bits == group_key(_CUT_STREAM_ROUND, 0)
         runner = _ExactSumRunner(grid=self.wire, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
                                  tensors=[q], group_id=group_id, ordered_peer_ids=group_info.peer_ids,
@@ -482,12 +477,6 @@ class ShardAverager(DecentralizedAverager):
 async def fetch_state(p2p, prefix: str, donor: str, chunk_timeout: float) -> tuple[Any, list[torch.Tensor]]:
     """The state a peer's ShardAverager under `prefix` serves: (metadata, tensors); metadata is None when
     it serves nothing. Raises whatever the p2p layer raised (an unreachable or misbehaving donor)."""
-    from hivemind.compression import deserialize_torch_tensor
-    from hivemind.p2p import PeerID
-    from hivemind.proto import averaging_pb2
-    from hivemind.utils.asyncio import aiter_with_timeout
-    from hivemind.utils.streaming import combine_from_streaming
-
     # the handler's name includes the servicer class: the stub must be ShardAverager's
     stub = ShardAverager.get_stub(p2p, PeerID.from_base58(donor), namespace=prefix)
     # opening the stream is latency-bound: an unreachable donor must not cost the whole deadline
@@ -542,10 +531,6 @@ async def first_state_in_dht(_dht, node, *, prefix: str, donors: Sequence[str], 
 async def dial_and_ping(peers: list[tuple[str, tuple[str, ...]]], timeout: float, _dht, node) -> list[str]:
     """Runs in the DHT process: connect to each peer at its last known addresses and ping it, which
     puts it back in the routing table of both sides. Returns the peers that answered."""
-    from hivemind.p2p import PeerID
-    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
-    from hivemind.utils.multiaddr import Multiaddr
-
     try:
         connected = {str(info.peer_id) for info in await asyncio.wait_for(node.p2p.list_peers(), timeout)}
     except (asyncio.TimeoutError, P2PDaemonError, P2PHandlerError, OSError) as e:
